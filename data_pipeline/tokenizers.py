@@ -1,0 +1,356 @@
+"""Tokenizers behind one small interface.
+
+Three kinds exist:
+- ``byte``: ids 0..255 are the UTF-8 bytes, the reserved special tokens follow; needs no file.
+- ``bpe:VOCAB`` / ``wordpiece:VOCAB``: trained with Hugging Face ``tokenizers`` on the corpus.
+- a path to an existing ``tokenizer.json``: loaded as is; any reserved special token it lacks is
+  appended after its vocabulary, so every objective finds the tokens it needs.
+
+Every kind holds all of ``SPECIAL_TOKENS``. Text is always encoded as plain text: a document that
+literally contains "<eos>" or "[MASK]" is not turned into the special id, so corpus text can never
+forge document boundaries or masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# The order is part of the on-disk format (it fixes the special ids of the byte and trained
+# tokenizers): append new tokens at the end, never reorder.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<eos>",
+    "<pad>",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "<sop>",
+    "<eop>",
+    "[sMASK]",
+    "[gMASK]",
+    *(f"<extra_id_{i}>" for i in range(100)),
+)
+EOS_TOKEN = "<eos>"
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "[UNK]"
+TOKENIZER_FILE = "tokenizer.json"
+SPEC_HELP = "expected 'byte', 'bpe:VOCAB', 'wordpiece:VOCAB' or a path to a tokenizer.json"
+
+
+class Tokenizer(ABC):
+    """What the data pipeline needs from a tokenizer."""
+
+    kind: str
+    vocab_size: int
+    special_tokens: dict[str, int]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_tokens[EOS_TOKEN]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_tokens[PAD_TOKEN]
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings inside it are encoded as plain text."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Token ids of several texts, one int64 array each (faster than encode in a loop)."""
+        return [np.asarray(self.encode(t), dtype=np.int64) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens appear as their strings."""
+
+    @abstractmethod
+    def _content_hash(self) -> str: ...
+
+    def identity(self) -> dict:
+        """JSON-able description that pins this exact vocabulary (for the corpus manifest)."""
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self._content_hash()}
+
+    def save(self, directory: str | Path) -> dict:
+        """Write whatever files rebuilding this tokenizer needs; return its manifest entry."""
+        return self.identity()
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255, then SPECIAL_TOKENS in order."""
+
+    kind = "byte"
+
+    def __init__(self) -> None:
+        self.special_tokens = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+        self._id_to_special = {i: tok for tok, i in self.special_tokens.items()}
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        pieces: list[str] = []
+        pending = bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                pending.append(i)
+                continue
+            if pending:
+                pieces.append(pending.decode("utf-8", errors="replace"))
+                pending.clear()
+            if i not in self._id_to_special:
+                raise ValueError(
+                    f"token id {i} is outside the byte vocabulary (size {self.vocab_size})"
+                )
+            pieces.append(self._id_to_special[i])
+        if pending:
+            pieces.append(pending.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def _content_hash(self) -> str:
+        return _sha256_json({"kind": "byte", "special_tokens": list(SPECIAL_TOKENS)})
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers.Tokenizer` holding every reserved special token."""
+
+    def __init__(self, kind: str, tok) -> None:
+        tok.no_padding()
+        tok.no_truncation()
+        # Adds only the reserved tokens that are missing (appended after the vocabulary) and
+        # marks existing ones special; ids already assigned never move.
+        tok.add_special_tokens(list(SPECIAL_TOKENS))
+        tok.encode_special_tokens = True
+        vocab = tok.get_vocab(with_added_tokens=True)
+        self.kind = kind
+        self._tok = tok
+        self.special_tokens = {t: vocab[t] for t in SPECIAL_TOKENS}
+        # max id + 1 rather than the token count: a hand-written tokenizer.json may leave holes.
+        self.vocab_size = max(vocab.values()) + 1
+
+    @property
+    def hf_tokenizer(self):
+        """The wrapped `tokenizers.Tokenizer`."""
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def _content_hash(self) -> str:
+        # Hash the vocabulary, merges and added tokens rather than the whole JSON, whose
+        # layout changes between `tokenizers` releases.
+        state = json.loads(self._tok.to_str())
+        model = state.get("model", {})
+        merges = [
+            m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []
+        ]
+        added = sorted((t["id"], t["content"]) for t in state.get("added_tokens", []))
+        vocab = model.get("vocab") or {}
+        if isinstance(vocab, dict):  # Unigram models store a list of [piece, score] instead
+            vocab = sorted(vocab.items(), key=lambda kv: kv[1])
+        return _sha256_json(
+            {
+                "model": model.get("type"),
+                "vocab": vocab,
+                "merges": merges,
+                "added_tokens": added,
+            }
+        )
+
+    def save(self, directory: str | Path) -> dict:
+        self._tok.save(str(Path(directory) / TOKENIZER_FILE))
+        return {**self.identity(), "file": TOKENIZER_FILE}
+
+
+def build_tokenizer(spec: str, *, train_texts: Iterable[str] | None = None) -> Tokenizer:
+    """The tokenizer named by `spec`: 'byte' | 'bpe:N' | 'wordpiece:N' | path/to/tokenizer.json.
+
+    bpe and wordpiece are trained on `train_texts`; training is deterministic (same texts ->
+    same vocabulary and ids).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"data.tokenizer / --tokenizer={spec!r} is empty; {SPEC_HELP}")
+    spec = spec.strip()
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec.endswith(".json"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.tokenizer / --tokenizer={spec!r}: no such file {path}")
+        return _load_hf_file(path, kind="file")
+    kind, sep, size_text = spec.partition(":")
+    if not sep or kind not in ("bpe", "wordpiece"):
+        raise ValueError(
+            f"data.tokenizer / --tokenizer={spec!r} is not a tokenizer spec; {SPEC_HELP}"
+        )
+    try:
+        vocab_size = int(size_text)
+    except ValueError:
+        raise ValueError(
+            f"data.tokenizer / --tokenizer={spec!r}: vocabulary size {size_text!r} "
+            "is not an integer"
+        ) from None
+    # bpe starts from the 256 byte symbols; wordpiece from the corpus's characters, which it
+    # always keeps (its vocabulary exceeds VOCAB when they alone are more).
+    minimum = 256 + len(SPECIAL_TOKENS) if kind == "bpe" else len(SPECIAL_TOKENS) + 1
+    if vocab_size < minimum:
+        raise ValueError(
+            f"data.tokenizer / --tokenizer={spec!r}: vocabulary size must be >= {minimum} "
+            f"(the {len(SPECIAL_TOKENS)} reserved special tokens plus an alphabet)"
+        )
+    if train_texts is None:
+        raise ValueError(f"data.tokenizer / --tokenizer={spec!r} must be trained: pass train_texts")
+    if kind == "bpe":
+        return _train_byte_bpe(train_texts, vocab_size)
+    return _train_wordpiece(train_texts, vocab_size)
+
+
+def needs_training(spec: str) -> bool:
+    """Whether `spec` names a tokenizer that build_tokenizer trains on texts."""
+    if not isinstance(spec, str) or spec.strip().endswith(".json"):
+        return False
+    return spec.strip().split(":", 1)[0] in ("bpe", "wordpiece")
+
+
+def load_tokenizer(entry: dict, base_dir: str | Path) -> Tokenizer:
+    """Rebuild the tokenizer described by a manifest entry (see `Tokenizer.save`)."""
+    kind = entry.get("kind")
+    if kind == "byte":
+        tokenizer: Tokenizer = ByteTokenizer()
+        where = "the built-in byte tokenizer"
+    elif kind in ("bpe", "wordpiece", "file"):
+        if not entry.get("file"):
+            raise ValueError(f"manifest tokenizer entry of kind {kind!r} names no 'file'")
+        path = Path(base_dir) / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} named by the manifest is missing")
+        tokenizer = _load_hf_file(path, kind=kind)
+        where = str(path)
+    else:
+        raise ValueError(
+            f"manifest tokenizer.kind={kind!r} is unknown (byte | bpe | wordpiece | file)"
+        )
+    found = tokenizer.identity()
+    for key in ("vocab_size", "sha256"):
+        if key in entry and entry[key] != found[key]:
+            raise ValueError(
+                f"tokenizer {where} does not match the manifest: {key} is {found[key]!r}, "
+                f"the manifest pins {entry[key]!r}"
+            )
+    return tokenizer
+
+
+def _load_hf_file(path: Path, *, kind: str) -> HFTokenizer:
+    from tokenizers import Tokenizer as _HF
+
+    try:
+        tok = _HF.from_file(str(path))
+    except Exception as err:  # the Rust side raises a bare Exception
+        raise ValueError(f"tokenizer file {path} could not be loaded: {err}") from err
+    return HFTokenizer(kind, tok)
+
+
+def _train_byte_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    from tokenizers import Tokenizer as _HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = _HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return HFTokenizer("bpe", tok)
+
+
+# `tokenizers`' WordPieceTrainer numbers the "##x" continuation characters in hash-map order, so
+# two runs on the same texts give different vocabularies. We instead train plain BPE (which is
+# deterministic) on words whose continuation characters are moved into the supplementary
+# private-use planes, then map the learned pieces back to WordPiece's "##" form.
+_PLANE_15 = 0xF0000  # continuation of a BMP character: 0xF0000 + ord(c)
+_PLANE_16 = 0x100000  # continuation of a plane-1 character: 0x100000 + ord(c) - 0x10000
+_MARKABLE_LIMIT = "\U0001fffe"  # words with a character at or above this are left out of training
+
+
+class _MarkTable(dict):
+    """str.translate table moving a character to its continuation code point (memoised)."""
+
+    def __missing__(self, o: int) -> int:
+        value = _PLANE_15 + o if o < 0x10000 else _PLANE_16 + o - 0x10000
+        self[o] = value
+        return value
+
+
+def _unmark_piece(piece: str) -> str:
+    def unmark(c: str) -> str:
+        o = ord(c)
+        if o >= _PLANE_16:
+            return chr(o - _PLANE_16 + 0x10000)
+        return chr(o - _PLANE_15) if o >= _PLANE_15 else c
+
+    text = "".join(unmark(c) for c in piece)
+    return "##" + text if ord(piece[0]) >= _PLANE_15 else text
+
+
+def _train_wordpiece(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    from tokenizers import Tokenizer as _HF
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False
+    )
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    table = _MarkTable()
+
+    def marked_texts() -> Iterable[str]:
+        for text in texts:
+            words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+            yield " ".join(
+                w[0] + w[1:].translate(table) for w, _ in words if max(w) < _MARKABLE_LIMIT
+            )
+
+    bpe = _HF(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    bpe.train_from_iterator(marked_texts(), trainer)
+
+    vocab: dict[str, int] = {}
+    for piece, _ in sorted(bpe.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]):
+        token = piece if piece in SPECIAL_TOKENS else _unmark_piece(piece)
+        vocab.setdefault(token, len(vocab))
+    tok = _HF(models.WordPiece(vocab=vocab, unk_token=UNK_TOKEN, continuing_subword_prefix="##"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return HFTokenizer("wordpiece", tok)
+
+
+def _sha256_json(obj) -> str:
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

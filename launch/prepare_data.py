@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Turn text files into packed Arrow token shards plus manifest.json for training.
+
+    python launch/prepare_data.py --input data/*.jsonl --output corpora/web \\
+        --tokenizer bpe:32000 --seq-len 2048
+
+Inputs: .txt (one document per file, or per line with --split-lines), .jsonl (the string field
+--text-key of each line), .parquet (the string column --text-key), directories and globs.
+Train with `data.path=corpora/web`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from data_pipeline.prepare import (  # noqa: E402  (needs the repo root on sys.path)
+    DEFAULT_ROWS_PER_BATCH,
+    prepare_corpus,
+    read_documents,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Tokenise documents and pack them into Arrow shards for Loom."
+    )
+    parser.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    parser.add_argument("--output", required=True, help="directory to create")
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        help="byte | bpe:VOCAB | wordpiece:VOCAB | path/to/tokenizer.json",
+    )
+    parser.add_argument("--seq-len", type=int, required=True, help="tokens per training sample")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.05, help="share of documents held out (%(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1234, help="seed of the train/val split (%(default)s)"
+    )
+    parser.add_argument(
+        "--text-key", default="text", help="field of .jsonl / column of .parquet (%(default)s)"
+    )
+    parser.add_argument("--split-lines", action="store_true", help=".txt: one document per line")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument(
+        "--rows-per-batch",
+        type=int,
+        default=DEFAULT_ROWS_PER_BATCH,
+        help="rows per Arrow record batch (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-rows-per-shard",
+        type=int,
+        default=None,
+        help="rows per shard file, a multiple of --rows-per-batch (default: ~256 MiB files)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        documents = read_documents(args.input, text_key=args.text_key, split_lines=args.split_lines)
+        manifest = prepare_corpus(
+            documents,
+            args.output,
+            tokenizer_spec=args.tokenizer,
+            seq_len=args.seq_len,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            source_desc=" ".join(args.input),
+            rows_per_batch=args.rows_per_batch,
+            max_rows_per_shard=args.max_rows_per_shard,
+        )
+    except (ValueError, TypeError, OSError) as err:
+        print(f"prepare_data: error: {err}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.output} in {seconds:.1f} s")
+    tok = manifest["tokenizer"]
+    print(f"  tokenizer {tok['kind']} (vocab {manifest['vocab_size']}), {manifest['dtype']} tokens")
+    for name, split in manifest["splits"].items():
+        print(
+            f"  {name:5s}: {split['documents']:>10,} documents {split['tokens']:>14,} tokens "
+            f"{split['rows']:>11,} rows of {manifest['sample_len']} "
+            f"({len(split['shards'])} shards, {split['dropped_tokens']:,} tokens dropped)"
+        )
+    if manifest["skipped_empty_documents"]:
+        print(f"  skipped {manifest['skipped_empty_documents']:,} empty documents")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

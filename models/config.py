@@ -1,0 +1,72 @@
+"""Schema of the `model` config group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILIES = ("gpt",)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of one Transformer; every field is a hyper-parameter of the network."""
+
+    name: str = "gpt_debug"
+    """Label used in the run directory and logs."""
+    family: str = "gpt"
+    """Architecture family: gpt (bert, t5 and glm share the same block library)."""
+    vocab_size: int | None = None
+    """Embedding rows before padding; None takes the tokenizer's vocabulary size."""
+    make_vocab_size_divisible_by: int = 1
+    """Pad the embedding table to a multiple of this (64 or 128 helps GPU matmuls)."""
+    n_layer: int = 4
+    """Number of Transformer blocks."""
+    d_model: int = 128
+    """Hidden size (width of the residual stream)."""
+    n_head: int = 4
+    """Attention heads; must divide d_model."""
+    d_ff: int | None = None
+    """Inner size of the MLP; None means 4 * d_model."""
+    max_seq_len: int = 128
+    """Rows of the learned position table: the longest sequence the model accepts, in tokens."""
+    dropout: float = 0.0
+    """Dropout probability on embeddings, attention probabilities and residual branches."""
+    layer_norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weights."""
+
+    @property
+    def ffn_size(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    def padded_vocab_size(self, vocab_size: int | None = None) -> int:
+        """Embedding rows actually allocated: the vocabulary rounded up to the multiple."""
+        v = vocab_size if vocab_size is not None else self.vocab_size
+        if v is None:
+            raise ValueError("model.vocab_size is unset and no tokenizer vocabulary was given")
+        m = self.make_vocab_size_divisible_by
+        return ((v + m - 1) // m) * m
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for any impossible value."""
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family={self.family!r} is unknown; choose one of {FAMILIES}")
+        positive = ("n_layer", "d_model", "n_head", "max_seq_len", "make_vocab_size_divisible_by")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be > 0")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size={self.vocab_size} must be > 0 (or null)")
+        if self.d_ff is not None and self.d_ff <= 0:
+            raise ValueError(f"model.d_ff={self.d_ff} must be > 0 (or null)")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.n_head={self.n_head} does not divide model.d_model={self.d_model}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.layer_norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("model.layer_norm_eps and model.init_std must be > 0")

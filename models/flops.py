@@ -1,0 +1,129 @@
+"""Analytic training FLOPs per token, and dense peak FLOP/s of known accelerators, for MFU.
+
+Training FLOPs per token
+------------------------
+    flops_per_token = 6 * N_matmul + 12 * n_layer * d_model * seq_len
+
+* `6 * N_matmul`: each weight of a matmul costs 2 FLOPs (multiply + add) per token in the
+  forward pass and 4 in the backward pass (gradients with respect to the input and to the
+  weight), the "C = 6N" rule of Kaplan et al. 2020, "Scaling Laws for Neural Language
+  Models", section 2.1. N_matmul counts only weights that enter a matmul:
+  per layer 4 * d_model**2 (qkv and output projections) + 2 * d_model * ffn_size (MLP),
+  plus vocab_size * d_model for the output projection, which is a real matmul even when
+  its weight is tied to the token embedding. Embedding lookups, biases, LayerNorms,
+  activations and softmax are left out: they are memory-bound and a small fraction.
+* `12 * n_layer * d_model * seq_len`: the two attention matmuls (Q K^T and the
+  probabilities times V) cost 2 * 2 * seq_len * d_model FLOPs per token and layer in the
+  forward pass, times 3 for forward + backward. This is the term of PaLM (Chowdhery et al.
+  2022, appendix B) and of Megatron-LM's MFU accounting (Narayanan et al. 2021, "Efficient
+  Large-Scale Language Model Training on GPU Clusters", section 5.1). As in both, the half
+  of the score matrix hidden by the causal mask is *not* subtracted, so MFU figures compare
+  directly with theirs.
+
+Activation recomputation is not counted: MFU measures useful model FLOPs, not hardware
+FLOPs (PaLM, appendix B).
+
+Peak FLOP/s
+-----------
+`known_peak_flops` returns dense (no structured sparsity) figures from the vendors' data
+sheets: tensor-core rates with fp32 accumulation for bf16/fp16, and the plain (non-tensor)
+fp32 rate for fp32. PyTorch leaves TF32 matmuls off by default
+(`torch.backends.cuda.matmul.allow_tf32 = False`), so fp32 training runs at the plain fp32
+rate; ask for "tf32" explicitly when TF32 is enabled.
+"""
+
+from __future__ import annotations
+
+import re
+
+from models.config import ModelConfig
+
+__all__ = ["flops_per_token", "known_peak_flops", "matmul_params"]
+
+# Dense peaks in TFLOP/s: (name pattern, bf16, fp16, tf32, fp32); None where the data sheet
+# gives no such rate. Patterns match whole words of the lower-cased device name with "-" and
+# "_" read as spaces (torch.cuda.get_device_name spellings such as "NVIDIA H100 80GB HBM3",
+# "NVIDIA A100-SXM4-80GB", "Tesla V100-PCIE-32GB"); the first match wins, so the more
+# specific variants come first.
+_PEAK_TFLOPS: tuple[tuple[str, float | None, float | None, float | None, float | None], ...] = (
+    # pattern     bf16    fp16    tf32   fp32
+    ("h100 nvl", 835.5, 835.5, 417.5, 60.0),
+    ("h100 pcie", 756.0, 756.0, 378.0, 51.0),
+    # "NVIDIA H100 80GB HBM3" is the SXM part, which is also what a bare "H100" usually is.
+    ("h100", 989.5, 989.5, 494.7, 67.0),
+    ("h200 nvl", 835.5, 835.5, 417.5, 60.0),
+    ("h200", 989.5, 989.5, 494.7, 67.0),
+    ("gh200", 989.5, 989.5, 494.7, 67.0),
+    ("b200", 2250.0, 2250.0, 1100.0, None),
+    # A100 PCIe and SXM, 40 and 80 GB, share the same peaks.
+    ("a100", 312.0, 312.0, 156.0, 19.5),
+    # NVIDIA publishes no A10G data sheet; the A10 figures are the usual stand-in.
+    ("a10g", 125.0, 125.0, 62.5, 31.2),
+    ("a10", 125.0, 125.0, 62.5, 31.2),
+    ("a40", 149.7, 149.7, 74.8, 37.4),
+    ("rtx a6000", 154.8, 154.8, 77.4, 38.7),
+    ("l40s", 362.0, 362.0, 183.0, 91.6),
+    ("l40", 181.0, 181.0, 90.5, 90.5),
+    ("l4", 121.0, 121.0, 60.0, 30.3),
+    # Volta has fp16 tensor cores but no bf16 support.
+    ("v100s", None, 130.0, None, 16.4),
+    ("v100 pcie", None, 112.0, None, 14.0),
+    ("v100", None, 125.0, None, 15.7),
+    ("t4", None, 65.0, None, 8.1),
+    # GeForce cards run fp16/bf16 tensor cores at half rate when accumulating in fp32.
+    ("rtx 4090", 165.2, 165.2, 82.6, 82.6),
+    ("rtx 3090", 71.0, 71.0, 35.6, 35.6),
+    ("mi300x", 1307.4, 1307.4, 653.7, 163.4),
+)
+_PEAK_COLUMNS = ("bf16", "fp16", "tf32", "fp32")
+
+_DTYPE_ALIASES = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
+    "tf32": "tf32",
+}
+
+
+def matmul_params(cfg: ModelConfig, *, vocab_size: int) -> int:
+    """Weights that enter a matmul per token: the blocks' projections and the output head."""
+    per_layer = 4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.ffn_size
+    return cfg.n_layer * per_layer + vocab_size * cfg.d_model
+
+
+def flops_per_token(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token; see the module docstring.
+
+    `vocab_size` is the number of output rows actually computed (the padded vocabulary);
+    `seq_len` is the attention context length of the training sequences.
+    """
+    n_matmul = matmul_params(cfg, vocab_size=vocab_size)
+    attention = 12 * cfg.n_layer * cfg.d_model * seq_len
+    return float(6 * n_matmul + attention)
+
+
+def _normalise_dtype(dtype: str) -> str:
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32, tf32")
+    return _DTYPE_ALIASES[key]
+
+
+def known_peak_flops(device_name: str, dtype: str) -> float | None:
+    """Dense peak FLOP/s of one device at `dtype` (bf16, fp16, fp32 or tf32), or None.
+
+    None means the device (a CPU, an unlisted GPU) or the dtype on that device is unknown,
+    in which case MFU should not be reported. An unrecognised dtype name raises ValueError.
+    """
+    key = _normalise_dtype(dtype)
+    name = re.sub(r"[-_]", " ", device_name.lower())
+    for pattern, *tflops in _PEAK_TFLOPS:
+        if re.search(rf"(?<![a-z0-9]){re.escape(pattern)}(?![a-z0-9])", name):
+            peak = tflops[_PEAK_COLUMNS.index(key)]
+            return None if peak is None else peak * 1e12
+    return None

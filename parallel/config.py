@@ -1,0 +1,58 @@
+"""Schema of the `parallel` config group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Degrees of each parallel axis; data parallelism takes whatever the world size leaves."""
+
+    tp: int = 1
+    """Tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree (stages)."""
+    zero: int = 0
+    """ZeRO stage: 0 DDP, 1 shards optimizer states, 2 + gradients, 3 + parameters."""
+    engine: str = "native"
+    """native (torch DDP/FSDP2) or deepspeed."""
+    backend: str | None = None
+    """torch.distributed backend; None picks nccl on CUDA and gloo on CPU."""
+
+    def validate(self) -> None:
+        for key in ("tp", "pp"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"parallel.{key}={getattr(self, key)} must be >= 1")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero={self.zero} must be one of 0, 1, 2, 3")
+        if self.engine not in ("native", "deepspeed"):
+            raise ValueError(f"parallel.engine={self.engine!r} must be 'native' or 'deepspeed'")
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"parallel.backend={self.backend!r} must be gloo, nccl or null")
+        # The data-parallel path is in place; the other axes build on the mesh in parallel/.
+        unsupported = [
+            f"parallel.{k}={v}"
+            for k, v, plain in (
+                ("tp", self.tp, 1),
+                ("pp", self.pp, 1),
+                ("zero", self.zero, 0),
+                ("engine", self.engine, "native"),
+            )
+            if v != plain
+        ]
+        if unsupported:
+            raise ValueError(
+                f"{', '.join(unsupported)}: only data parallelism (tp=1, pp=1, zero=0, "
+                "engine=native) is available in this version"
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks per data-parallel replica group; fails if the degrees do not fit the world."""
+        model_parallel = self.tp * self.pp
+        if world_size % model_parallel:
+            raise ValueError(
+                f"parallel.tp={self.tp} x parallel.pp={self.pp} does not divide "
+                f"the world size {world_size}"
+            )
+        return world_size // model_parallel

@@ -1,0 +1,113 @@
+"""Process-group set-up and the few collectives the trainer needs.
+
+Everything distributed lives in `parallel/`; the trainer calls these helpers and never
+touches torch.distributed itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from parallel.config import ParallelConfig
+
+# Outermost to innermost, as torchtitan orders them: the innermost axis gets the
+# fastest links (TP within a node), pipeline stages span the slowest.
+MESH_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process sits: global rank, data-parallel coordinates, device, mesh."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    mesh: DeviceMesh | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device='cuda' but no CUDA device is visible")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
+    """Join the process group that torchrun (or Slurm via torchrun) describes in the env."""
+    world_size = world_size_from_env()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_preference, local_rank)
+    dp_size = cfg.data_parallel_size(world_size)
+    if world_size == 1:
+        return World(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=device)
+    backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, device_id=device if device.type == "cuda" else None
+        )
+    mesh = init_device_mesh(
+        device.type,
+        (cfg.pp, dp_size, 1, cfg.tp),
+        mesh_dim_names=MESH_AXES,
+    )
+    dp_rank = mesh["dp_replicate"].get_local_rank()
+    return World(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        device=device,
+        mesh=mesh,
+    )
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def dp_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum a tensor over the data-parallel ranks (in place on a copy; returns the sum)."""
+    if world.dp_size == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=world.mesh["dp_replicate"].get_group())
+    return out
+
+
+def broadcast_object(obj: object, world: World) -> object:
+    """Rank 0's value of a picklable object, on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,86 @@
+"""Shared fixtures: a small prepared corpus and a cache dir kept out of the user's home."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def loom_cache(tmp_path_factory) -> Path:
+    """One cache for the built-in corpus, shared by every test (and its subprocesses)."""
+    path = Path(os.environ.get("LOOM_TEST_CACHE") or tmp_path_factory.mktemp("loom_cache"))
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture()
+def train_cli(loom_cache):
+    """Run launch/train.py in a subprocess as a user would; returns CompletedProcess."""
+    import subprocess
+
+    def run(
+        *overrides: str,
+        cwd: Path | None = None,
+        nproc: int = 1,
+        check: bool = True,
+        timeout: float = 600,
+    ):
+        env = {**os.environ, "LOOM_CACHE": str(loom_cache), "PYTHONUNBUFFERED": "1"}
+        script = str(ROOT / "launch" / "train.py")
+        if nproc == 1:
+            cmd = [sys.executable, script, *overrides]
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "1",
+                "--nproc_per_node",
+                str(nproc),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(free_port()),
+                script,
+                *overrides,
+            ]
+        proc = subprocess.run(
+            cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run

@@ -1,0 +1,134 @@
+"""launch/train.py run in a subprocess, exactly as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from tests.conftest import read_metrics
+
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=2",
+    "model.max_seq_len=64",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=4",
+    "trainer.eval_samples=16",
+]
+
+
+def test_default_run_with_no_arguments(train_cli, tmp_path):
+    proc = train_cli(cwd=tmp_path)
+    run = tmp_path / "runs" / "gpt_debug"
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(10, 301, 10))
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < first - 1.0, (first, last)  # visibly falls (bytes: ~4 -> <2.5)
+    for key in ("step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "mfu", "elapsed"):
+        assert key in records[-1]
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["name"] == "gpt_debug"
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_200", "step_300"]
+    line = next(x for x in proc.stdout.splitlines() if "step 300/300" in x)
+    for part in ("loss", "lr", "tok/s", "ETA"):
+        assert part in line
+
+
+def test_resume_is_bit_exact(train_cli, tmp_path):
+    common = [
+        *TINY,
+        "model.dropout=0.1",
+        "optim.decay_steps=40",
+        "optim.warmup_steps=5",
+        "trainer.log_every=1",
+        "trainer.save_every=20",
+        "trainer.eval_every=0",
+    ]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train_cli(*common, "trainer.max_steps=40", f"trainer.out_dir={whole}")
+    train_cli(*common, "trainer.max_steps=20", f"trainer.out_dir={split}")
+    proc = train_cli(*common, "trainer.max_steps=40", f"trainer.out_dir={split}")
+    assert "resumed from" in proc.stdout
+    a = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(whole)]
+    b = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(split)]
+    assert len(a) == 40 and a == b  # identical to the bit, steps 1..40
+
+
+def test_corrupt_latest_checkpoint_falls_back(train_cli, tmp_path):
+    common = [
+        *TINY,
+        "trainer.save_every=5",
+        "trainer.keep=3",
+        "trainer.eval_every=0",
+        f"trainer.out_dir={tmp_path}",
+    ]
+    train_cli(*common, "trainer.max_steps=10")
+    model = tmp_path / "checkpoints" / "step_10" / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    proc = train_cli(*common, "trainer.max_steps=12")
+    assert "step_10" in proc.stdout and "resumed from" in proc.stdout
+    assert "step_5" in proc.stdout.split("resumed from")[1].splitlines()[0]
+    assert read_metrics(tmp_path)[-1]["step"] == 12
+
+
+def test_fp16_overflow_skips_steps_and_backs_off(train_cli, tmp_path):
+    train_cli(
+        *TINY,
+        "precision=fp16",
+        "precision.initial_scale=1e12",
+        "trainer.max_steps=30",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        f"trainer.out_dir={tmp_path}",
+    )
+    records = read_metrics(tmp_path)
+    assert records[0]["grad_norm"] is None and records[0]["skipped_steps"] == 1
+    assert records[-1]["skipped_steps"] >= 3
+    assert records[-1]["loss_scale"] < 1e12
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_lamb_and_precision_overrides_train(train_cli, tmp_path, dtype):
+    train_cli(
+        *TINY,
+        "optim=lamb",
+        f"precision={dtype}",
+        "trainer.max_steps=30",
+        "trainer.eval_every=15",
+        f"trainer.out_dir={tmp_path}",
+    )
+    records = read_metrics(tmp_path)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert [r["step"] for r in records if "val_loss" in r] == [15, 30]
+    saved = json.loads(json.dumps(records))  # plain JSON, no NaN
+    assert saved == records
+
+
+def test_cfg_job_prints_composed_model(train_cli):
+    proc = train_cli("+model=gpt2_small", "--cfg", "job")
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["model"]["name"] == "gpt2_small" and cfg["model"]["n_layer"] == 12
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_steps=-5", "trainer.max_steps=-5"),
+        ("model.n_head=3", "model.n_head=3 does not divide model.d_model=128"),
+        ("+trainer.max_stepz=5", "trainer.max_stepz"),
+        ("optim.name=rmsprop", "optim.name='rmsprop'"),
+        ("data.path=/nonexistent/corpus", "/nonexistent/corpus"),
+    ],
+)
+def test_bad_config_fails_before_work_with_named_field(train_cli, tmp_path, override, message):
+    proc = train_cli(override, f"trainer.out_dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

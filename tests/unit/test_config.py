@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from trainer.config import JobConfig, load_job_config, validate_job
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def compose_job(*overrides: str) -> JobConfig:
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return load_job_config(cfg)
+
+
+def test_default_config_matches_schema_defaults():
+    job = compose_job()
+    validate_job(job)
+    assert job.model.name == "gpt_debug"
+    assert job.trainer.out_dir == "runs/gpt_debug"
+    assert job.optim.name == "adamw" and job.precision.dtype == "fp32"
+
+
+def test_model_and_group_overrides():
+    job = compose_job("+model=gpt2_small", "optim=lamb", "precision=bf16", "trainer.max_steps=50")
+    assert (job.model.n_layer, job.model.d_model, job.model.vocab_size) == (12, 768, 50257)
+    assert job.optim.name == "lamb" and job.precision.dtype == "bf16"
+    assert job.trainer.max_steps == 50 and job.trainer.out_dir == "runs/gpt2_small"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+trainer.max_stepz=5"], "trainer.max_stepz"),
+        (["trainer.max_steps=abc"], "trainer.max_steps"),
+        (["+model.n_heads=5"], "model.n_heads"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compose_job(*overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.max_steps=-1"], r"trainer.max_steps=-1"),
+        (["model.n_head=5"], r"model.n_head=5 does not divide model.d_model=128"),
+        (["optim.name=sgd"], r"optim.name='sgd'"),
+        (["precision.dtype=fp8"], r"precision.dtype='fp8'"),
+        (["trainer.global_batch_size=12"], r"trainer.global_batch_size=12"),
+        (["data.seq_len=256"], r"data.seq_len=256 exceeds model.max_seq_len=128"),
+        (["parallel.tp=2"], r"parallel.tp=2"),
+        (["model.dropout=1.5"], r"model.dropout=1.5"),
+        (["optim.min_lr=1.0"], r"optim.min_lr=1.0"),
+    ],
+)
+def test_impossible_values_name_field_and_value(overrides, message):
+    job = compose_job(*overrides)
+    with pytest.raises(ValueError, match=message):
+        validate_job(job)
+
+
+def test_global_batch_must_split_over_data_parallel_ranks():
+    job = compose_job("trainer.global_batch_size=16", "trainer.micro_batch_size=8")
+    validate_job(job, world_size=2)
+    with pytest.raises(ValueError, match="data-parallel size 4"):
+        validate_job(job, world_size=4)

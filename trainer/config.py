@@ -1,0 +1,229 @@
+"""Schemas of the `optim`, `precision` and `trainer` groups, and the whole job.
+
+Each group is a kw-only dataclass registered in Hydra's ConfigStore; `load_job_config`
+merges a composed Hydra config into the schema, so an unknown key or a wrong type fails
+at start-up with the key's full name, and `validate_job` rejects impossible values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig
+from models.config import ModelConfig
+from parallel.config import ParallelConfig
+
+OPTIMIZERS = ("adamw", "lamb")
+DECAYS = ("linear", "cosine", "constant")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer, learning-rate schedule and gradient clipping."""
+
+    name: str = "adamw"
+    """adamw | lamb."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr: float = 1e-4
+    """Floor the decay ends at."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    """Added to sqrt(v_hat) in the denominator."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to biases and norm weights."""
+    bias_correction: bool = True
+    """Divide the moments by (1 - beta^t) (LAMB only; AdamW always corrects)."""
+    foreach: bool = True
+    """Use the multi-tensor (foreach) implementation."""
+    grad_clip: float = 1.0
+    """Clip the global gradient L2 norm to this; 0 disables clipping."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear warm-up from 0 to lr."""
+    decay: str = "cosine"
+    """Shape after warm-up: linear | cosine | constant."""
+    decay_steps: int | None = None
+    """Step at which the decay reaches min_lr; None means trainer.max_steps."""
+
+    def validate(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name={self.name!r} is unknown; choose one of {OPTIMIZERS}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"optim.decay={self.decay!r} is unknown; choose one of {DECAYS}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps={self.eps} must be > 0")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError(
+                "optim.weight_decay, optim.grad_clip and optim.warmup_steps must be >= 0"
+            )
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ValueError(f"optim.decay_steps={self.decay_steps} must be > 0 (or null)")
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """Compute dtype of matmuls; parameters and optimizer states stay fp32."""
+
+    dtype: str = "fp32"
+    """fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)."""
+    initial_scale: float = 65536.0
+    """fp16: starting loss scale."""
+    growth_factor: float = 2.0
+    """fp16: scale multiplier after growth_interval clean steps."""
+    backoff_factor: float = 0.5
+    """fp16: scale multiplier after a step whose gradients overflowed (the step is skipped)."""
+    growth_interval: int = 1000
+    """fp16: clean steps between scale increases."""
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"precision.dtype={self.dtype!r} is unknown; choose one of {DTYPES}")
+        if self.initial_scale <= 0 or self.growth_interval <= 0:
+            raise ValueError("precision.initial_scale and precision.growth_interval must be > 0")
+        if self.growth_factor <= 1.0 or not 0.0 < self.backoff_factor < 1.0:
+            raise ValueError(
+                "precision.growth_factor must be > 1 and precision.backoff_factor in (0, 1)"
+            )
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """The loop: batch sizes, length, logging, evaluation and checkpoints."""
+
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, summed over all data-parallel ranks."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on one rank; global / (micro x DP) gives accumulation steps."""
+    seed: int = 1234
+    """Seeds weights, data order and dropout."""
+    log_every: int = 10
+    """Steps between metrics.jsonl / TensorBoard / console records."""
+    eval_every: int = 100
+    """Steps between evaluations on the held-out split; 0 disables."""
+    eval_samples: int = 64
+    """Validation samples per evaluation: the split's first rows, the same set for any layout."""
+    save_every: int = 100
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep: int = 2
+    """Newest checkpoints kept on disk."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in out_dir, if any) | never | a checkpoint directory."""
+    out_dir: str = "runs/${model.name}"
+    """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/."""
+    device: str = "auto"
+    """auto (cuda if available) | cpu | cuda."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; None looks up known GPUs (MFU is null elsewhere)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under out_dir/tb."""
+
+    def validate(self) -> None:
+        positive = (
+            "max_steps",
+            "global_batch_size",
+            "micro_batch_size",
+            "log_every",
+            "eval_samples",
+            "keep",
+        )
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"trainer.{key}={getattr(self, key)} must be > 0")
+        for key in ("eval_every", "save_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key}={getattr(self, key)} must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"trainer.device={self.device!r} must be auto, cpu or cuda")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ValueError(f"trainer.peak_flops={self.peak_flops} must be > 0 (or null)")
+        if not self.resume:
+            raise ValueError("trainer.resume must be auto, never or a checkpoint directory")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A whole training job: one field per config group."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (under `schema/`) for tools and plugins."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", group="schema", node=JobConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("precision", PrecisionConfig),
+        ("trainer", TrainerConfig),
+        ("parallel", ParallelConfig),
+    ):
+        cs.store(name=f"{group}_schema", group=f"schema/{group}", node=node)
+
+
+def load_job_config(cfg: DictConfig | dict) -> JobConfig:
+    """Merge a composed config into the schema and return the typed, resolved JobConfig.
+
+    Raises ValueError naming the offending key for unknown keys and wrong types.
+    """
+    schema = OmegaConf.structured(JobConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        OmegaConf.resolve(merged)
+        job = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        reason = str(exc).splitlines()[0]
+        raise ValueError(f"config key {key!r}: {reason}" if key else reason) from None
+    assert isinstance(job, JobConfig)
+    return job
+
+
+def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
+    """Check every group, then the constraints that span groups."""
+    for part in (job.model, job.data, job.optim, job.precision, job.trainer, job.parallel):
+        part.validate()
+    t = job.trainer
+    dp = job.parallel.data_parallel_size(world_size)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"trainer.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
+        )
+    seq_len = job.data.seq_len or job.model.max_seq_len
+    if seq_len > job.model.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={seq_len} exceeds model.max_seq_len={job.model.max_seq_len}"
+        )
+    if job.optim.decay_steps is not None and job.optim.decay_steps < job.optim.warmup_steps:
+        raise ValueError(
+            f"optim.decay_steps={job.optim.decay_steps} is shorter than "
+            f"optim.warmup_steps={job.optim.warmup_steps}"
+        )
+
+
+def to_yaml(job: JobConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(job))

@@ -1,0 +1,313 @@
+"""The training loop: data -> objective -> forward/backward with accumulation -> step.
+
+Loss normalisation: every micro-batch contributes its summed token loss divided by the
+number of target tokens in the whole global batch (all micro-batches, all DP ranks), so
+the gradient is the same for any split of the global batch into ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.dataset import DistributedBatchIterator, PackedDataset
+from data_pipeline.objectives import get_objective
+from data_pipeline.sample_corpus import ensure_sample_corpus
+from models import build_model, flops_per_token, param_counts
+from models.flops import known_peak_flops
+from parallel import dist
+from parallel.parallelize import no_grad_sync, parallelize, unwrap
+from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
+from trainer.config import JobConfig, to_yaml
+from trainer.log import get_logger, log_rank0, warn_once
+from trainer.metrics import MetricsLogger, Throughput
+from trainer.optim import build_optimizer
+from trainer.precision import LossScaler, autocast
+from trainer.schedule import LRSchedule
+
+IGNORE_INDEX = -100
+log = get_logger("loom.trainer")
+
+
+@dataclass
+class Data:
+    train: PackedDataset
+    val: PackedDataset
+    loader: DistributedBatchIterator
+
+
+def open_data(job: JobConfig, world: dist.World) -> Data:
+    """Open the prepared corpus (preparing the built-in one on first use, on rank 0)."""
+    seq_len = job.data.seq_len or job.model.max_seq_len
+    path = job.data.path
+    if path is None:
+        if world.is_main:
+            ensure_sample_corpus(
+                cache_dir=job.data.cache_dir,
+                tokenizer_spec=job.data.tokenizer,
+                seq_len=seq_len,
+                val_fraction=job.data.val_fraction,
+            )
+        dist.barrier(world)
+        path = ensure_sample_corpus(
+            cache_dir=job.data.cache_dir,
+            tokenizer_spec=job.data.tokenizer,
+            seq_len=seq_len,
+            val_fraction=job.data.val_fraction,
+        )
+    train, val = PackedDataset(path, "train"), PackedDataset(path, "val")
+    if train.seq_len != seq_len:
+        raise ValueError(
+            f"data.seq_len={seq_len} but {Path(path) / 'manifest.json'} "
+            f"was prepared with seq_len={train.seq_len}"
+        )
+    t = job.trainer
+    loader = DistributedBatchIterator(
+        train,
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        dp_rank=world.dp_rank,
+        dp_size=world.dp_size,
+        seed=t.seed,
+    )
+    return Data(train=train, val=val, loader=loader)
+
+
+def model_vocab_size(job: JobConfig, tokenizer_vocab: int) -> int:
+    vocab = job.model.vocab_size or tokenizer_vocab
+    if vocab < tokenizer_vocab:
+        raise ValueError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab} ids)"
+        )
+    return job.model.padded_vocab_size(vocab)
+
+
+def peak_flops_total(job: JobConfig, world: dist.World) -> float | None:
+    peak = job.trainer.peak_flops
+    if peak is None and world.device.type == "cuda":
+        peak = known_peak_flops(torch.cuda.get_device_name(world.device), job.precision.dtype)
+    if peak is None:
+        warn_once("MFU is reported as null: set trainer.peak_flops for this device")
+        return None
+    return peak * world.world_size
+
+
+def token_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over target tokens, computed in fp32."""
+    return F.cross_entropy(
+        logits_BTV.flatten(0, 1).float(),
+        labels_BT.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+class Trainer:
+    """One training job on this process's share of the world."""
+
+    def __init__(self, job: JobConfig, world: dist.World) -> None:
+        self.job, self.world, self.t = job, world, job.trainer
+        self.run_dir = Path(self.t.out_dir)
+        torch.manual_seed(self.t.seed)  # identical initial weights on every rank
+        self.data = open_data(job, world)
+        self.objective = get_objective(job.data.objective)
+        self.seq_len = self.data.train.seq_len
+        vocab = model_vocab_size(job, self.data.train.vocab_size)
+        self.model = parallelize(
+            build_model(job.model, vocab_size=vocab), job.parallel, world=world
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(unwrap(self.model), job.optim)
+        self.schedule = LRSchedule(job.optim, max_steps=self.t.max_steps)
+        self.scaler = LossScaler(job.precision)
+        # Dropout streams differ per data-parallel rank; weights above did not.
+        torch.manual_seed(self.t.seed + 1 + world.dp_rank)
+        self.ckpt = CheckpointManager(
+            self.run_dir, keep=self.t.keep, rank=world.rank, barrier=lambda: dist.barrier(world)
+        )
+        self.start_step = self._resume()
+        self.flops_per_token = flops_per_token(job.model, vocab_size=vocab, seq_len=self.seq_len)
+        self._describe(vocab)
+
+    def _describe(self, vocab: int) -> None:
+        counts = param_counts(unwrap(self.model))
+        log_rank0(
+            "model %s: %.2fM parameters (%.2fM non-embedding), vocab %d, %.3g FLOPs/token",
+            self.job.model.name,
+            counts["total"] / 1e6,
+            counts["non_embedding"] / 1e6,
+            vocab,
+            self.flops_per_token,
+        )
+        log_rank0(
+            "data: %d train / %d val samples of %d tokens; global batch %d = %d ranks x "
+            "%d micro-batches x %d",
+            len(self.data.train),
+            len(self.data.val),
+            self.seq_len,
+            self.t.global_batch_size,
+            self.world.dp_size,
+            self.accumulation,
+            self.t.micro_batch_size,
+        )
+
+    @property
+    def accumulation(self) -> int:
+        return self.t.global_batch_size // (self.t.micro_batch_size * self.world.dp_size)
+
+    def _resume(self) -> int:
+        path = resolve_resume(self.ckpt, self.t.resume)
+        if path is None:
+            return 0
+        state = self.ckpt.load(path)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        self.data.loader.load_state_dict(state["trainer"]["loader"])
+        self.scaler.load_state_dict(state["trainer"]["scaler"])
+        set_rng_state(state["rng"])
+        step = int(state["trainer"]["step"])
+        log_rank0("resumed from %s at step %d", path, step)
+        return step
+
+    def save(self, step: int) -> None:
+        trainer_state = {
+            "step": step,
+            "loader": self.data.loader.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        shared = {
+            "model.pt": unwrap(self.model).state_dict(),
+            "optim.pt": self.optimizer.state_dict(),
+            "trainer.pt": trainer_state,
+        }
+        path = self.ckpt.save(step, shared=shared, per_rank={"rng": rng_state()})
+        log_rank0("saved %s", path)
+
+    def train_step(self, step: int) -> dict:
+        lr = self.schedule.apply(self.optimizer, step)
+        micro = [self.objective(tokens) for tokens in self.data.loader.next_batch()]
+        local_targets = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
+        n_targets = float(
+            dist.dp_sum(torch.tensor(float(local_targets), dtype=torch.float64), self.world)
+        )
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, m in enumerate(micro):
+            loss = self._micro_step(
+                m, last=i == len(micro) - 1, weight=self.world.dp_size / n_targets
+            )
+            loss_sum += loss.double()
+        finite = self.scaler.unscale_and_check(self.params)
+        max_norm = self.job.optim.grad_clip or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if finite else None
+        if finite:
+            self.optimizer.step()
+        self.scaler.update(finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(dist.dp_sum(loss_sum, self.world)) / n_targets
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "loss_scale": self.scaler.scale,
+            "skipped_steps": self.scaler.skipped_steps,
+        }
+
+    def _micro_step(self, batch: dict, *, last: bool, weight: float) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns its detached summed loss."""
+        device = self.world.device
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        # DDP averages gradients over ranks; `weight` = dp / global targets undoes that
+        # average and normalises by the global number of target tokens.
+        with no_grad_sync(self.model, last_micro_batch=last):
+            with autocast(self.job.precision, device):
+                logits = self.model(ids)
+            loss = token_loss_sum(logits, labels)
+            self.scaler.scale_loss(loss * weight).backward()
+        return loss.detach().cpu()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the first trainer.eval_samples validation rows."""
+        model, val, world = unwrap(self.model), self.data.val, self.world
+        model.eval()
+        rows = list(range(world.dp_rank, min(self.t.eval_samples, len(val)), world.dp_size))
+        totals = torch.zeros(2, dtype=torch.float64)
+        for i in range(0, len(rows), self.t.micro_batch_size):
+            batch = self.objective(val.gather(rows[i : i + self.t.micro_batch_size]))
+            labels = batch["labels"].to(world.device)
+            with autocast(self.job.precision, world.device):
+                logits = model(batch["input_ids"].to(world.device))
+            totals[0] += float(token_loss_sum(logits, labels))
+            totals[1] += float((labels != IGNORE_INDEX).sum())
+        totals = dist.dp_sum(totals, world)
+        return float(totals[0] / totals[1])
+
+    def fit(self) -> dict:
+        """Train from start_step to max_steps; returns a summary of the last step."""
+        t, world = self.t, self.world
+        if world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.job))
+        metrics = MetricsLogger(
+            self.run_dir,
+            enabled=world.is_main,
+            tensorboard=t.tensorboard,
+            max_steps=t.max_steps,
+            start_step=self.start_step,
+        )
+        throughput = Throughput(
+            flops_per_token=self.flops_per_token, peak_flops_total=peak_flops_total(self.job, world)
+        )
+        summary: dict = {"step": self.start_step}
+        if self.start_step >= t.max_steps:
+            log_rank0(
+                "nothing to do: resumed at step %d >= trainer.max_steps=%d",
+                self.start_step,
+                t.max_steps,
+            )
+        started = time.perf_counter()
+        for step in range(self.start_step + 1, t.max_steps + 1):
+            tick = time.perf_counter()
+            record = self.train_step(step - 1)
+            throughput.add(t.global_batch_size * self.seq_len, time.perf_counter() - tick)
+            summary = {"step": step, **record}
+            if step % t.log_every == 0 or step == t.max_steps:
+                self._log(metrics, throughput, summary, elapsed=time.perf_counter() - started)
+            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                summary["val_loss"] = self.evaluate()
+                metrics.write(
+                    {
+                        "step": step,
+                        "val_loss": summary["val_loss"],
+                        "val_ppl": math.exp(min(summary["val_loss"], 50.0)),
+                    }
+                )
+                log_rank0("step %d | val loss %.4f", step, summary["val_loss"])
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+                self.save(step)
+        metrics.close()
+        return summary
+
+    def _log(
+        self, metrics: MetricsLogger, throughput: Throughput, summary: dict, *, elapsed: float
+    ) -> None:
+        tps, mfu, seconds_per_step = throughput.read()
+        loader = self.data.loader
+        record = {
+            **summary,
+            "tokens_per_s": tps,
+            "mfu": mfu,
+            "elapsed": elapsed,
+            "epoch": loader.epoch,
+            "consumed_samples": loader.consumed_samples,
+        }
+        metrics.write(record)
+        metrics.progress(record, seconds_per_step=seconds_per_step)

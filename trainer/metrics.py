@@ -1,0 +1,130 @@
+"""metrics.jsonl, TensorBoard scalars and the console progress line (rank 0 only).
+
+MFU = achieved model FLOP/s / peak FLOP/s of all devices, where achieved FLOP/s is
+tokens/s x training FLOPs per token (formula in models/flops.py). Without a known peak
+(CPU, unknown GPU, no trainer.peak_flops) MFU is recorded as null rather than guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from trainer.log import get_logger
+
+log = get_logger("loom.metrics")
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records past `step` (logged after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLogger:
+    def __init__(
+        self, run_dir: Path, *, enabled: bool, tensorboard: bool, max_steps: int, start_step: int
+    ) -> None:
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if start_step == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            truncate_after(self.path, start_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
+
+    def write(self, record: dict) -> None:
+        """Append one record (must hold "step") to metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(
+                        f"train/{key}" if not key.startswith("val") else f"val/{key}",
+                        value,
+                        record["step"],
+                    )
+            self.writer.flush()
+
+    def progress(self, record: dict, *, seconds_per_step: float) -> None:
+        if not self.enabled:
+            return
+        step = record["step"]
+        eta = format_eta(seconds_per_step * (self.max_steps - step))
+        mfu = "-" if record.get("mfu") is None else f"{100 * record['mfu']:.1f}%"
+        scale = (
+            "" if record.get("loss_scale") in (None, 1.0) else f" | scale {record['loss_scale']:g}"
+        )
+        log.info(
+            "step %d/%d | loss %.4f | lr %.3e | grad %.3f | %s tok/s | mfu %s%s | ETA %s",
+            step,
+            self.max_steps,
+            record["loss"],
+            record["lr"],
+            record["grad_norm"],
+            _human(record["tokens_per_s"]),
+            mfu,
+            scale,
+            eta,
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _human(x: float) -> str:
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if x >= size:
+            return f"{x / size:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+class Throughput:
+    """Tokens/s and MFU over the window since the last call."""
+
+    def __init__(self, *, flops_per_token: float, peak_flops_total: float | None) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops_total
+        self.seconds = 0.0
+        self.tokens = 0
+        self.steps = 0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        """Count one training step; evaluation and checkpoint time are left out."""
+        self.tokens += tokens
+        self.seconds += seconds
+        self.steps += 1
+
+    def read(self) -> tuple[float, float | None, float]:
+        """(tokens/s, MFU or None, seconds per step) since the last read; resets the window."""
+        dt = max(self.seconds, 1e-9)
+        tps = self.tokens / dt
+        sps = dt / max(self.steps, 1)
+        self.seconds, self.tokens, self.steps = 0.0, 0, 0
+        mfu = None if self.peak is None else tps * self.flops_per_token / self.peak
+        return tps, mfu, sps
