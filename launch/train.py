@@ -21,6 +21,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from parallel.dist import init_world, shutdown, world_size_from_env  # noqa: E402
 from trainer.config import JobConfig, load_job_config, register_configs, validate_job  # noqa: E402
+from trainer.dry_run import dry_run  # noqa: E402
 from trainer.log import get_logger, log_rank0, setup_logging  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 
@@ -40,10 +41,18 @@ def main(cfg: DictConfig) -> None:
     setup_logging()
     try:
         job = load_job_config(cfg)
-        validate_job(job, world_size=world_size_from_env())
+        world_size = world_size_from_env()
+        if job.trainer.dry_run:
+            world_size = job.parallel.world_size_for_plan(world_size)
+        validate_job(job, world_size=world_size)
+        if not job.trainer.dry_run:
+            job.parallel.check_available()
     except ValueError as exc:
         log.error("config error: %s", exc)
         sys.exit(2)
+    if job.trainer.dry_run:
+        dry_run(job, world_size=world_size)
+        return
     summary = run(job)
     log_rank0(
         "done: step %d, loss %.4f%s",

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 
 from torch import nn
 
 from models.config import ModelConfig
-from models.gpt import GPT
 
 __all__ = ["build_model", "param_counts"]
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {"gpt": GPT}
+# family -> "module:Class", each built as Class(cfg, vocab_size=...); imported on use.
+_BUILDERS: dict[str, str] = {
+    "gpt": "models.gpt:GPT",
+    "bert": "models.bert:Bert",
+    "t5": "models.t5:T5",
+    "glm": "models.glm:GLM",
+}
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int) -> nn.Module:
@@ -28,7 +33,8 @@ def build_model(cfg: ModelConfig, *, vocab_size: int) -> nn.Module:
     cfg.validate()
     if vocab_size <= 0:
         raise ValueError(f"vocab_size={vocab_size} must be > 0")
-    return builder(cfg, vocab_size=vocab_size)
+    module, cls = builder.split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, vocab_size=vocab_size)
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FAMILIES = ("gpt",)
+FAMILIES = ("gpt", "bert", "t5", "glm")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "gated_gelu")
+POSITIONS = ("learned", "rotary", "relative", "none")
 
 
 @dataclass(kw_only=True)
@@ -14,7 +17,9 @@ class ModelConfig:
     name: str = "gpt_debug"
     """Label used in the run directory and logs."""
     family: str = "gpt"
-    """Architecture family: gpt (bert, t5 and glm share the same block library)."""
+    """Architecture family: gpt | bert | t5 | glm (one shared block library)."""
+    objective: str = "clm"
+    """Default pretraining objective of this model (data.objective overrides it)."""
     vocab_size: int | None = None
     """Embedding rows before padding; None takes the tokenizer's vocabulary size."""
     make_vocab_size_divisible_by: int = 1
@@ -37,6 +42,38 @@ class ModelConfig:
     """Share the token embedding with the output projection."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weights."""
+    pre_ln: bool = True
+    """Normalise before each sub-layer (GPT-2, T5, GLM); false is BERT's post-LN."""
+    norm: str = "layernorm"
+    """layernorm | rmsnorm (T5)."""
+    activation: str = "gelu_tanh"
+    """MLP activation: gelu_tanh (GPT-2) | gelu (BERT) | relu (T5 v1.0) | gated_gelu (T5 v1.1)."""
+    bias: bool = True
+    """Biases in linear layers and norms (T5 has none)."""
+    position: str = "learned"
+    """Position encoding: learned | rotary | relative (T5 buckets) | none."""
+    rotary_base: float = 10000.0
+    """Base of the rotary frequencies (position=rotary)."""
+    type_vocab_size: int = 0
+    """Token-type (segment) embeddings (BERT: 2); 0 disables them."""
+    embedding_size: int | None = None
+    """ALBERT factorised embeddings: token embedding width, projected to d_model; None = d_model."""
+    share_layers: bool = False
+    """ALBERT cross-layer sharing: one set of block weights applied n_layer times."""
+    n_decoder_layer: int | None = None
+    """Encoder-decoder models (T5): decoder depth; None = n_layer."""
+    d_kv: int | None = None
+    """Size of one attention head; None = d_model // n_head (T5 sets it explicitly)."""
+    relative_buckets: int = 32
+    """T5 relative position bias: number of buckets."""
+    relative_max_distance: int = 128
+    """T5 relative position bias: distance beyond which all offsets share a bucket."""
+    scale_logits: bool = False
+    """Multiply the decoder output by d_model**-0.5 before a tied projection (T5 v1.0)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_kv if self.d_kv is not None else self.d_model // self.n_head
 
     @property
     def ffn_size(self) -> int:
@@ -62,10 +99,24 @@ class ModelConfig:
             raise ValueError(f"model.vocab_size={self.vocab_size} must be > 0 (or null)")
         if self.d_ff is not None and self.d_ff <= 0:
             raise ValueError(f"model.d_ff={self.d_ff} must be > 0 (or null)")
-        if self.d_model % self.n_head:
+        if self.d_kv is None and self.d_model % self.n_head:
             raise ValueError(
                 f"model.n_head={self.n_head} does not divide model.d_model={self.d_model}"
             )
+        for key, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"model.{key}={getattr(self, key)!r} is unknown; choose one of {allowed}"
+                )
+        if self.position == "rotary" and self.head_dim % 2:
+            raise ValueError(f"model.position=rotary needs an even head size, got {self.head_dim}")
+        for key in ("type_vocab_size", "relative_buckets", "relative_max_distance"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be >= 0")
+        for key in ("embedding_size", "n_decoder_layer", "d_kv"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"model.{key}={value} must be > 0 (or null)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.layer_norm_eps <= 0 or self.init_std <= 0:

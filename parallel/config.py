@@ -9,6 +9,8 @@ from dataclasses import dataclass
 class ParallelConfig:
     """Degrees of each parallel axis; data parallelism takes whatever the world size leaves."""
 
+    dp: int = -1
+    """Data-parallel degree; -1 takes whatever world size / (tp x pp) leaves."""
     tp: int = 1
     """Tensor-parallel degree."""
     pp: int = 1
@@ -24,12 +26,17 @@ class ParallelConfig:
         for key in ("tp", "pp"):
             if getattr(self, key) < 1:
                 raise ValueError(f"parallel.{key}={getattr(self, key)} must be >= 1")
+        if self.dp == 0 or self.dp < -1:
+            raise ValueError(f"parallel.dp={self.dp} must be >= 1 (or -1 for automatic)")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero={self.zero} must be one of 0, 1, 2, 3")
         if self.engine not in ("native", "deepspeed"):
             raise ValueError(f"parallel.engine={self.engine!r} must be 'native' or 'deepspeed'")
         if self.backend not in (None, "gloo", "nccl"):
             raise ValueError(f"parallel.backend={self.backend!r} must be gloo, nccl or null")
+
+    def check_available(self) -> None:
+        """Refuse layouts whose engine is not built yet (dry runs may still describe them)."""
         # The data-parallel path is in place; the other axes build on the mesh in parallel/.
         unsupported = [
             f"parallel.{k}={v}"
@@ -55,4 +62,14 @@ class ParallelConfig:
                 f"parallel.tp={self.tp} x parallel.pp={self.pp} does not divide "
                 f"the world size {world_size}"
             )
-        return world_size // model_parallel
+        dp = world_size // model_parallel
+        if self.dp != -1 and self.dp != dp:
+            raise ValueError(
+                f"parallel.dp={self.dp} x tp={self.tp} x pp={self.pp} = "
+                f"{self.dp * model_parallel} does not match the world size {world_size}"
+            )
+        return dp
+
+    def world_size_for_plan(self, launched: int) -> int:
+        """World size a dry run describes: the explicit degrees, else the launched world."""
+        return self.dp * self.tp * self.pp if self.dp != -1 else launched

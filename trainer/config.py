@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import OBJECTIVES, DataConfig
 from models.config import ModelConfig
 from parallel.config import ParallelConfig
 
@@ -130,6 +130,9 @@ class TrainerConfig:
     """Peak FLOP/s of one device for MFU; None looks up known GPUs (MFU is null elsewhere)."""
     tensorboard: bool = True
     """Write TensorBoard event files under out_dir/tb."""
+    dry_run: bool = False
+    """Build the model on the meta device, report parameters, FLOPs/token and per-rank
+    memory to out_dir/dry_run.json, and exit without training."""
 
     def validate(self) -> None:
         positive = (
@@ -213,6 +216,9 @@ def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
             f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
             f"trainer.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
         )
+    objective = job.data.objective or job.model.objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"model.objective={objective!r} is unknown; choose one of {OBJECTIVES}")
     seq_len = job.data.seq_len or job.model.max_seq_len
     if seq_len > job.model.max_seq_len:
         raise ValueError(

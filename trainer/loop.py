@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from data_pipeline.dataset import DistributedBatchIterator, PackedDataset
-from data_pipeline.objectives import get_objective
+from data_pipeline.objectives import build_objective, split_batch
 from data_pipeline.sample_corpus import ensure_sample_corpus
 from models import build_model, flops_per_token, param_counts
 from models.flops import known_peak_flops
@@ -25,13 +24,16 @@ from parallel.parallelize import no_grad_sync, parallelize, unwrap
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.config import JobConfig, to_yaml
 from trainer.log import get_logger, log_rank0, warn_once
+from trainer.loss import summed_losses, target_counts, task_name
 from trainer.metrics import MetricsLogger, Throughput
 from trainer.optim import build_optimizer
 from trainer.precision import LossScaler, autocast
 from trainer.schedule import LRSchedule
 
-IGNORE_INDEX = -100
 log = get_logger("loom.trainer")
+# Validation rows get sample ids far above any training id, so their objective
+# randomness never coincides with a training sample's.
+EVAL_ID_OFFSET = 1 << 60
 
 
 @dataclass
@@ -98,16 +100,6 @@ def peak_flops_total(job: JobConfig, world: dist.World) -> float | None:
     return peak * world.world_size
 
 
-def token_loss_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over target tokens, computed in fp32."""
-    return F.cross_entropy(
-        logits_BTV.flatten(0, 1).float(),
-        labels_BT.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
 class Trainer:
     """One training job on this process's share of the world."""
 
@@ -116,8 +108,14 @@ class Trainer:
         self.run_dir = Path(self.t.out_dir)
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         self.data = open_data(job, world)
-        self.objective = get_objective(job.data.objective)
         self.seq_len = self.data.train.seq_len
+        self.objective = build_objective(
+            job.data.objective or job.model.objective,
+            cfg=job.data,
+            tokenizer=self.data.train.tokenizer,
+            seq_len=self.seq_len,
+            seed=self.t.seed,
+        )
         vocab = model_vocab_size(job, self.data.train.vocab_size)
         self.model = parallelize(
             build_model(job.model, vocab_size=vocab), job.parallel, world=world
@@ -191,18 +189,18 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         lr = self.schedule.apply(self.optimizer, step)
-        micro = [self.objective(tokens) for tokens in self.data.loader.next_batch()]
-        local_targets = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
-        n_targets = float(
-            dist.dp_sum(torch.tensor(float(local_targets), dtype=torch.float64), self.world)
-        )
+        micro = [split_batch(self.objective(b)) for b in self.data.loader.next_batch()]
+        keys = sorted(micro[0][1])
+        local = [sum(target_counts(labels)[k] for _, labels in micro) for k in keys]
+        counts = dist.dp_sum(torch.tensor(local, dtype=torch.float64), self.world).tolist()
+        # DDP averages gradients over ranks; the weight dp / (global targets of the task)
+        # undoes that average and normalises each task by its own global count.
+        weights = {k: self.world.dp_size / max(n, 1.0) for k, n in zip(keys, counts, strict=True)}
         self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for i, m in enumerate(micro):
-            loss = self._micro_step(
-                m, last=i == len(micro) - 1, weight=self.world.dp_size / n_targets
-            )
-            loss_sum += loss.double()
+        sums = torch.zeros(len(keys), dtype=torch.float64)
+        for i, (inputs, labels) in enumerate(micro):
+            losses = self._micro_step(inputs, labels, weights, last=i == len(micro) - 1)
+            sums += torch.stack([losses[k] for k in keys]).double()
         finite = self.scaler.unscale_and_check(self.params)
         max_norm = self.job.optim.grad_clip or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if finite else None
@@ -210,45 +208,57 @@ class Trainer:
             self.optimizer.step()
         self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(dist.dp_sum(loss_sum, self.world)) / n_targets
-        return {
-            "loss": loss,
+        task = (dist.dp_sum(sums, self.world) / torch.tensor(counts).clamp(min=1)).tolist()
+        record = {
+            "loss": sum(task),
             "lr": lr,
             "grad_norm": grad_norm,
             "loss_scale": self.scaler.scale,
             "skipped_steps": self.scaler.skipped_steps,
         }
+        if len(keys) > 1:
+            record.update({task_name(k): v for k, v in zip(keys, task, strict=True)})
+        return record
 
-    def _micro_step(self, batch: dict, *, last: bool, weight: float) -> torch.Tensor:
-        """Forward + backward of one micro-batch; returns its detached summed loss."""
+    def _micro_step(self, inputs: dict, labels: dict, weights: dict, *, last: bool) -> dict:
+        """Forward + backward of one micro-batch; returns its detached summed task losses."""
         device = self.world.device
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        # DDP averages gradients over ranks; `weight` = dp / global targets undoes that
-        # average and normalises by the global number of target tokens.
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         with no_grad_sync(self.model, last_micro_batch=last):
             with autocast(self.job.precision, device):
-                logits = self.model(ids)
-            loss = token_loss_sum(logits, labels)
-            self.scaler.scale_loss(loss * weight).backward()
-        return loss.detach().cpu()
+                outputs = self.model(**inputs)
+            sums = summed_losses(outputs, labels)
+            total = sum(sums[k] * weights[k] for k in sums)
+            self.scaler.scale_loss(total).backward()
+        return {k: v.detach().cpu() for k, v in sums.items()}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the first trainer.eval_samples validation rows."""
+        """Summed task losses over the first trainer.eval_samples validation rows.
+
+        Objective randomness is keyed by sample id, so evaluation sees the same masks and
+        spans every time; ids are offset past any training id.
+        """
         model, val, world = unwrap(self.model), self.data.val, self.world
         model.eval()
         rows = list(range(world.dp_rank, min(self.t.eval_samples, len(val)), world.dp_size))
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals: dict[str, torch.Tensor] = {}
         for i in range(0, len(rows), self.t.micro_batch_size):
-            batch = self.objective(val.gather(rows[i : i + self.t.micro_batch_size]))
-            labels = batch["labels"].to(world.device)
+            chunk = rows[i : i + self.t.micro_batch_size]
+            batch = {
+                "tokens": val.gather(chunk),
+                "sample_ids": torch.tensor(chunk, dtype=torch.int64) + EVAL_ID_OFFSET,
+            }
+            inputs, labels = split_batch(self.objective(batch))
+            inputs = {k: v.to(world.device) for k, v in inputs.items()}
             with autocast(self.job.precision, world.device):
-                logits = model(batch["input_ids"].to(world.device))
-            totals[0] += float(token_loss_sum(logits, labels))
-            totals[1] += float((labels != IGNORE_INDEX).sum())
-        totals = dist.dp_sum(totals, world)
-        return float(totals[0] / totals[1])
+                outputs = model(**inputs)
+            sums, counts = summed_losses(outputs, labels), target_counts(labels)
+            for k in sums:
+                pair = torch.tensor([float(sums[k]), float(counts[k])], dtype=torch.float64)
+                totals[k] = totals.get(k, torch.zeros(2, dtype=torch.float64)) + pair
+        reduced = [dist.dp_sum(totals[k], world) for k in sorted(totals)]
+        return float(sum(t[0] / t[1].clamp(min=1) for t in reduced))
 
     def fit(self) -> dict:
         """Train from start_step to max_steps; returns a summary of the last step."""

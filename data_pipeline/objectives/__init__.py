@@ -1,23 +1,71 @@
-"""Pretraining objectives: pure functions turning a batch of packed rows into model inputs."""
+"""Pretraining objectives: batch transforms from packed rows to model inputs and labels.
+
+Contract
+--------
+Input, one micro-batch from the loader:
+    tokens      int64 [B, S]   packed rows, S = seq_len + 1
+    sample_ids  int64 [B]      global sample index of each row (unique over the run)
+    doc_start   bool  [B, S]   True where a document begins inside the row
+
+Output, a dict of tensors. Keys ending in "labels" are targets (IGNORE_INDEX = -100 is not
+scored); every other key is a keyword argument of the model's forward. The model returns
+logits (a tensor, scored against "labels") or a dict in which "<x>logits" is scored
+against "<x>labels" (e.g. "nsp_logits" against "nsp_labels"). The trainer sums the
+cross-entropy of each pair over the global batch and divides by that pair's global count
+of scored targets, so every task is a mean over its own targets whatever the layout.
+
+Randomness (masks, spans, pairs) is a pure function of (seed, sample id) via
+`sample_rng`, so a resumed run or another worker count sees the very same batches.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from data_pipeline.objectives.clm import clm_batch
+from data_pipeline.config import DataConfig
 
-Objective = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+IGNORE_INDEX = -100
+Objective = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
-OBJECTIVES: dict[str, Objective] = {"clm": clm_batch}
+# name -> "module:Class"; each class is built as Class(name, cfg=, tokenizer=, seq_len=, seed=).
+_REGISTRY = {
+    "clm": "data_pipeline.objectives.clm:CausalLM",
+    "mlm": "data_pipeline.objectives.mlm:MaskedLM",
+    "mlm_nsp": "data_pipeline.objectives.mlm:MaskedLM",
+    "mlm_sop": "data_pipeline.objectives.mlm:MaskedLM",
+    "span_corruption": "data_pipeline.objectives.span_corruption:SpanCorruption",
+    "glm_blank": "data_pipeline.objectives.glm:BlankInfilling",
+}
 
 
-def get_objective(name: str) -> Objective:
-    """The batch transform named by data.objective."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"data.objective={name!r} is unknown; choose one of {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name]
+def sample_rng(seed: int, sample_id: int, *, salt: int = 0) -> np.random.Generator:
+    """The random stream of one sample: depends on nothing but its arguments."""
+    return np.random.Generator(np.random.PCG64([seed, int(sample_id), salt]))
 
 
-__all__ = ["OBJECTIVES", "Objective", "clm_batch", "get_objective"]
+def build_objective(
+    name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int
+) -> Objective:
+    """The batch transform named by data.objective (or model.objective)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"data.objective={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
+    module, cls = _REGISTRY[name].split(":")
+    try:
+        factory = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        raise ValueError(f"data.objective={name!r} is not available in this version") from None
+    return factory(name, cfg=cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed)
+
+
+def split_batch(batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(model inputs, labels) of an objective's output."""
+    inputs = {k: v for k, v in batch.items() if not k.endswith("labels")}
+    labels = {k: v for k, v in batch.items() if k.endswith("labels")}
+    return inputs, labels
+
+
+__all__ = ["IGNORE_INDEX", "Objective", "build_objective", "sample_rng", "split_batch"]

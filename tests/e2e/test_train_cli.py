@@ -132,3 +132,18 @@ def test_bad_config_fails_before_work_with_named_field(train_cli, tmp_path, over
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_dry_run_writes_report_and_trains_nothing(train_cli, tmp_path):
+    proc = train_cli(
+        "+model=gpt2_medium",
+        "trainer.dry_run=true",
+        "parallel.tp=2",
+        "parallel.dp=4",
+        "parallel.zero=1",
+        f"trainer.out_dir={tmp_path}",
+    )
+    report = json.loads((tmp_path / "dry_run.json").read_text())
+    assert report["params_total"] == 354_823_168 and report["world_size"] == 8
+    assert "FLOPs per token" in proc.stdout
+    assert not (tmp_path / "checkpoints").exists()

@@ -53,7 +53,6 @@ def test_unknown_keys_and_wrong_types_name_the_key(overrides, message):
         (["precision.dtype=fp8"], r"precision.dtype='fp8'"),
         (["trainer.global_batch_size=12"], r"trainer.global_batch_size=12"),
         (["data.seq_len=256"], r"data.seq_len=256 exceeds model.max_seq_len=128"),
-        (["parallel.tp=2"], r"parallel.tp=2"),
         (["model.dropout=1.5"], r"model.dropout=1.5"),
         (["optim.min_lr=1.0"], r"optim.min_lr=1.0"),
     ],
@@ -68,4 +67,42 @@ def test_global_batch_must_split_over_data_parallel_ranks():
     job = compose_job("trainer.global_batch_size=16", "trainer.micro_batch_size=8")
     validate_job(job, world_size=2)
     with pytest.raises(ValueError, match="data-parallel size 4"):
+        validate_job(job, world_size=4)
+
+
+def _leaf_keys(node, prefix=""):
+    from omegaconf import DictConfig
+
+    keys = set()
+    for key in node:
+        value = node[key] if isinstance(node, DictConfig) else None
+        path = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            keys |= _leaf_keys(value, path + ".")
+        else:
+            keys.add(path)
+    return keys
+
+
+def test_config_yaml_lists_every_schema_field():
+    """Hydra only accepts overrides of keys present in conf/config.yaml: keep it complete."""
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose(config_name="config")
+    schema = OmegaConf.structured(JobConfig)
+    assert _leaf_keys(cfg) == _leaf_keys(schema)
+
+
+def test_layouts_not_built_yet_are_refused_by_name():
+    job = compose_job("parallel.tp=2", "parallel.pp=2", "parallel.dp=1")
+    validate_job(job, world_size=4)  # a valid layout (dry runs may describe it) ...
+    with pytest.raises(ValueError, match=r"parallel.tp=2, parallel.pp=2"):
+        job.parallel.check_available()  # ... that training refuses for now
+
+
+def test_explicit_dp_must_match_world():
+    job = compose_job("parallel.dp=2")
+    assert job.parallel.world_size_for_plan(1) == 2
+    with pytest.raises(ValueError, match=r"parallel.dp=2 .* world size 4"):
         validate_job(job, world_size=4)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.unit.test_config import compose_job
+from trainer.dry_run import dry_run, memory_estimate, resolve_vocab
+
+
+def test_dry_run_reports_gpt2_small_without_allocating(tmp_path):
+    job = compose_job("+model=gpt2_small", "trainer.dry_run=true", f"trainer.out_dir={tmp_path}")
+    report = dry_run(job, world_size=1)
+    assert report["params_total"] == 124_439_808
+    assert report["params_non_embedding"] == 124_439_808 - (50257 + 1024) * 768
+    saved = json.loads((tmp_path / "dry_run.json").read_text())
+    assert saved["params_total"] == report["params_total"]
+    assert saved["flops_per_token"] == pytest.approx(report["flops_per_token"])
+
+
+def test_memory_estimate_follows_the_layout():
+    base = compose_job("+model=gpt2_small")
+    one = memory_estimate(base, params=100_000_000, vocab=50257, world_size=1)
+    assert one["weights_gib"] + one["grads_gib"] + one["optimizer_gib"] == pytest.approx(
+        16 * 100_000_000 / 1024**3
+    )
+    zero1 = memory_estimate(
+        compose_job("+model=gpt2_small", "parallel.zero=1"),
+        params=100_000_000,
+        vocab=50257,
+        world_size=4,
+    )
+    assert zero1["optimizer_gib"] == pytest.approx(one["optimizer_gib"] / 4)
+    assert zero1["grads_gib"] == pytest.approx(one["grads_gib"])
+    zero3 = memory_estimate(
+        compose_job("+model=gpt2_small", "parallel.zero=3"),
+        params=100_000_000,
+        vocab=50257,
+        world_size=4,
+    )
+    assert zero3["weights_gib"] == pytest.approx(one["weights_gib"] / 4)
+    tp2 = memory_estimate(
+        compose_job("+model=gpt2_small", "parallel.tp=2"),
+        params=100_000_000,
+        vocab=50257,
+        world_size=2,
+    )
+    assert tp2["weights_gib"] == pytest.approx(one["weights_gib"] / 2)
+    assert tp2["activations_gib"] == pytest.approx(one["activations_gib"] / 2)
+
+
+def test_vocab_resolution():
+    assert resolve_vocab(compose_job()) == 366  # byte tokenizer, nothing prepared
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        resolve_vocab(compose_job("data.tokenizer=bpe:1000"))
+    assert (
+        resolve_vocab(compose_job("model.vocab_size=1000", "model.make_vocab_size_divisible_by=64"))
+        == 1024
+    )

@@ -1,0 +1,139 @@
+"""`trainer.dry_run=true`: build the model on the meta device and report its size and cost.
+
+No weight is allocated, so `+model=gpt3_175b` works on a laptop. The per-rank memory
+estimate assumes Loom's mixed-precision layout (fp32 parameters, fp32 gradients, two fp32
+optimizer moments: 16 bytes per parameter), divided by TP x PP, with the ZeRO stage
+sharding optimizer states (1), plus gradients (2), plus parameters (3) over data-parallel
+ranks. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes per layer for 16-bit
+activations, doubled for fp32, divided by TP, for the layers of one pipeline stage with
+PP micro-batches in flight (1F1B); the 5*a*s/h term is the attention-score matrix, which
+fused SDPA kernels do not store, so it is reported separately as an upper bound.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from models import build_model, flops_per_token, param_counts
+from trainer.config import JobConfig
+from trainer.log import log_rank0
+
+_GIB = 1024**3
+
+
+def resolve_vocab(job: JobConfig) -> int:
+    """Embedding rows the job would allocate, without preparing any data."""
+    vocab = job.model.vocab_size
+    if vocab is None and job.data.path is not None:
+        manifest = Path(job.data.path) / "manifest.json"
+        if not manifest.is_file():
+            raise ValueError(f"data.path={job.data.path!r} has no manifest.json")
+        vocab = int(json.loads(manifest.read_text())["vocab_size"])
+    if vocab is None and job.data.tokenizer == "byte":
+        from data_pipeline.tokenizers import ByteTokenizer
+
+        vocab = ByteTokenizer().vocab_size
+    if vocab is None:
+        raise ValueError("model.vocab_size is null: set it (or data.path) for a dry run")
+    return job.model.padded_vocab_size(vocab)
+
+
+def memory_estimate(job: JobConfig, *, params: int, vocab: int, world_size: int) -> dict:
+    """Bytes per rank: model states, activations (with and without scores), logits."""
+    m, p, t = job.model, job.parallel, job.trainer
+    dp = p.data_parallel_size(world_size)
+    shard = params / (p.tp * p.pp)
+    weights, grads, moments = 4 * shard, 4 * shard, 8 * shard
+    if p.zero >= 1:
+        moments /= dp
+    if p.zero >= 2:
+        grads /= dp
+    if p.zero >= 3:
+        weights /= dp
+    s, b, h, a = job.data.seq_len or m.max_seq_len, t.micro_batch_size, m.d_model, m.n_head
+    act_bytes = 1 if job.precision.dtype == "fp32" else 0.5  # eq. 2 counts 16-bit values
+    layers = (m.n_layer + (m.n_decoder_layer or m.n_layer if m.family == "t5" else 0)) / p.pp
+    in_flight = min(p.pp, max(1, t.global_batch_size // (t.micro_batch_size * dp)))
+    base = 2 * act_bytes * s * b * h * 34 / p.tp * layers * in_flight
+    scores = 2 * act_bytes * s * b * 5 * a * s / p.tp * layers * in_flight
+    logits = 2 * 4 * s * b * vocab / p.tp  # fp32 logits and their gradient
+    states = weights + grads + moments
+    return {
+        "data_parallel": dp,
+        "weights_gib": weights / _GIB,
+        "grads_gib": grads / _GIB,
+        "optimizer_gib": moments / _GIB,
+        "activations_gib": base / _GIB,
+        "attention_scores_gib": scores / _GIB,
+        "logits_gib": logits / _GIB,
+        "total_gib": (states + base + logits) / _GIB,
+        "total_with_scores_gib": (states + base + scores + logits) / _GIB,
+    }
+
+
+def dry_run(job: JobConfig, *, world_size: int) -> dict:
+    vocab = resolve_vocab(job)
+    seq_len = job.data.seq_len or job.model.max_seq_len
+    with torch.device("meta"):
+        model = build_model(job.model, vocab_size=vocab)
+    counts = param_counts(model)
+    report = {
+        "model": job.model.name,
+        "family": job.model.family,
+        "vocab_rows": vocab,
+        "seq_len": seq_len,
+        "params_total": counts["total"],
+        "params_embedding": counts["embedding"],
+        "params_non_embedding": counts["non_embedding"],
+        "flops_per_token": flops_per_token(job.model, vocab_size=vocab, seq_len=seq_len),
+        "world_size": world_size,
+        "layout": {
+            "tp": job.parallel.tp,
+            "pp": job.parallel.pp,
+            "zero": job.parallel.zero,
+            "micro_batch_size": job.trainer.micro_batch_size,
+            "precision": job.precision.dtype,
+        },
+        "memory_per_rank": memory_estimate(
+            job, params=counts["total"], vocab=vocab, world_size=world_size
+        ),
+    }
+    out = Path(job.trainer.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dry_run.json").write_text(json.dumps(report, indent=1) + "\n")
+    _print(report, out / "dry_run.json")
+    return report
+
+
+def _print(r: dict, path: Path) -> None:
+    mem = r["memory_per_rank"]
+    log_rank0(
+        "dry run of %s (%s), vocab rows %d, seq_len %d",
+        r["model"],
+        r["family"],
+        r["vocab_rows"],
+        r["seq_len"],
+    )
+    log_rank0(
+        "parameters: %s total, %s embedding, %s non-embedding",
+        f"{r['params_total']:,}",
+        f"{r['params_embedding']:,}",
+        f"{r['params_non_embedding']:,}",
+    )
+    log_rank0("training FLOPs per token: %.4g", r["flops_per_token"])
+    log_rank0(
+        "memory per rank (GiB): weights %.2f, grads %.2f, optimizer %.2f, activations "
+        "%.2f (+%.2f attention scores without fused attention), logits %.2f, total %.2f",
+        mem["weights_gib"],
+        mem["grads_gib"],
+        mem["optimizer_gib"],
+        mem["activations_gib"],
+        mem["attention_scores_gib"],
+        mem["logits_gib"],
+        mem["total_gib"],
+    )
+    log_rank0("written to %s", path)
