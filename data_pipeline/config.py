@@ -75,7 +75,8 @@ class DataConfig:
     sources: list[SourceConfig] | None = None
     """Weighted blend of prepared corpora ([{path, weight}, ...]); replaces `path`."""
     tokenizer: str = "byte"
-    """Tokenizer for the built-in corpus: byte | bpe:VOCAB | wordpiece:VOCAB | a tokenizer.json."""
+    """Tokenizer for the built-in corpus: byte | bpe:N | wordpiece:N | unigram:N | a
+    tokenizer.json | a SentencePiece .model."""
     seq_len: int | None = None
     """Tokens per training sample; None means model.max_seq_len."""
     cache_dir: str | None = None

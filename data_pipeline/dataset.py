@@ -1,71 +1,107 @@
-"""Reading prepared corpora: random access to packed rows and the DP-sharded batch loader.
+"""Reading prepared corpora: random access to packed rows, integrity checks, global order.
 
-Rows are read through memory-mapped Arrow IPC files as zero-copy numpy views of whole record
-batches; a row's place is found arithmetically (shard, batch = row // rows_per_batch, offset).
-`Table.take` is avoided on purpose: on a multi-batch memory-mapped column it copies every chunk
-on every call.
+Legend: n = rows gathered, S = sample_len (seq_len + 1 tokens per row), R = rows of one
+record batch.
 
-The order in which samples are visited is a pure function of (seed, epoch): global sample g is
-row `sample_order(n, seed, epoch=g // n)[g % n]`. Global batch t is samples [t*GB, (t+1)*GB) and
-DP rank r takes the contiguous slice [r*GB/dp, (r+1)*GB/dp), so the only loader state is the
-number of samples consumed, and a run can resume at any DP size.
+Shards are memory-mapped Arrow IPC files. Every record batch but a shard's last holds
+`rows_per_batch` rows and every shard but a split's last holds a multiple of it, so row ->
+(record batch, offset) is arithmetic. The first time a record batch is touched, the positions of
+its buffers inside the mapped file are recorded; from then on a gather of any rows is a few
+vectorised numpy indexing operations on the mapped bytes (no per-row Python, no Arrow objects):
+the same copy a flat memmap reader makes. `Table.take` is avoided on purpose: on a multi-batch
+memory-mapped column it copies every chunk on every call.
+
+Integrity is checked in layers: at open, the manifest against each shard's size, schema and
+record-batch count (and, with `verify_checksums`, sha256 plus everything below for every
+record batch); the first time a record batch is touched in a process, its row count, all of
+its token ids and all of its offsets, in one vectorised pass, before any of its rows is used.
+So a bad row is reported (by shard and row) whichever sample is drawn first.
+
+The order in which one corpus is visited is a pure function of (seed, epoch): see
+`sample_order`. Blending and the DP-sharded loader live in blend.py and loader.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from data_pipeline.prepare import load_manifest, sha256_file, shard_schema
+from data_pipeline.prepare import MANIFEST_FILE, sha256_file, shard_schema
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 
-_MAX_CACHED_BATCHES = 4096
+# Manifest schema versions this reader understands: 1 has document offsets only, 2 adds the
+# `sent_offsets` column (sentence starts). With version 1, document starts are the only
+# sentence starts.
+SCHEMA_VERSIONS = (1, 2)
+TOKENS_COLUMN, DOC_COLUMN, SENT_COLUMN = "tokens", "doc_offsets", "sent_offsets"
+_REQUIRED_FIELDS = (
+    "tokenizer", "vocab_size", "seq_len", "sample_len", "dtype", "rows_per_batch", "splits"
+)  # fmt: skip
+# Columns of PackedDataset._at: where a record batch's buffers start in its shard's mapped
+# file, in elements of the shard's token view (_TOK) or int32 view (the list columns).
+_TOK, _DOC_OFF, _DOC_VAL, _SENT_OFF, _SENT_VAL = range(5)
+# A row code is (shard << _SHARD_SHIFT) | the element of the shard's token view where the row
+# starts: one int64 places a row anywhere in a split of shards under 2 TiB each.
+_SHARD_SHIFT = 40
+_ELEMENT_MASK = (1 << _SHARD_SHIFT) - 1
+_NO_ITEMS = np.zeros(0, dtype=np.int64)
+Batch = dict[str, torch.Tensor]
 
 
 class PackedDataset:
     """The rows of one split of a prepared corpus (see data_pipeline/prepare.py)."""
 
     def __init__(self, path: str | Path, split: str = "train", *, verify_checksums: bool = False):
+        """Open `split` of the corpus in `path`. With `verify_checksums`, also check every
+        shard's sha256 and every record batch's rows, token ids and offsets now (reads the
+        whole split once); otherwise each record batch is checked when first touched."""
         self.path = Path(path)
-        self._manifest = load_manifest(self.path)
+        self._manifest = read_manifest(self.path)
+        where = self.path / MANIFEST_FILE
         splits = self._manifest["splits"]
         if split not in splits:
-            raise ValueError(f"{self.path}: no split {split!r} (the manifest has {sorted(splits)})")
+            raise ValueError(f"{where}: no split {split!r} (the manifest has {sorted(splits)})")
         self.split = split
         self._entry = splits[split]
-        _check_split_entry(self._entry, where=f"{self.path / 'manifest.json'}, split {split!r}")
+        _check_split_entry(self._entry, where=f"{where}, split {split!r}")
         self._dtype = np.dtype(self._manifest["dtype"])
         self._rpb = int(self._manifest["rows_per_batch"])
+        self._schema = expected_schema(
+            self._dtype, self.sample_len, schema_version=self._manifest["schema_version"]
+        )
         self._tokenizer: Tokenizer | None = None
-        self._readers = []
-        self._names = []
-        for shard in self._entry["shards"]:
-            self._readers.append(self._open_shard(shard, verify_checksums))
-            self._names.append(shard["file"])
-        rows = [shard["rows"] for shard in self._entry["shards"]]
-        self._shard_start = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
-        if self._shard_start[-1] != self._entry["rows"]:
-            raise ValueError(
-                f"{self.path / 'manifest.json'}: split {split!r} lists {self._entry['rows']} rows "
-                f"but its shards add up to {self._shard_start[-1]}"
-            )
-        # Bounded: a view keeps its record batch's metadata alive, and a large corpus has
-        # hundreds of thousands of batches.
-        self._views: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        shards = self._entry["shards"]
+        self._names = [shard["file"] for shard in shards]
+        self._readers, self._arrow_base, self._whole = [], [], []
+        self._token_rows, self._int32 = [], []
+        for shard in shards:
+            self._open_shard(shard, verify_checksums)
+        self._index_batches(shards, where=f"{where}, split {split!r}")
+        self._checked = np.zeros(len(self._batch_shard), dtype=bool)
+        self._unchecked = len(self._batch_shard)  # record batches not yet touched
+        self._at = np.zeros((5, len(self._batch_shard)), dtype=np.int64)
+        # The code (see _SHARD_SHIFT) of every row, written when its record batch is first
+        # touched: a row's place is then one lookup. Eight bytes a row, as one epoch's visiting
+        # order; np.empty leaves untouched pages unallocated.
+        self._row_code = np.empty(len(self), dtype=np.int64)
+        if verify_checksums:
+            self.verify()
 
     def __reduce__(self):
-        # Memory maps cannot be pickled; a copy sent to another process reopens the files.
+        # Memory maps cannot be pickled; a copy sent to another process reopens the files
+        # (the checksums were verified here already).
         return (PackedDataset, (self.path, self.split))
 
-    def _open_shard(self, shard: dict, verify_checksums: bool):
+    def _open_shard(self, shard: dict, verify_checksums: bool) -> None:
         file = self.path / shard["file"]
         if not file.is_file():
             raise FileNotFoundError(f"shard {file} listed in the manifest is missing")
@@ -78,33 +114,51 @@ class PackedDataset:
         if verify_checksums and sha256_file(file) != shard["sha256"]:
             raise ValueError(f"shard {file}: sha256 does not match the manifest (corrupted?)")
         try:
-            reader = pa.ipc.open_file(pa.memory_map(str(file), "r"))
-        except (pa.ArrowException, OSError) as err:
+            whole, arrow_base, reader = _map_shard(file)
+        except (pa.ArrowException, OSError, ValueError) as err:
             raise ValueError(f"shard {file} is not a readable Arrow IPC file: {err}") from None
-        expected = shard_schema(self._dtype, self.sample_len)
-        if not reader.schema.equals(expected):
+        if not reader.schema.equals(self._schema):
             raise ValueError(
-                f"shard {file}: schema {reader.schema} does not match the manifest "
-                f"(expected {expected})"
+                f"shard {file}: schema ({_describe(reader.schema)}) does not match the manifest "
+                f"(schema_version {self._manifest['schema_version']} expects "
+                f"{_describe(self._schema)})"
             )
-        nbatches = reader.num_record_batches
-        if nbatches != -(-shard["rows"] // self._rpb):
+        self._check_layout(reader, shard, file)
+        self._readers.append(reader)
+        self._arrow_base.append(arrow_base)
+        self._whole.append(whole)
+        self._token_rows.append(_row_windows(whole, self._dtype, self.sample_len))
+        self._int32.append(whole[: size - size % 4].view(np.int32))
+
+    def _check_layout(self, reader, shard: dict, file: Path) -> None:
+        # Only the footer here: reading each record batch's header would make Arrow advise
+        # the kernel to read its body too (the whole corpus, at open). Rows per record batch
+        # are checked when a batch is first touched, before any of its rows is used.
+        nbatches, want_batches = reader.num_record_batches, -(-shard["rows"] // self._rpb)
+        if nbatches != want_batches:
             raise ValueError(
                 f"shard {file}: {nbatches} record batches, but {shard['rows']} rows at "
-                f"{self._rpb} rows per batch need {-(-shard['rows'] // self._rpb)}"
+                f"{self._rpb} rows per batch need {want_batches}"
             )
-        for b in range(nbatches):
-            try:
-                rows = reader.get_batch(b).num_rows  # metadata only on a memory map
-            except (pa.ArrowException, OSError) as err:
-                raise ValueError(f"shard {file}: record batch {b} is unreadable: {err}") from None
-            want = min(self._rpb, shard["rows"] - b * self._rpb)
-            if rows != want:
+
+    def _index_batches(self, shards: list[dict], *, where: str) -> None:
+        """Map global record batch -> (shard, batch in shard): row // rows_per_batch."""
+        rows = [shard["rows"] for shard in shards]
+        for i, r in enumerate(rows[:-1]):
+            if r % self._rpb:
                 raise ValueError(
-                    f"shard {file}: record batch {b} has {rows} rows, expected {want} "
-                    "(the shard does not match the manifest)"
+                    f"{where}: shard {shards[i]['file']} has {r} rows, not a multiple of "
+                    f"rows_per_batch={self._rpb}, but it is not the split's last shard"
                 )
-        return reader
+        if sum(rows) != self._entry["rows"]:
+            raise ValueError(
+                f"{where}: lists {self._entry['rows']} rows but its shards add up to {sum(rows)}"
+            )
+        per_shard = [-(-r // self._rpb) for r in rows]
+        self._batch_shard = np.repeat(np.arange(len(rows)), per_shard)
+        local = [np.arange(k, dtype=np.int64) for k in per_shard]
+        self._batch_local = np.concatenate(local) if local else np.zeros(0, dtype=np.int64)
+        self._shard_start = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
 
     # -- metadata ----------------------------------------------------------------------------
 
@@ -123,6 +177,16 @@ class PackedDataset:
     @property
     def vocab_size(self) -> int:
         return int(self._manifest["vocab_size"])
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        """How tokens are stored (uint16 or int32)."""
+        return self._dtype
+
+    @property
+    def has_sentences(self) -> bool:
+        """Whether the shards carry sentence starts (schema_version 2)."""
+        return self._schema.get_field_index(SENT_COLUMN) >= 0
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -144,68 +208,487 @@ class PackedDataset:
     def __len__(self) -> int:
         return int(self._shard_start[-1])
 
+    # -- record batches: first touch ---------------------------------------------------------
+
+    def _first_touch(self, batch: int) -> None:
+        """Check record batch `batch` in full and record where its buffers lie."""
+        shard, local = int(self._batch_shard[batch]), int(self._batch_local[batch])
+        tokens, lists = self._read_batch(shard, local)
+        self._check_tokens(tokens.reshape(-1, self.sample_len), batch)
+        for column, (offsets, values) in lists.items():
+            self._check_offsets(column, offsets, values, batch)
+        arrays = [tokens, *(a for pair in lists.values() for a in pair)]
+        self._at[: len(arrays), batch] = [self._element_at(a, shard, local) for a in arrays]
+        # Shards before the last hold whole record batches: global batch b starts at row b * R.
+        first, count = batch * self._rpb, len(tokens) // self.sample_len
+        element = self._at[_TOK, batch] + self.sample_len * np.arange(count, dtype=np.int64)
+        self._row_code[first : first + count] = (shard << _SHARD_SHIFT) | element
+        self._checked[batch] = True
+        self._unchecked -= 1
+
+    def _read_batch(self, shard: int, local: int) -> tuple[np.ndarray, dict]:
+        """Zero-copy views of a record batch: flat tokens, {column: (offsets, values)}."""
+        file = self.path / self._names[shard]
+        try:
+            record = self._readers[shard].get_batch(local)
+            tokens = record.column(TOKENS_COLUMN).flatten().to_numpy(zero_copy_only=True)
+            lists = {DOC_COLUMN: _list_views(record.column(DOC_COLUMN))}
+            if self.has_sentences:
+                lists[SENT_COLUMN] = _list_views(record.column(SENT_COLUMN))
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"shard {file}: record batch {local} is unreadable: {err}") from None
+        shard_rows = int(self._shard_start[shard + 1] - self._shard_start[shard])
+        want = min(self._rpb, shard_rows - local * self._rpb)
+        if record.num_rows != want:
+            raise ValueError(
+                f"shard {file}: record batch {local} has {record.num_rows} rows, expected "
+                f"{want} (the shard does not match the manifest)"
+            )
+        return tokens, lists
+
+    def _element_at(self, array: np.ndarray, shard: int, local: int) -> int:
+        """Index of `array`'s first element in the shard's mapped file, viewed as its dtype."""
+        if array.size == 0:
+            return 0  # never read
+        # Arrow's buffers live in its own mapping of the file; their offset in the file is the
+        # same in ours.
+        delta = array.ctypes.data - self._arrow_base[shard]
+        if delta % array.itemsize or not 0 <= delta <= self._whole[shard].nbytes - array.nbytes:
+            raise ValueError(
+                f"shard {self.path / self._names[shard]}: record batch {local} is not a "
+                "zero-copy, aligned view of the file (compressed or foreign shard?)"
+            )
+        return delta // array.itemsize
+
+    def _check_tokens(self, tokens_RS: np.ndarray, batch: int) -> None:
+        if tokens_RS.size and (int(tokens_RS.max()) >= self.vocab_size or int(tokens_RS.min()) < 0):
+            bad = (tokens_RS >= self.vocab_size) | (tokens_RS < 0)
+            row = int(np.argmax(bad.any(axis=1)))
+            value = int(tokens_RS[row][bad[row]][0])
+            self._raise_bad_row(
+                batch, row, f"token id {value} is outside the vocabulary (size {self.vocab_size})"
+            )
+
+    def _check_offsets(self, column: str, offsets, values, batch: int) -> None:
+        steps = np.diff(offsets)
+        if len(steps) and steps.min() < 0:
+            self._raise_bad_row(batch, int(np.argmax(steps < 0)), f"{column} list is malformed")
+        if offsets[0] < 0 or offsets[-1] > len(values):
+            self._raise_bad_row(batch, 0, f"{column} offsets point outside its values")
+        used = values[offsets[0] : offsets[-1]]
+        bad = (used < 0) | (used >= self.sample_len)
+        if bad.any():
+            at = int(np.argmax(bad))
+            row = int(np.searchsorted(offsets, offsets[0] + at, side="right")) - 1
+            self._raise_bad_row(
+                batch,
+                row,
+                f"{column} holds position {int(used[at])}, outside [0, {self.sample_len})",
+            )
+
+    def _raise_bad_row(self, batch: int, row_in_batch: int, problem: str) -> None:
+        shard = int(self._batch_shard[batch])
+        local = int(self._batch_local[batch]) * self._rpb + row_in_batch
+        global_row = int(self._shard_start[shard]) + local
+        raise ValueError(
+            f"shard {self.path / self._names[shard]}, row {local} (row {global_row} of split "
+            f"{self.split!r}): {problem}"
+        )
+
+    def verify(self) -> None:
+        """Check every token id and offset of the split now (reads all of it once)."""
+        for batch in np.flatnonzero(~self._checked).tolist():
+            self._first_touch(batch)
+
     # -- rows --------------------------------------------------------------------------------
 
-    def _locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(shard, batch, offset in batch) of each row index (already in range)."""
-        shard = np.searchsorted(self._shard_start, rows, side="right") - 1
-        local = rows - self._shard_start[shard]
-        return shard, local // self._rpb, local % self._rpb
-
-    def _batch_view(self, shard: int, batch: int) -> np.ndarray:
-        key = (shard, batch)
-        view = self._views.get(key)
-        if view is not None:
-            self._views.move_to_end(key)
-            return view
-        column = self._readers[shard].get_batch(batch).column(0)
-        view = column.flatten().to_numpy(zero_copy_only=True).reshape(-1, self.sample_len)
-        self._views[key] = view
-        if len(self._views) > _MAX_CACHED_BATCHES:
-            self._views.popitem(last=False)
-        return view
-
-    def _check_range(self, rows: np.ndarray) -> np.ndarray:
-        n = len(self)
-        rows = np.where(rows < 0, rows + n, rows)
-        bad = (rows < 0) | (rows >= n)
-        if bad.any():
-            raise IndexError(
-                f"row {int(rows[bad][0])} out of range for {n} rows in split {self.split!r}"
-            )
+    def _rows(self, indices) -> np.ndarray:
+        """Row indices as int64 [n] in [0, len(self)) (negative ones count from the end),
+        every record batch among them checked."""
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self._row_code)
+        # Negative indices read as huge unsigned numbers: one test finds both kinds.
+        if len(rows) and _max(rows.view(np.uint64)) >= n:
+            rows = np.where(rows < 0, rows + n, rows)
+            bad = (rows < 0) | (rows >= n)
+            if bad.any():
+                raise IndexError(
+                    f"row {int(rows[bad][0])} out of range for {n} rows in split {self.split!r} "
+                    f"of {self.path}"
+                )
+        if self._unchecked:
+            batches = rows // self._rpb
+            checked = self._checked[batches]
+            if not _all(checked):
+                for batch in np.unique(batches[~checked]).tolist():
+                    self._first_touch(batch)
         return rows
+
+    def _codes(self, rows: np.ndarray) -> np.ndarray:
+        """Row codes (see _SHARD_SHIFT) of int64 row indices."""
+        if self._unchecked:
+            rows = self._rows(rows)
+        try:
+            # Once every record batch is checked this lookup is the whole placement: numpy
+            # wraps negative indices and refuses out-of-range ones itself.
+            return self._row_code[rows]
+        except IndexError:
+            self._rows(rows)  # raises the error that names the split
+            raise
+
+    def _by_shard(self, shards: np.ndarray, *, as_indices: bool = False) -> list[tuple]:
+        """(shard, selection) groups of gathered rows: one group, selecting all, when they
+        come from a single shard (the common case, kept cheap); else index arrays."""
+        if len(self._token_rows) == 1:
+            distinct = [0]
+        elif len(shards) <= 64:
+            distinct = sorted(set(shards.tolist()))
+        else:
+            distinct = np.unique(shards).tolist()
+        if len(distinct) == 1:
+            return [(distinct[0], np.arange(len(shards)) if as_indices else slice(None))]
+        return [(s, np.flatnonzero(shards == s)) for s in distinct]
+
+    def _copy_rows(self, codes: np.ndarray) -> np.ndarray:
+        """The rows at `codes` as [n] opaque items of S stored tokens: one fancy-indexed copy
+        (a memcpy per row) for each shard among them."""
+        if len(self._token_rows) == 1:
+            return self._token_rows[0][codes]  # codes are elements: the shard bits are 0
+        elements = codes & _ELEMENT_MASK
+        groups = self._by_shard(codes >> _SHARD_SHIFT)
+        if len(groups) == 1:
+            return self._token_rows[groups[0][0]][elements]
+        rows = np.empty(len(codes), dtype=self._token_rows[0].dtype)
+        for shard, sel in groups:
+            rows[sel] = self._token_rows[shard][elements[sel]]
+        return rows
+
+    def _lists(self, rows: np.ndarray) -> np.ndarray:
+        """[4, n]: where the boundary lists of checked `rows` lie in their shard's int32 view:
+        the element of each document list's first offset, the element its values count from,
+        and the same two for the sentence list (see _list_keys). A corpus without sentence
+        lists gives its document lists again: document starts are sentence starts too."""
+        batches, offsets = np.divmod(rows, self._rpb)
+        at = self._at[:, batches]
+        at[_DOC_OFF] += offsets
+        if not self.has_sentences:
+            return at[[_DOC_OFF, _DOC_VAL, _DOC_OFF, _DOC_VAL]]
+        at[_SENT_OFF] += offsets
+        return at[_DOC_OFF:]
+
+    def _widen(self, rows: np.ndarray) -> np.ndarray:
+        """[n] opaque rows of this corpus -> int64 [n, S]."""
+        return rows.view(self._dtype).reshape(len(rows), self.sample_len).astype(np.int64)
+
+    def gather_into(self, rows: Sequence[int] | np.ndarray, out: RowArrays, at: np.ndarray) -> None:
+        """Write rows `rows` into positions `at` of `out`: their tokens, and their document
+        and sentence starts marked True (out's masks must be clear at those positions)."""
+        rows = self._rows(rows)
+        got = self._copy_rows(self._row_code[rows])
+        if out.tokens.dtype == self._dtype:
+            np.reshape(out.tokens.view(got.dtype), -1, copy=False)[at] = got
+        else:  # a blend of uint16 and int32 corpora: widen on the way
+            out.tokens[at] = got.view(self._dtype).reshape(len(rows), self.sample_len)
+        doc_start = np.reshape(out.doc_start, -1, copy=False)
+        sent_start = np.reshape(out.sent_start, -1, copy=False)
+        lists = self._lists(rows)
+        base = np.asarray(at, dtype=np.int64) * self.sample_len
+        for shard, sel in self._by_shard(self._batch_shard[rows // self._rpb]):
+            flat = self._int32[shard]
+            doc, _ = _list_keys(flat, lists[0, sel], lists[1, sel], base[sel])
+            sent, _ = _list_keys(flat, lists[2, sel], lists[3, sel], base[sel])
+            # A document start is a sentence start too.
+            doc_start[doc] = sent_start[doc] = sent_start[sent] = True
 
     def __getitem__(self, index: int) -> np.ndarray:
         """Row `index` as a read-only numpy view into the memory-mapped shard."""
-        rows = self._check_range(np.asarray([int(index)], dtype=np.int64))
-        shard, batch, offset = (int(a[0]) for a in self._locate(rows))
-        row = self._batch_view(shard, batch)[offset]
-        if row.size and (int(row.max()) >= self.vocab_size or int(row.min()) < 0):
-            self._raise_bad_token(row[None, :], rows)
-        return row
+        code = int(self._codes(np.asarray([index], dtype=np.int64))[0])
+        element = code & _ELEMENT_MASK
+        rows = self._token_rows[code >> _SHARD_SHIFT][element : element + 1]
+        return rows.view(self._dtype)
 
     def gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Rows `indices` stacked into an int64 tensor [len(indices), sample_len]."""
-        rows = self._check_range(np.asarray(indices, dtype=np.int64).reshape(-1))
-        out = np.empty((len(rows), self.sample_len), dtype=np.int64)
-        shard, batch, offset = self._locate(rows)
-        for j in range(len(rows)):  # a loop over rows, each a single memcpy
-            out[j] = self._batch_view(int(shard[j]), int(batch[j]))[offset[j]]
-        if out.size and (int(out.max()) >= self.vocab_size or int(out.min()) < 0):
-            self._raise_bad_token(out, rows)
-        return torch.from_numpy(out)
+        codes = self._codes(np.asarray(indices, dtype=np.int64).reshape(-1))
+        return torch.from_numpy(self._widen(self._copy_rows(codes)))
 
-    def _raise_bad_token(self, block: np.ndarray, rows: np.ndarray) -> None:
-        bad = (block >= self.vocab_size) | (block < 0)
-        j = int(np.argmax(bad.any(axis=1)))
-        shard, _, _ = self._locate(rows[j : j + 1])
-        s = int(shard[0])
-        local = int(rows[j] - self._shard_start[s])
-        value = int(block[j][bad[j]][0])
-        raise ValueError(
-            f"shard {self.path / self._names[s]}, row {local} (row {int(rows[j])} of split "
-            f"{self.split!r}): token id {value} is outside the vocabulary (size {self.vocab_size})"
+    def gather_arrays(self, rows: Sequence[int] | np.ndarray) -> RowArrays:
+        """Rows and their boundaries as numpy arrays (tokens in the stored dtype)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = RowArrays.empty(len(rows), self.sample_len, self._dtype)
+        self.gather_into(rows, out, np.arange(len(rows)))
+        return out
+
+    def gather_batch(self, rows: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows with their boundaries: {"tokens": int64 [n, S], "doc_start": bool [n, S],
+        "sent_start": bool [n, S]}; True where a document (sentence) begins inside the row.
+        A document start is always a sentence start; corpora without sentence offsets
+        (schema_version 1) mark document starts only."""
+        return self.gather_arrays(rows).batch()
+
+
+class RowArrays(NamedTuple):
+    """Gathered rows as numpy arrays. Tokens keep the stored dtype, so a reader that reads
+    many rows into a reused buffer widens each batch to int64 only when it hands it out
+    (small, cache-warm allocations: large transient ones cost page faults on every call)."""
+
+    tokens: np.ndarray  # [n, S], uint16 or int32
+    starts: np.ndarray  # [2, n, S] bool: document starts, then sentence starts (a superset)
+
+    @property
+    def doc_start(self) -> np.ndarray:
+        return self.starts[0]
+
+    @property
+    def sent_start(self) -> np.ndarray:
+        return self.starts[1]
+
+    @classmethod
+    def empty(cls, n: int, S: int, dtype: np.dtype) -> RowArrays:
+        """Room for n rows, with clear masks."""
+        return cls(np.empty((n, S), dtype=dtype), np.zeros((2, n, S), dtype=bool))
+
+    def head(self, n: int) -> RowArrays:
+        """The first n rows, masks cleared, for reuse as a buffer."""
+        starts = self.starts[:, :n]
+        starts[...] = False
+        return RowArrays(self.tokens[:n], starts)
+
+    def batch(self, lo: int = 0, hi: int | None = None, *, copy: bool = False) -> Batch:
+        """Rows [lo, hi) as {"tokens": int64, "doc_start", "sent_start"} tensors; with
+        `copy` the masks are copies, so this buffer can be reused."""
+        starts = self.starts[:, lo:hi]
+        if copy:
+            starts = starts.copy()
+        return {
+            "tokens": torch.from_numpy(self.tokens[lo:hi].astype(np.int64)),
+            "doc_start": torch.from_numpy(starts[0]),
+            "sent_start": torch.from_numpy(starts[1]),
+        }
+
+
+class MicroBatchPlan:
+    """Rows planned for reading as micro-batches of `micro_batch_size` rows.
+
+    Planning does the per-row work once for many micro-batches: it checks every record batch
+    the rows touch, looks up where each row's tokens lie and turns their document and sentence
+    starts into sorted mask keys. Each micro-batch is then a fancy-indexed copy of its rows,
+    one cast to int64 and one scatter into a fresh mask, about what a flat memmap reader
+    spends on its tokens alone.
+    """
+
+    def __init__(
+        self,
+        parts: Sequence[tuple[PackedDataset, np.ndarray, np.ndarray | None]],
+        *,
+        size: int,
+        micro_batch_size: int,
+        sample_ids: np.ndarray | None = None,
+    ) -> None:
+        """`parts`: (dataset, its rows, their positions among the `size` planned rows, or
+        None for 0..len-1); every position is covered once. `sample_ids`, when given, are
+        handed out with each micro-batch."""
+        if not parts or size < 1 or micro_batch_size < 1 or size % micro_batch_size:
+            raise ValueError(
+                f"{size} planned rows do not split into micro-batches of {micro_batch_size}"
+            )
+        self.micro_batch_size, self.size = micro_batch_size, size
+        self.sample_len = parts[0][0].sample_len
+        self._ids = sample_ids
+        # Per (corpus, shard) among the parts: its rows as opaque items, token dtype, int32 view.
+        self._sources: list[tuple[np.ndarray, np.dtype, np.ndarray]] = []
+        self._element = np.empty(size, dtype=np.int64)  # where each row's tokens start
+        self._source = np.empty(size, dtype=np.int64)
+        lists = np.empty((4, size), dtype=np.int64)  # see PackedDataset._lists
+        for ds, rows, at in parts:
+            rows = ds._rows(rows)
+            codes = ds._row_code[rows]
+            where = slice(None) if at is None else at
+            self._element[where] = codes & _ELEMENT_MASK
+            self._source[where] = len(self._sources) + (codes >> _SHARD_SHIFT)
+            lists[:, where] = ds._lists(rows)
+            pairs = zip(ds._token_rows, ds._int32, strict=True)
+            self._sources += [(rows, ds.token_dtype, view) for rows, view in pairs]
+        # One source (a shard of a corpus) for all rows: the common case skips the grouping.
+        first = int(self._source[0])
+        self._only = first if bool((self._source == first).all()) else None
+        self._plan_masks(lists)
+
+    def _plan_masks(self, lists: np.ndarray) -> None:
+        """Keys of the True entries of each micro-batch's [2, micro, S] mask, grouped by
+        micro-batch: micro-batch m's are keys[bounds[m]:bounds[m + 1]]."""
+        mb, S = self.micro_batch_size, self.sample_len
+        count = self.size // mb
+        # Document lists go to both planes, sentence lists to the second. The lists are taken
+        # in (micro-batch, plane list, row) order, so their items come out grouped.
+        lists = lists[[0, 1, 0, 1, 2, 3]].reshape(3, 2, count, mb).transpose(2, 0, 1, 3)
+        first, values = lists.reshape(count * 3, 2, mb).transpose(1, 0, 2).reshape(2, -1)
+        plane = np.asarray([0, 1, 1], dtype=np.int64)[:, None] * (mb * S)
+        base = np.broadcast_to(plane + S * np.arange(mb), (count, 3, mb)).reshape(-1)
+        if self._only is not None:
+            keys, counts = _list_keys(self._sources[self._only][2], first, values, base)
+            per_micro = counts.reshape(count, -1).sum(axis=1)
+        else:
+            source = np.broadcast_to(self._source.reshape(count, 1, mb), (count, 3, mb))
+            source = source.reshape(-1)
+            micro = np.repeat(np.arange(count), 3 * mb)
+            pieces, micros = [], []
+            for s in np.unique(source).tolist():
+                sel = np.flatnonzero(source == s)
+                got, counts = _list_keys(self._sources[s][2], first[sel], values[sel], base[sel])
+                pieces.append(got)
+                micros.append(np.repeat(micro[sel], counts))
+            micro = np.concatenate(micros)
+            keys = np.concatenate(pieces)[np.argsort(micro, kind="stable")]
+            per_micro = np.bincount(micro, minlength=count)
+        self._keys = keys
+        self._bounds = [0, *np.cumsum(per_micro).tolist()]  # Python ints: cheap slicing
+
+    def __len__(self) -> int:
+        """Number of micro-batches."""
+        return self.size // self.micro_batch_size
+
+    def _tokens(self, lo: int, hi: int) -> np.ndarray:
+        """int64 [hi - lo, S] tokens of planned rows [lo, hi)."""
+        element = self._element[lo:hi]
+        only = self._only
+        if only is None:
+            source = self._source[lo:hi]
+            distinct = set(source.tolist())
+            if len(distinct) > 1:
+                out = np.empty((hi - lo, self.sample_len), dtype=np.int64)
+                for s in distinct:
+                    sel = np.flatnonzero(source == s)
+                    rows, dtype, _ = self._sources[s]
+                    out[sel] = rows[element[sel]].view(dtype).reshape(len(sel), -1)
+                return out
+            only = distinct.pop()
+        rows, dtype, _ = self._sources[only]
+        return rows[element].view(dtype).reshape(hi - lo, self.sample_len).astype(np.int64)
+
+    def micro_batch(self, m: int) -> Batch:
+        """Micro-batch m: {"sample_ids" (if planned with them), "tokens" int64 [micro, S],
+        "doc_start", "sent_start" bool [micro, S]}; fresh arrays, owned by the caller."""
+        mb = self.micro_batch_size
+        lo = m * mb
+        flat = np.zeros(2 * mb * self.sample_len, dtype=bool)
+        flat[self._keys[self._bounds[m] : self._bounds[m + 1]]] = True
+        starts = flat.reshape(2, mb, self.sample_len)
+        batch = {}
+        if self._ids is not None:
+            batch["sample_ids"] = torch.from_numpy(self._ids[lo : lo + mb])
+        batch["tokens"] = torch.from_numpy(self._tokens(lo, lo + mb))
+        batch["doc_start"] = torch.from_numpy(starts[0])
+        batch["sent_start"] = torch.from_numpy(starts[1])
+        return batch
+
+
+def _map_shard(file: Path) -> tuple[np.ndarray, int, pa.ipc.RecordBatchFileReader]:
+    """(the file as a read-only uint8 array, where Arrow's mapping of it starts, its reader).
+
+    Rows are read through a mapping of our own: Arrow advises the kernel to read ahead
+    whatever it hands out (the whole file, for a buffer of all of it), while training reads
+    rows at random. Arrow's reader serves the metadata and the first-touch checks.
+    """
+    with open(file, "rb") as f:
+        ours = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(ours, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        ours.madvise(mmap.MADV_RANDOM)  # read-ahead would fetch neighbours never used
+    arrow_map = pa.memory_map(str(file), "r")
+    arrow_base = arrow_map.read_buffer(1).address  # position 0: where the mapping starts
+    reader = pa.ipc.open_file(arrow_map)
+    return np.frombuffer(ours, dtype=np.uint8), arrow_base, reader
+
+
+def _row_windows(whole: np.ndarray, dtype: np.dtype, S: int) -> np.ndarray:
+    """Read-only view of a mapped file in which item i is the S tokens that start at element
+    i, as one opaque S * itemsize-byte item: any row of any record batch is one item, and
+    fancy indexing copies each with a single memcpy (a [positions, S] strided view would copy
+    token by token)."""
+    count = max(len(whole) // dtype.itemsize - S + 1, 0)
+    row = np.dtype((np.void, S * dtype.itemsize))
+    return np.ndarray((count,), dtype=row, buffer=whole, strides=(dtype.itemsize,))
+
+
+# A numpy reduction costs microseconds; for a handful of rows Python is faster.
+def _all(flags: np.ndarray) -> bool:
+    return all(flags.tolist()) if len(flags) <= 64 else bool(flags.all())
+
+
+def _max(values: np.ndarray) -> int:
+    return max(values.tolist()) if len(values) <= 64 else int(values.max())
+
+
+def _list_keys(flat: np.ndarray, first: np.ndarray, values: np.ndarray, base: np.ndarray):
+    """(base[j] + value for every value of list j, in list order; values per list) of
+    several int32 lists stored in `flat`: list j's offsets are flat[first[j]] and
+    flat[first[j] + 1], counted from element values[j]."""
+    lo = flat[first]
+    counts = flat[first + 1] - lo
+    ends = np.cumsum(counts)
+    total = int(ends[-1]) if len(ends) else 0
+    if total == 0:
+        return _NO_ITEMS, counts
+    at = np.repeat(values + lo - (ends - counts), counts) + np.arange(total)
+    return np.repeat(base, counts) + flat[at], counts
+
+
+def _list_views(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [rows + 1], values) of a list<int32> column, zero-copy."""
+    offsets = column.offsets.to_numpy(zero_copy_only=True)
+    return offsets, column.values.to_numpy(zero_copy_only=True)
+
+
+def _describe(schema: pa.Schema) -> str:
+    return ", ".join(f"{field.name}: {field.type}" for field in schema)
+
+
+def expected_schema(dtype: np.dtype, sample_len: int, *, schema_version: int) -> pa.Schema:
+    """The shard schema a manifest of `schema_version` promises (prepare.shard_schema is the
+    definition; version 1 shards lack the sentence column)."""
+    schema = shard_schema(dtype, sample_len)
+    at = schema.get_field_index(SENT_COLUMN)
+    if schema_version == 1 and at >= 0:
+        schema = schema.remove(at)
+    elif schema_version == 2 and at < 0:
+        # Until prepare.shard_schema carries the sentence column: the column it adds.
+        schema = schema.append(pa.field(SENT_COLUMN, pa.list_(pa.int32()), nullable=False))
+    return schema
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """`directory`/manifest.json, checked; any schema version in SCHEMA_VERSIONS."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {directory} is not a corpus written by launch/prepare_data.py"
         )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    version = manifest.get("schema_version")
+    if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
+        raise ValueError(
+            f"{path}: schema_version={version!r}, this reader understands "
+            f"{' or '.join(map(str, SCHEMA_VERSIONS))}; prepare the corpus again"
+        )
+    for key in _REQUIRED_FIELDS:
+        if key not in manifest:
+            raise ValueError(f"{path}: missing field {key!r}")
+    for key in ("vocab_size", "seq_len", "rows_per_batch"):
+        value = manifest.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: field {key!r}={value!r} must be a positive integer")
+    if not isinstance(manifest.get("splits"), dict):
+        raise ValueError(f"{path}: field 'splits' is missing or not an object")
+    if manifest["dtype"] not in ("uint16", "int32"):
+        raise ValueError(f"{path}: field 'dtype'={manifest['dtype']!r} must be uint16 or int32")
+    if manifest["sample_len"] != manifest["seq_len"] + 1:
+        raise ValueError(f"{path}: sample_len must equal seq_len + 1")
+    return manifest
 
 
 def _check_split_entry(entry, *, where: str) -> None:
@@ -230,117 +713,11 @@ def sample_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-class DistributedBatchIterator:
-    """This DP rank's micro-batches for each optimizer step, resumable at any DP size."""
+def __getattr__(name: str):
+    # The single-source loader moved to loader.py (which imports this module); it stays
+    # importable from here for existing callers.
+    if name == "DistributedBatchIterator":
+        from data_pipeline.loader import DistributedBatchIterator
 
-    def __init__(
-        self,
-        dataset: PackedDataset,
-        *,
-        global_batch_size: int,
-        micro_batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        seed: int,
-        consumed_samples: int = 0,
-    ) -> None:
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-        if global_batch_size < 1 or micro_batch_size < 1:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} and micro_batch_size={micro_batch_size} "
-                "must be positive"
-            )
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(
-                f"global_batch_size={global_batch_size} must be divisible by micro_batch_size * "
-                f"dp_size = {micro_batch_size} * {dp_size} = {micro_batch_size * dp_size}"
-            )
-        if len(dataset) == 0:
-            raise ValueError(f"split {dataset.split!r} of {dataset.path} has no rows")
-        if seed < 0:
-            raise ValueError(f"seed={seed} must be >= 0")
-        self.dataset = dataset
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.seed = seed
-        self._consumed = _check_consumed(consumed_samples)
-        self._orders: dict[int, np.ndarray] = {}
-
-    @property
-    def consumed_samples(self) -> int:
-        """Samples consumed by all DP ranks together (global count)."""
-        return self._consumed
-
-    @property
-    def epoch(self) -> int:
-        """Epoch of the next sample to be read."""
-        return self._consumed // len(self.dataset)
-
-    @property
-    def samples_per_rank(self) -> int:
-        return self.global_batch_size // self.dp_size
-
-    def _order(self, epoch: int) -> np.ndarray:
-        order = self._orders.get(epoch)
-        if order is None:
-            # A step spans at most a few epochs; keep only the newest orders.
-            for old in [e for e in self._orders if e < epoch - 1]:
-                del self._orders[old]
-            order = sample_order(len(self.dataset), seed=self.seed, epoch=epoch)
-            self._orders[epoch] = order
-        return order
-
-    def rows_for_step(self, consumed_samples: int) -> np.ndarray:
-        """Dataset rows this rank reads for the step that starts at `consumed_samples`."""
-        n = len(self.dataset)
-        start = consumed_samples + self.dp_rank * self.samples_per_rank
-        g = np.arange(start, start + self.samples_per_rank, dtype=np.int64)
-        epochs, within = np.divmod(g, n)
-        rows = np.empty_like(g)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            rows[sel] = self._order(int(e))[within[sel]]
-        return rows
-
-    def next_batch(self) -> list[torch.Tensor]:
-        """This rank's micro-batches (each [micro_batch_size, sample_len], int64) for the next
-        optimizer step; advances consumed_samples by the global batch size."""
-        tokens = self.dataset.gather(self.rows_for_step(self._consumed))
-        self._consumed += self.global_batch_size
-        return list(tokens.split(self.micro_batch_size))
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict:
-        return {
-            "consumed_samples": self._consumed,
-            "seed": self.seed,
-            "dataset_fingerprint": self.dataset.fingerprint,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("consumed_samples", "seed", "dataset_fingerprint"):
-            if key not in state:
-                raise ValueError(f"data loader state has no {key!r} (keys: {sorted(state)})")
-        if state["dataset_fingerprint"] != self.dataset.fingerprint:
-            raise ValueError(
-                f"the data changed since this state was saved: split {self.dataset.split!r} of "
-                f"{self.dataset.path} has fingerprint {self.dataset.fingerprint}, the state was "
-                f"saved with {state['dataset_fingerprint']}"
-            )
-        if state["seed"] != self.seed:
-            raise ValueError(
-                f"the data loader state was saved with seed={state['seed']}, this loader uses "
-                f"seed={self.seed}; resuming would visit samples in a different order"
-            )
-        self._consumed = _check_consumed(state["consumed_samples"])
-
-
-def _check_consumed(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"consumed_samples={value!r} must be a non-negative integer")
-    return int(value)
+        return DistributedBatchIterator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from data_pipeline.prepare import MANIFEST_FILE, CorpusExistsError, prepare_corpus
 
-# Bump when the document list or its formatting changes, so cached corpora are rebuilt.
-SAMPLE_CORPUS_VERSION = 1
+# Bump when the document list, its formatting or the prepared format changes (2: shards gained
+# sent_offsets, manifest schema_version 2), so cached corpora are rebuilt.
+SAMPLE_CORPUS_VERSION = 2
 SAMPLE_SEED = 1234
 
 # Pure-Python modules whose docstrings are prose (read from source, never imported). Kept
@@ -128,7 +129,7 @@ def sample_corpus_key(*, tokenizer_spec: str, seq_len: int, val_fraction: float)
         "val_fraction": val_fraction,
         "seed": SAMPLE_SEED,
     }
-    if tokenizer_spec.endswith(".json") and Path(tokenizer_spec).is_file():
+    if tokenizer_spec.endswith((".json", ".model")) and Path(tokenizer_spec).is_file():
         spec["tokenizer_file_sha256"] = hashlib.sha256(
             Path(tokenizer_spec).read_bytes()
         ).hexdigest()

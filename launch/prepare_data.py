@@ -6,7 +6,8 @@
 
 Inputs: .txt (one document per file, or per line with --split-lines), .jsonl (the string field
 --text-key of each line), .parquet (the string column --text-key), directories and globs.
-Train with `data.path=corpora/web`.
+--workers N tokenises in N processes (the output is the same for every N); a progress line goes
+to stderr unless --quiet. Train with `data.path=corpora/web`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from data_pipeline.prepare import (  # noqa: E402  (needs the repo root on sys.path)
+    BAD_UTF8_POLICIES,
     DEFAULT_ROWS_PER_BATCH,
+    TOKEN_DTYPES,
     prepare_corpus,
     read_documents,
 )
@@ -36,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tokenizer",
         required=True,
-        help="byte | bpe:VOCAB | wordpiece:VOCAB | path/to/tokenizer.json",
+        help="byte | bpe:VOCAB | wordpiece:VOCAB | unigram:VOCAB | path/to/tokenizer.json "
+        "| path/to/sentencepiece.model",
     )
     parser.add_argument("--seq-len", type=int, required=True, help="tokens per training sample")
     parser.add_argument(
@@ -62,6 +66,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="rows per shard file, a multiple of --rows-per-batch (default: ~256 MiB files)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=TOKEN_DTYPES,
+        default="auto",
+        help="token id type; auto: the narrowest holding the vocabulary (%(default)s)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (%(default)s)")
+    parser.add_argument(
+        "--on-bad-utf8",
+        choices=BAD_UTF8_POLICIES,
+        default="error",
+        help="text that is not UTF-8: stop with an error, or skip and count the document "
+        "(%(default)s)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     return parser.parse_args(argv)
 
 
@@ -69,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        documents = read_documents(args.input, text_key=args.text_key, split_lines=args.split_lines)
+        documents = read_documents(
+            args.input,
+            text_key=args.text_key,
+            split_lines=args.split_lines,
+            on_bad_utf8=args.on_bad_utf8,
+        )
         manifest = prepare_corpus(
             documents,
             args.output,
@@ -81,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             source_desc=" ".join(args.input),
             rows_per_batch=args.rows_per_batch,
             max_rows_per_shard=args.max_rows_per_shard,
+            dtype=args.dtype,
+            workers=args.workers,
+            progress=None if args.quiet else sys.stderr,
         )
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"prepare_data: error: {err}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
@@ -95,8 +122,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{split['rows']:>11,} rows of {manifest['sample_len']} "
             f"({len(split['shards'])} shards, {split['dropped_tokens']:,} tokens dropped)"
         )
+    print(
+        f"  {manifest['documents']:,} documents, {manifest['sentences']:,} sentences "
+        f"({manifest['sentence_splitter']} splitter)"
+    )
     if manifest["skipped_empty_documents"]:
         print(f"  skipped {manifest['skipped_empty_documents']:,} empty documents")
+    for path, count in manifest["skipped_bad_utf8"].items():
+        print(f"  skipped {count:,} documents that are not valid UTF-8 in {path}")
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Corpus preparation: packing, manifest, splits, input reading, the CLI and the sample corpus."""
+"""Corpus preparation: packing, sentences, manifest, splits, input reading, worker processes,
+progress, the CLI and the sample corpus. (Bad input: test_prepare_bad_input.py.)"""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import random
 from pathlib import Path
@@ -16,8 +18,11 @@ from data_pipeline import prepare as prepare_mod
 from data_pipeline import sample_corpus
 from data_pipeline.prepare import (
     CorpusExistsError,
+    ProgressPrinter,
     prepare_corpus,
     read_documents,
+    shard_schema,
+    split_sentences,
     token_dtype,
     validation_score,
 )
@@ -46,14 +51,17 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     return [f"doc{i} " + " ".join(rng.choices(words, k=rng.randint(1, 30))) for i in range(n)]
 
 
-def read_split(out: Path, manifest: dict, split: str) -> tuple[np.ndarray, list[list[int]]]:
-    """All rows of a split ([rows, sample_len]) and their doc_offsets, read with plain pyarrow."""
+def read_split(
+    out: Path, manifest: dict, split: str, column: str = "doc_offsets"
+) -> tuple[np.ndarray, list[list[int]]]:
+    """All rows of a split ([rows, sample_len]) and their doc_offsets (or another offsets
+    column), read with plain pyarrow."""
     rows, offsets = [], []
     for shard in manifest["splits"][split]["shards"]:
         table = pa.ipc.open_file(pa.memory_map(str(out / shard["file"]))).read_all()
         tokens = table.column("tokens").combine_chunks()
         rows.append(tokens.flatten().to_numpy().reshape(-1, manifest["sample_len"]))
-        offsets += table.column("doc_offsets").to_pylist()
+        offsets += table.column(column).to_pylist()
     empty = np.zeros((0, manifest["sample_len"]), dtype=np.int64)
     return (np.concatenate(rows) if rows else empty), offsets
 
@@ -115,11 +123,14 @@ def test_manifest_fields_and_counts_add_up(tmp_path):
         source_desc="unit test",
     )
     assert json.loads((out / "manifest.json").read_text()) == m
-    assert m["schema_version"] == 1 and m["created_by"] == "loom" and m["source"] == "unit test"
+    assert m["schema_version"] == 2 and m["created_by"] == "loom" and m["source"] == "unit test"
     assert m["tokenizer"] == ByteTokenizer().identity()
     assert (m["vocab_size"], m["eos_id"], m["pad_id"]) == (366, EOS, EOS + 1)
     assert (m["seq_len"], m["sample_len"], m["dtype"], m["rows_per_batch"]) == (31, 32, "uint16", 8)
     assert m["documents"] == 80 == sum(s["documents"] for s in m["splits"].values())
+    assert m["sentences"] == sum(len(split_sentences(d)) for d in docs)
+    assert m["sentence_splitter"] == "punct-newline-v1"
+    assert m["skipped_bad_utf8"] == {} and m["skipped_empty_documents"] == 0
     all_tokens = sum(len(d.encode()) + 1 for d in docs)
     written = sum(s["tokens"] for s in m["splits"].values())
     assert written + m["dropped_tokens"] == all_tokens
@@ -137,6 +148,10 @@ def test_manifest_fields_and_counts_add_up(tmp_path):
             assert all(n == 8 for n in sizes[:-1]) and sum(sizes) == shard["rows"]
             assert reader.schema.field("tokens").type == pa.list_(pa.uint16(), 32)
             assert reader.schema.field("doc_offsets").type == pa.list_(pa.int32())
+            assert reader.schema.field("sent_offsets").type == pa.list_(pa.int32())
+            assert reader.schema.equals(shard_schema(np.dtype(np.uint16), 32))
+            sents = reader.read_all().column("sent_offsets").to_pylist()
+            assert shard["sentences"] == sum(map(len, sents))
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".arrow")) == [
         "manifest.json"
     ]
@@ -170,6 +185,104 @@ def test_doc_offsets_on_a_hand_made_corpus(tmp_path):
     m2 = prepare_corpus(["abc", "de", "fghij"] * 20, out2, tokenizer_spec="byte", seq_len=3)
     rows2, offsets2 = read_split(out2, m2, "train")
     assert rows2[0].tolist() == [97, 98, 99, EOS] and offsets2[0] == [0]
+
+
+@pytest.mark.parametrize(
+    ("text", "sentences"),
+    [
+        ("Hi there. How? Fine!  Thanks.", ["Hi there.", " How?", " Fine!", "  Thanks."]),
+        ("Title\n\nFirst para. Second\nline", ["Title", "\n\nFirst para.", " Second", "\nline"]),
+        ('He said "stop." Then (he left.) Ok', ['He said "stop."', " Then (he left.)", " Ok"]),
+        ("\n\n  Lead. x", ["\n\n  Lead.", " x"]),  # leading space stays with the first
+        ("Wait... what?! ok", ["Wait...", " what?!", " ok"]),
+        ("3.14 is pi.", ["3.14 is pi."]),  # no space after the point: no break
+        ("e.g. this", ["e.g.", " this"]),  # the rule is simple on purpose
+        ("a\r\nb", ["a", "\r\nb"]),
+        ("trailing. \n", ["trailing. \n"]),
+        ("   ", ["   "]),
+    ],
+)  # fmt: skip
+def test_split_sentences_rule(text, sentences):
+    assert split_sentences(text) == sentences
+    assert "".join(split_sentences(text)) == text
+
+
+def test_sent_offsets_on_a_hand_made_corpus(tmp_path):
+    # seed 12 keeps documents 0 and 1 in train and sends 2 to val (val_fraction 0.5)
+    assert [validation_score(i, 12) < 0.5 for i in range(3)] == [False, False, True]
+    docs = ["Hi. Yo!\nOk", "A b. C", "held out. for validation"]
+    out = tmp_path / "c"
+    m = prepare_corpus(docs, out, tokenizer_spec="byte", seq_len=7, val_fraction=0.5, seed=12)
+    # train stream: H i . _ Y o ! \n O k <eos> A _ b . _ C <eos>   (rows of 8: "C<eos>" dropped)
+    #               0 1 2 3 4 5 6 7  8 9 10    11 ...  14  16 17
+    # sentences: "Hi." 0, " Yo!" 3, "\nOk" 7 | "A b." 11, " C" 15
+    rows, doc_offsets = read_split(out, m, "train")
+    _, sent_offsets = read_split(out, m, "train", column="sent_offsets")
+    assert ByteTokenizer().decode(rows.reshape(-1)) == "Hi. Yo!\nOk<eos>A b. "
+    assert doc_offsets == [[0], [3]]
+    assert sent_offsets == [[0, 3, 7], [3, 7]]
+    assert m["splits"]["train"]["sentences"] == 5 and m["sentences"] == 7
+    assert [s["sentences"] for s in m["splits"]["train"]["shards"]] == [5]
+
+
+def test_sent_offsets_follow_the_sentences_across_batches_and_shards(tmp_path):
+    rng = random.Random(3)
+    words = ["alpha", "beta.", "gamma!", "delta?", "eps\n", "zeta", '"eta."']
+    docs = [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(150)]
+    out = tmp_path / "c"
+    m = prepare_corpus(
+        docs, out, tokenizer_spec="byte", seq_len=15, rows_per_batch=4, max_rows_per_shard=8
+    )
+    L = m["sample_len"]
+    for split, split_docs in split_of(docs, 1234, 0.05).items():
+        starts, doc_starts, pos = [], [], 0
+        for d in split_docs:
+            doc_starts.append(pos)
+            for sentence in split_sentences(d):
+                starts.append(pos)
+                pos += len(sentence.encode())
+            pos += 1  # <eos>
+        rows, sent_offsets = read_split(out, m, split, column="sent_offsets")
+        _, doc_offsets = read_split(out, m, split)
+        expected = [
+            [s - L * r for s in starts if L * r <= s < L * (r + 1)] for r in range(len(rows))
+        ]
+        assert sent_offsets == expected
+        for r, offsets in enumerate(doc_offsets):  # every document start is a sentence start
+            assert set(offsets) <= set(sent_offsets[r])
+        assert len(m["splits"][split]["shards"]) > 1 or split == "val"
+        assert m["splits"][split]["sentences"] == len(starts)
+
+
+def test_worker_count_does_not_change_the_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_mod, "_CHUNK_DOCS", 16)  # many chunks in flight at once
+    docs = make_docs(300, seed=9)
+    docs[7] = "spelled specials: [MASK] <eos> [sMASK]. Next sentence!"
+    docs[8] = "   "
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"text": d}).encode() for d in docs] + [b'{"text": "bad \xff"}']
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    manifests, files = [], []
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        manifests.append(
+            prepare_corpus(
+                read_documents(src, on_bad_utf8="skip"),
+                out,
+                tokenizer_spec="bpe:400",
+                seq_len=31,
+                rows_per_batch=4,
+                max_rows_per_shard=8,
+                workers=workers,
+            )
+        )
+        data = [p for p in out.iterdir() if p.name != "manifest.json"]  # it holds created_at
+        files.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data})
+    a, b = manifests
+    assert files[0] == files[1] and len(files[0]) > 4 and "tokenizer.json" in files[0]
+    del a["created_at"], b["created_at"]
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert a["skipped_empty_documents"] == 1 and a["skipped_bad_utf8"] == {str(src): 1}
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path):
@@ -254,13 +367,15 @@ def test_narrowest_token_type():
     assert token_dtype(65537) == np.int32
 
 
-def test_trained_tokenizer_is_stored_with_the_corpus(tmp_path):
+@pytest.mark.parametrize("spec", ["bpe:400", "unigram:400"])
+def test_trained_tokenizer_is_stored_with_the_corpus(tmp_path, spec):
     from data_pipeline.tokenizers import load_tokenizer
 
     docs = iter(make_docs(200))  # a one-shot iterator: training needs a second pass
-    out = tmp_path / "bpe"
-    m = prepare_corpus(docs, out, tokenizer_spec="bpe:400", seq_len=15)
-    assert m["tokenizer"]["kind"] == "bpe" and m["tokenizer"]["file"] == "tokenizer.json"
+    out = tmp_path / "trained"
+    m = prepare_corpus(docs, out, tokenizer_spec=spec, seq_len=15)
+    assert m["tokenizer"]["kind"] == spec.split(":")[0]
+    assert m["tokenizer"]["file"] == "tokenizer.json"
     assert m["dtype"] == "uint16" and m["documents"] == 200
     tok = load_tokenizer(m["tokenizer"], out)
     rows, _ = read_split(out, m, "train")
@@ -314,6 +429,52 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         list(read_documents(path))
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_printer_reports_rates_and_eta():
+    clock, stream = FakeClock(), io.StringIO()
+    printer = ProgressPrinter(stream, total_bytes=1000, interval=1.0, clock=clock)
+    clock.now += 0.5
+    printer.update(documents=10, tokens=100, bytes_read=100)
+    assert stream.getvalue() == ""  # within the interval
+    clock.now += 1.5
+    printer.update(documents=20, tokens=2000, bytes_read=250)
+    line = stream.getvalue()
+    assert line.endswith("\n") and "\r" not in line  # not a terminal: whole lines
+    assert "20 documents (10/s)" in line and "2,000 tokens (1,000/s)" in line
+    assert "25.0% ETA 0:00:06" in line  # 2 s for a quarter: 6 s to go
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    printer = ProgressPrinter(term, total_documents=40, clock=clock)
+    clock.now += 1.0
+    printer.update(documents=10, tokens=10)
+    printer.update(documents=40, tokens=40, final=True)
+    assert term.getvalue().startswith("\r") and term.getvalue().count("\r") == 2
+    assert "100.0% ETA 0:00:00" in term.getvalue() and term.getvalue().endswith("\n")
+
+
+def test_prepare_reports_progress(tmp_path):
+    stream = io.StringIO()
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(50)))
+    prepare_corpus(
+        read_documents(src), tmp_path / "o", tokenizer_spec="byte", seq_len=8, progress=stream
+    )
+    last = stream.getvalue().splitlines()[-1]
+    assert last.startswith("tokenised 50 documents") and "tokens (" in last
+    assert "100.0% ETA 0:00:00" in last
+
+
 def test_cli_writes_a_corpus_and_reports(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(
         "prepare_data_cli", REPO / "launch" / "prepare_data.py"
@@ -332,6 +493,11 @@ def test_cli_writes_a_corpus_and_reports(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert cli.main([*args, "--overwrite"]) == 1  # default --text-key is missing
     assert "line 1: no field 'text'" in capsys.readouterr().err
+    more = ["--text-key", "content", "--overwrite", "--workers", "2", "--dtype", "int32"]
+    assert cli.main([*args, *more]) == 0
+    captured = capsys.readouterr()
+    assert "tokenised 40 documents" in captured.err and "int32 tokens" in captured.out
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == "int32"
 
 
 def test_sample_corpus_is_prepared_once(tmp_path, monkeypatch):
@@ -342,6 +508,9 @@ def test_sample_corpus_is_prepared_once(tmp_path, monkeypatch):
     first = sample_corpus.ensure_sample_corpus(**kwargs)
     manifest = json.loads((first / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] > 5000 and manifest["splits"]["val"]["rows"] > 0
+    assert manifest["schema_version"] == 2 and manifest["sentences"] > 10 * len(docs)
+    shard = pa.ipc.open_file(str(first / manifest["splits"]["train"]["shards"][0]["file"]))
+    assert shard.schema.names == ["tokens", "doc_offsets", "sent_offsets"]
 
     def must_not_run(*args, **kw):
         raise AssertionError("prepared again")
@@ -350,6 +519,12 @@ def test_sample_corpus_is_prepared_once(tmp_path, monkeypatch):
     assert sample_corpus.ensure_sample_corpus(**kwargs) == first
     other = sample_corpus.sample_corpus_key(tokenizer_spec="byte", seq_len=64, val_fraction=0.05)
     assert other != first.name
+    # a corpus cached by an older version (schema 1, no sent_offsets) is never reused
+    monkeypatch.setattr(sample_corpus, "SAMPLE_CORPUS_VERSION", 1)
+    assert (
+        sample_corpus.sample_corpus_key(**{k: kwargs[k] for k in kwargs if k != "cache_dir"})
+        != first.name
+    )
 
 
 def test_sample_corpus_race_keeps_the_winner(tmp_path, monkeypatch):
