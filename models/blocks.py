@@ -1,7 +1,8 @@
 """Transformer building blocks shared by every family (GPT now; BERT, T5 and GLM reuse them).
 
 Plain single-device PyTorch: tensor parallelism, checkpointing and compilation are applied
-from `parallel/` by module path (`attn.qkv`, `attn.out`, `mlp.fc_in`, `mlp.fc_out`).
+from `parallel/` by module path (`attn.qkv`, `attn.out`, `mlp.fc_in`, `mlp.fc_gate`,
+`mlp.fc_out`).
 
 Shape legend (suffixes of tensor names):
     B  batch size
@@ -9,7 +10,8 @@ Shape legend (suffixes of tensor names):
     S  key/value sequence length (equals T in self-attention)
     D  model width, d_model
     H  attention heads (the local heads when the projections are tensor-parallel)
-    K  head size, d_model // n_head
+    K  head size (d_model // n_head unless given explicitly)
+    R  half a head size, K // 2 (one rotary frequency per pair of channels)
     F  MLP inner size, ffn_size
 """
 
@@ -19,7 +21,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "MultiHeadAttention", "TransformerBlock", "causal_mask"]
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "NORMS",
+    "MultiHeadAttention",
+    "RotaryEmbedding",
+    "TransformerBlock",
+    "apply_rotary",
+    "causal_mask",
+    "make_norm",
+]
+
+# MLP activations. The gated one multiplies an activated branch by a linear one (GLU
+# variants, Shazeer 2020), as T5 v1.1 does; its GELU is the tanh approximation, like T5's.
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "gated_gelu")
+NORMS = ("layernorm", "rmsnorm")
+
+# cos and sin tables of rotary position embeddings, each (T, K) or (B, T, K).
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 def causal_mask(
@@ -39,24 +59,99 @@ def _merge_causal(attn_mask: torch.Tensor, t: int, s: int) -> torch.Tensor:
     return torch.where(allowed_TS, attn_mask, float("-inf"))
 
 
+def make_norm(kind: str, d_model: int, *, eps: float = 1e-5, bias: bool = True) -> nn.Module:
+    """LayerNorm (with or without bias) or RMSNorm (Zhang & Sennrich 2019, which has no bias)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(d_model, eps=eps, bias=bias)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(d_model, eps=eps)
+    raise ValueError(f"norm={kind!r} is unknown; choose one of {NORMS}")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of rotary position embeddings (RoPE, Su et al. 2021, "RoFormer").
+
+    Channel pair (i, i + K/2) of every query and key head is rotated by the angle
+    `position * base**(-2i/K)`, so the score of a query and a key depends on their positions
+    only through their difference. Pairing the two halves of the head (rather than adjacent
+    channels) is the GPT-NeoX / LLaMA layout: the rotation needs no strided gather.
+
+    The module holds no tensors: the tables are recomputed from the position ids on each
+    call (a (T, K) outer product, small next to any matmul), so the module is safe to build
+    on the meta device and adds nothing to the state dict. Compute them once per forward
+    pass and hand the same pair to every layer.
+    """
+
+    def __init__(self, head_dim: int, *, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
+        if base <= 0:
+            raise ValueError(f"rotary base={base} must be > 0")
+        self.head_dim = head_dim
+        self.base = float(base)
+
+    def forward(self, position_ids: torch.Tensor) -> Rope:
+        """(cos, sin), each of shape position_ids.shape + (K,), in float32.
+
+        `position_ids` is (T,) or (B, T); packed documents restart their positions at 0.
+        """
+        r = self.head_dim // 2
+        exponent_R = torch.arange(r, device=position_ids.device, dtype=torch.float32) / r
+        inv_freq_R = self.base**-exponent_R
+        # float32 angles: positions stay exact up to 2**24, far beyond any context length.
+        angles_TR = position_ids.to(torch.float32)[..., None] * inv_freq_R
+        angles_TK = torch.cat([angles_TR, angles_TR], dim=-1)
+        return angles_TK.cos(), angles_TK.sin()
+
+
+def apply_rotary(x_BHTK: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate channel pairs (i, i + K/2) of `x_BHTK` by the angles of `rope` (see RotaryEmbedding).
+
+    The tables are (T, K), shared by the batch, or (B, T, K), per row; they broadcast over
+    heads, so a tensor-parallel shard with fewer local heads uses the same tables. The
+    rotation runs in float32 and returns the input dtype.
+    """
+    cos, sin = rope
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    x = x_BHTK.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x_BHTK.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with one fused qkv projection and `F.scaled_dot_product_attention`.
 
     The fused qkv output is laid out per head as (H, 3, K) rather than (3, H, K): a contiguous
     column shard of `qkv` then holds whole heads with their q, k and v, so column-wise tensor
     parallelism needs no re-ordering, and `forward` infers the (local) head count from the
-    width it receives.
+    width it receives. `head_dim` defaults to d_model // n_head; setting it decouples the
+    attention width n_head * head_dim from d_model (T5's d_kv, GPT-3 13B's 5140 = 40 x 128.5).
     """
 
-    def __init__(self, d_model: int, n_head: int, *, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        head_dim: int | None = None,
+    ):
         super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"n_head={n_head} does not divide d_model={d_model}")
+        if head_dim is None:
+            if d_model % n_head:
+                raise ValueError(f"n_head={n_head} does not divide d_model={d_model}")
+            head_dim = d_model // n_head
+        if head_dim <= 0:
+            raise ValueError(f"head_dim={head_dim} must be > 0")
         self.n_head = n_head
-        self.head_dim = d_model // n_head
+        self.head_dim = head_dim
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.qkv = nn.Linear(d_model, 3 * n_head * head_dim, bias=bias)
+        self.out = nn.Linear(n_head * head_dim, d_model, bias=bias)
 
     def forward(
         self,
@@ -64,16 +159,20 @@ class MultiHeadAttention(nn.Module):
         *,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
         """Attend over `x_BTD`.
 
         `attn_mask` broadcasts to (B, H, T, S): boolean (True = may attend) or additive float
         (e.g. a padding mask or a relative-position bias). With `is_causal` as well, the causal
-        constraint is merged into it.
+        constraint is merged into it. `rope` is a (cos, sin) pair from `RotaryEmbedding`,
+        applied to the queries and keys (not the values).
         """
         b, t, _ = x_BTD.shape
         qkv_BTH3K = self.qkv(x_BTD).view(b, t, -1, 3, self.head_dim)
         q_BHTK, k_BHTK, v_BHTK = qkv_BTH3K.permute(3, 0, 2, 1, 4).unbind(0)
+        if rope is not None:
+            q_BHTK, k_BHTK = apply_rotary(q_BHTK, rope), apply_rotary(k_BHTK, rope)
         if attn_mask is not None and is_causal:
             attn_mask = _merge_causal(attn_mask, t, t)
             is_causal = False
@@ -89,29 +188,59 @@ class MultiHeadAttention(nn.Module):
         return self.out(y_BTD)
 
 
-class MLP(nn.Module):
-    """Feed-forward: Linear, GELU (tanh approximation, as GPT-2), Linear, dropout."""
+def _activation(name: str) -> nn.Module:
+    if name in ("gelu_tanh", "gated_gelu"):
+        return nn.GELU(approximate="tanh")
+    if name == "gelu":
+        return nn.GELU()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"activation={name!r} is unknown; choose one of {ACTIVATIONS}")
 
-    def __init__(self, d_model: int, ffn_size: int, *, dropout: float = 0.0, bias: bool = True):
+
+class MLP(nn.Module):
+    """Feed-forward: Linear, activation, Linear, dropout.
+
+    `activation`: gelu_tanh (GPT-2's tanh approximation, the default), gelu (exact, BERT),
+    relu (T5 v1.0), or gated_gelu (T5 v1.1): `fc_out(gelu_tanh(fc_gate(x)) * fc_in(x))`,
+    with the extra `fc_gate` projection only in that case.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        ffn_size: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        activation: str = "gelu_tanh",
+    ):
         super().__init__()
+        self.act = _activation(activation)
+        self.gated = activation == "gated_gelu"
         self.fc_in = nn.Linear(d_model, ffn_size, bias=bias)
-        self.act = nn.GELU(approximate="tanh")
+        if self.gated:
+            self.fc_gate = nn.Linear(d_model, ffn_size, bias=bias)
         self.fc_out = nn.Linear(ffn_size, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        h_BTF = self.act(self.fc_in(x_BTD))
+        if self.gated:
+            h_BTF = self.act(self.fc_gate(x_BTD)) * self.fc_in(x_BTD)
+        else:
+            h_BTF = self.act(self.fc_in(x_BTD))
         return self.drop(self.fc_out(h_BTF))
 
 
 class TransformerBlock(nn.Module):
-    """Attention then MLP, each a residual branch with LayerNorm.
+    """Attention then MLP, each a residual branch with a norm.
 
     pre_ln=True (GPT-2):   x + drop(attn(ln1(x)));  x + drop(mlp(ln2(x)))
     pre_ln=False (BERT):   ln1(x + drop(attn(x)));  ln2(x + drop(mlp(x)))
 
     Each branch is dropped out once: the attention branch by `drop`, the MLP branch by the
-    MLP's own output dropout.
+    MLP's own output dropout. `bias` covers the linear layers; `norm_bias` the LayerNorms
+    (kept separate so that existing callers passing bias=False keep their norm biases).
     """
 
     def __init__(
@@ -124,14 +253,20 @@ class TransformerBlock(nn.Module):
         layer_norm_eps: float = 1e-5,
         bias: bool = True,
         pre_ln: bool = True,
+        activation: str = "gelu_tanh",
+        norm: str = "layernorm",
+        norm_bias: bool = True,
+        head_dim: int | None = None,
     ):
         super().__init__()
         self.pre_ln = pre_ln
-        self.ln1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.attn = MultiHeadAttention(d_model, n_head, dropout=dropout, bias=bias)
+        self.ln1 = make_norm(norm, d_model, eps=layer_norm_eps, bias=norm_bias)
+        self.attn = MultiHeadAttention(
+            d_model, n_head, dropout=dropout, bias=bias, head_dim=head_dim
+        )
         self.drop = nn.Dropout(dropout)
-        self.ln2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.mlp = MLP(d_model, ffn_size, dropout=dropout, bias=bias)
+        self.ln2 = make_norm(norm, d_model, eps=layer_norm_eps, bias=norm_bias)
+        self.mlp = MLP(d_model, ffn_size, dropout=dropout, bias=bias, activation=activation)
 
     def forward(
         self,
@@ -139,11 +274,13 @@ class TransformerBlock(nn.Module):
         *,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
+        mask = {"attn_mask": attn_mask, "is_causal": is_causal, "rope": rope}
         if self.pre_ln:
-            a_BTD = self.attn(self.ln1(x_BTD), attn_mask=attn_mask, is_causal=is_causal)
+            a_BTD = self.attn(self.ln1(x_BTD), **mask)
             x_BTD = x_BTD + self.drop(a_BTD)
             return x_BTD + self.mlp(self.ln2(x_BTD))
-        a_BTD = self.attn(x_BTD, attn_mask=attn_mask, is_causal=is_causal)
+        a_BTD = self.attn(x_BTD, **mask)
         x_BTD = self.ln1(x_BTD + self.drop(a_BTD))
         return self.ln2(x_BTD + self.mlp(x_BTD))

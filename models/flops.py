@@ -20,6 +20,14 @@ Training FLOPs per token
   of the score matrix hidden by the causal mask is *not* subtracted, so MFU figures compare
   directly with theirs.
 
+These terms are the GPT ones. Variants change only the weight count: a gated MLP
+(activation=gated_gelu) has three d_model x ffn_size matrices instead of two, and an explicit
+head size (d_kv) makes the attention width, in the projections and in the score term,
+n_head * head_dim rather than d_model. Rotary
+position embeddings add no matmul (their elementwise rotation is left out like the
+activations). Other families define `flops_per_token` in their own module
+(`models.<family>`), and `flops_per_token` here dispatches to it.
+
 Activation recomputation is not counted: MFU measures useful model FLOPs, not hardware
 FLOPs (PaLM, appendix B).
 
@@ -34,6 +42,7 @@ rate; ask for "tf32" explicitly when TF32 is enabled.
 
 from __future__ import annotations
 
+import importlib
 import re
 
 from models.config import ModelConfig
@@ -91,8 +100,10 @@ _DTYPE_ALIASES = {
 
 
 def matmul_params(cfg: ModelConfig, *, vocab_size: int) -> int:
-    """Weights that enter a matmul per token: the blocks' projections and the output head."""
-    per_layer = 4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.ffn_size
+    """Weights that enter a matmul per token in a GPT: the blocks' projections and the head."""
+    attn_width = cfg.n_head * cfg.head_dim
+    mlp_matrices = 3 if cfg.activation == "gated_gelu" else 2
+    per_layer = 4 * cfg.d_model * attn_width + mlp_matrices * cfg.d_model * cfg.ffn_size
     return cfg.n_layer * per_layer + vocab_size * cfg.d_model
 
 
@@ -100,11 +111,33 @@ def flops_per_token(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float
     """Training (forward + backward) FLOPs per token; see the module docstring.
 
     `vocab_size` is the number of output rows actually computed (the padded vocabulary);
-    `seq_len` is the attention context length of the training sequences.
+    `seq_len` is the attention context length of the training sequences. Families other than
+    gpt are counted by `models.<family>.flops_per_token`, imported on first use.
     """
+    if cfg.family != "gpt":
+        return _family_flops(cfg, vocab_size=vocab_size, seq_len=seq_len)
     n_matmul = matmul_params(cfg, vocab_size=vocab_size)
-    attention = 12 * cfg.n_layer * cfg.d_model * seq_len
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
     return float(6 * n_matmul + attention)
+
+
+def _family_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
+    module_name = f"models.{cfg.family}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise ValueError(
+            f"model.family={cfg.family!r} has no FLOP count: module {module_name} is missing"
+        ) from err
+    count = getattr(module, "flops_per_token", None)
+    if count is None:
+        raise ValueError(
+            f"model.family={cfg.family!r} has no FLOP count: {module_name}.flops_per_token "
+            "is not defined"
+        )
+    return float(count(cfg, vocab_size=vocab_size, seq_len=seq_len))
 
 
 def _normalise_dtype(dtype: str) -> str:

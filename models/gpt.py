@@ -1,9 +1,10 @@
-"""GPT-2 style decoder-only language model.
+"""GPT-2 style decoder-only language model (also GPT-3 sizes and a rotary variant).
 
 Shape legend (suffixes of tensor names):
     B  batch size
     T  sequence length (tokens)
     D  model width, d_model
+    K  head size
     V  embedding rows (the padded vocabulary)
 """
 
@@ -14,46 +15,82 @@ import math
 import torch
 from torch import nn
 
-from models.blocks import TransformerBlock, causal_mask
+from models.blocks import Rope, RotaryEmbedding, TransformerBlock, causal_mask, make_norm
 from models.config import ModelConfig
 
 __all__ = ["GPT"]
 
+# Fields of ModelConfig that belong to other families: GPT refuses a non-default value rather
+# than silently ignoring it. field -> (value GPT accepts, why it is refused).
+_UNSUPPORTED: dict[str, tuple[object, str]] = {
+    "type_vocab_size": (0, "token-type embeddings are BERT's"),
+    "embedding_size": (None, "factorised embeddings are ALBERT's"),
+    "share_layers": (False, "cross-layer sharing is ALBERT's"),
+    "n_decoder_layer": (None, "GPT has no separate decoder stack"),
+    "scale_logits": (False, "logit scaling is T5's"),
+    "pre_ln": (True, "GPT is pre-LN (a post-LN stack would need no final norm)"),
+}
+
+
+def _check_supported(cfg: ModelConfig) -> None:
+    for key, (accepted, why) in _UNSUPPORTED.items():
+        if getattr(cfg, key) != accepted:
+            raise ValueError(
+                f"model.{key}={getattr(cfg, key)!r} is not supported by family=gpt ({why}); "
+                f"set it to {accepted!r}"
+            )
+    if cfg.position == "relative":
+        raise ValueError(
+            "model.position='relative' is not supported by family=gpt; use learned, rotary or none"
+        )
+
 
 class GPT(nn.Module):
-    """Token + learned position embeddings, `n_layer` causal pre-LN blocks, final LayerNorm, head.
+    """Token embeddings (+ learned positions), `n_layer` causal pre-LN blocks, final norm, head.
 
-    The forward pass returns logits; the loss belongs to the trainer. The three stages
-    (`embed`, the blocks, `head`) are separate methods so a pipeline stage can run a slice.
+    `cfg.position`: learned adds a `wpe` table; rotary rotates queries and keys in every
+    layer (`wpe` is absent); none uses no position signal beyond the causal mask. The forward
+    pass returns logits; the loss belongs to the trainer. The stages (`embed`, `rope`, the
+    blocks, `head`) are separate methods so a pipeline stage can run a slice.
     """
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
+        _check_supported(cfg)
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.max_seq_len = cfg.max_seq_len
         d = cfg.d_model
         self.wte = nn.Embedding(vocab_size, d)
-        self.wpe = nn.Embedding(cfg.max_seq_len, d)
+        self.wpe = nn.Embedding(cfg.max_seq_len, d) if cfg.position == "learned" else None
+        self.rotary = (
+            RotaryEmbedding(cfg.head_dim, base=cfg.rotary_base)
+            if cfg.position == "rotary"
+            else None
+        )
         self.drop = nn.Dropout(cfg.dropout)
         # A dict keyed by layer index keeps the names of the remaining blocks stable when a
         # pipeline stage deletes the ones it does not own.
-        self.blocks = nn.ModuleDict(
-            {
-                str(i): TransformerBlock(
-                    d,
-                    cfg.n_head,
-                    cfg.ffn_size,
-                    dropout=cfg.dropout,
-                    layer_norm_eps=cfg.layer_norm_eps,
-                )
-                for i in range(cfg.n_layer)
-            }
-        )
-        self.ln_f = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.blocks = nn.ModuleDict({str(i): self._block(cfg) for i in range(cfg.n_layer)})
+        self.ln_f = make_norm(cfg.norm, d, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.tie_weights()
         self.init_weights()
+
+    @staticmethod
+    def _block(cfg: ModelConfig) -> TransformerBlock:
+        return TransformerBlock(
+            cfg.d_model,
+            cfg.n_head,
+            cfg.ffn_size,
+            dropout=cfg.dropout,
+            layer_norm_eps=cfg.layer_norm_eps,
+            bias=cfg.bias,
+            activation=cfg.activation,
+            norm=cfg.norm,
+            norm_bias=cfg.bias,
+            head_dim=cfg.head_dim,
+        )
 
     def tie_weights(self) -> None:
         """Share `wte.weight` with `lm_head.weight` when configured; idempotent.
@@ -78,9 +115,10 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
                 nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
         # Each block adds two projections to the residual stream; shrinking them keeps the
         # variance of the stream roughly constant with depth (GPT-2 paper, section 2.3).
         residual_std = std / math.sqrt(2 * self.cfg.n_layer)
@@ -97,33 +135,48 @@ class GPT(nn.Module):
                 f"sequence length {t} exceeds model.max_seq_len={self.max_seq_len}; "
                 "raise model.max_seq_len or shorten the sequences"
             )
+        x_BTD = self.wte(input_ids_BT)
+        if self.wpe is not None:
+            if position_ids_BT is None:
+                position_ids_BT = torch.arange(t, device=input_ids_BT.device)
+            x_BTD = x_BTD + self.wpe(position_ids_BT)
+        return self.drop(x_BTD)
+
+    def rope(
+        self, input_ids_BT: torch.Tensor, *, position_ids_BT: torch.Tensor | None = None
+    ) -> Rope | None:
+        """Rotary (cos, sin) tables shared by all layers, or None unless position=rotary."""
+        if self.rotary is None:
+            return None
         if position_ids_BT is None:
-            pos_emb_TD = self.wpe(torch.arange(t, device=input_ids_BT.device))
-            return self.drop(self.wte(input_ids_BT) + pos_emb_TD)
-        return self.drop(self.wte(input_ids_BT) + self.wpe(position_ids_BT))
+            position_ids_BT = torch.arange(input_ids_BT.shape[-1], device=input_ids_BT.device)
+        return self.rotary(position_ids_BT)
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(x_BTD))
 
     def forward(
         self,
-        input_ids_BT: torch.Tensor,
+        input_ids: torch.Tensor,
         *,
-        position_ids_BT: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T).
 
-        `position_ids_BT` overrides 0..T-1 (e.g. restarting at document boundaries in packed
-        sequences); `attn_mask` (boolean, True = may attend, broadcast to (B, H, T, T)) further
-        restricts attention and is combined with the causal mask.
+        `position_ids` (B, T) overrides 0..T-1 (e.g. restarting at document boundaries in
+        packed sequences) for learned and rotary positions; `attn_mask` (boolean, True = may
+        attend, broadcast to (B, H, T, T)) further restricts attention and is combined with
+        the causal mask.
         """
+        input_ids_BT, position_ids_BT = input_ids, position_ids
         x_BTD = self.embed(input_ids_BT, position_ids_BT=position_ids_BT)
+        rope = self.rope(input_ids_BT, position_ids_BT=position_ids_BT)
         is_causal = attn_mask is None
         if attn_mask is not None:
             # Fold the causal constraint in once here rather than in every layer.
             t = input_ids_BT.shape[-1]
             attn_mask = attn_mask & causal_mask(t, device=attn_mask.device)
         for block in self.blocks.values():
-            x_BTD = block(x_BTD, attn_mask=attn_mask, is_causal=is_causal)
+            x_BTD = block(x_BTD, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
         return self.head(x_BTD)

@@ -47,18 +47,31 @@ def sample_rng(seed: int, sample_id: int, *, salt: int = 0) -> np.random.Generat
     return np.random.Generator(np.random.PCG64([seed, int(sample_id), salt]))
 
 
-def build_objective(
-    name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int
-) -> Objective:
-    """The batch transform named by data.objective (or model.objective)."""
+def _factory(name: str):
     if name not in _REGISTRY:
         raise ValueError(f"data.objective={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
     module, cls = _REGISTRY[name].split(":")
     try:
-        factory = getattr(importlib.import_module(module), cls)
+        return getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError):
         raise ValueError(f"data.objective={name!r} is not available in this version") from None
-    return factory(name, cfg=cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed)
+
+
+def row_length(name: str, *, cfg: DataConfig, seq_len: int) -> int:
+    """Tokens per packed row the objective consumes to produce seq_len model tokens.
+
+    Most objectives read seq_len + 1 (inputs plus one shifted label); T5's span corruption
+    reads a longer raw window, since its spans collapse into sentinels.
+    """
+    factory = _factory(name)
+    if hasattr(factory, "row_length"):
+        return int(factory.row_length(cfg, seq_len))
+    return seq_len + 1
+
+
+def build_objective(name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int) -> Objective:
+    """The batch transform named by data.objective (or model.objective)."""
+    return _factory(name)(name, cfg=cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed)
 
 
 def split_batch(batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -68,4 +81,11 @@ def split_batch(batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return inputs, labels
 
 
-__all__ = ["IGNORE_INDEX", "Objective", "build_objective", "sample_rng", "split_batch"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Objective",
+    "build_objective",
+    "row_length",
+    "sample_rng",
+    "split_batch",
+]

@@ -1,0 +1,305 @@
+"""BERT-style bidirectional encoder with MLM and NSP/SOP heads; ALBERT options included.
+
+BERT (Devlin et al. 2019): word + learned position + token-type embeddings, LayerNorm and
+dropout, then `n_layer` post-LN blocks (`cfg.pre_ln=False`; pre-LN also works and adds a final
+norm), then two heads: the masked-LM head (dense, activation, LayerNorm, and a decoder tied to
+the word embeddings with its own output bias) on every position, and the sentence-pair head
+(pooler dense + tanh on the [CLS] position, then a 2-way classifier) used by NSP and SOP.
+
+ALBERT (Lan et al. 2020): `cfg.embedding_size` = E < d_model factorises the embeddings (the
+tables have width E, LayerNorm'ed in width E and projected E -> D by `emb_proj`; the MLM head
+maps back to width E before its decoder) and `cfg.share_layers` applies one block's weights
+`n_layer` times.
+
+Module names follow `models/gpt.py` where they mean the same thing (`wte`, `wpe`,
+`blocks.N.attn.qkv`, ...), so tensor-parallel plans written for GPT blocks apply unchanged.
+
+Shape legend (suffixes of tensor names):
+    B  batch size
+    T  sequence length (tokens)
+    D  model width, d_model
+    E  embedding width (cfg.embedding_size, or D)
+    V  embedding rows (the padded vocabulary)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.blocks import RotaryEmbedding, TransformerBlock, make_norm
+from models.config import ModelConfig
+
+__all__ = ["Bert", "combine_masks", "flops_per_token"]
+
+# Fields of ModelConfig that belong to other families: Bert refuses a non-default value rather
+# than silently ignoring it. field -> (value Bert accepts, why it is refused).
+_UNSUPPORTED: dict[str, tuple[object, str]] = {
+    "n_decoder_layer": (None, "BERT is an encoder without a decoder stack"),
+    "scale_logits": (False, "logit scaling is T5's"),
+}
+_POSITIONS = ("learned", "rotary")
+
+
+def _check_supported(cfg: ModelConfig) -> None:
+    for key, (accepted, why) in _UNSUPPORTED.items():
+        if getattr(cfg, key) != accepted:
+            raise ValueError(
+                f"model.{key}={getattr(cfg, key)!r} is not supported by family=bert ({why}); "
+                f"set it to {accepted!r}"
+            )
+    if cfg.position not in _POSITIONS:
+        raise ValueError(
+            f"model.position={cfg.position!r} is not supported by family=bert; "
+            f"choose one of {_POSITIONS}"
+        )
+
+
+def _head_activation(name: str) -> nn.Module:
+    """Activation of the MLM head's transform: the blocks' one, ungated (BERT uses one act)."""
+    if name == "gelu":
+        return nn.GELU()
+    if name in ("gelu_tanh", "gated_gelu"):
+        return nn.GELU(approximate="tanh")
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"model.activation={name!r} is unknown")
+
+
+class Bert(nn.Module):
+    """Encoder returning {"logits": (B, T, V) MLM logits, "nsp_logits": (B, 2)}.
+
+    The stages (`embed`, `encode`, `heads`) are separate methods so a pipeline stage can run a
+    slice. With `cfg.share_layers` the single block lives at `blocks.0` and runs `n_layer`
+    times; pipeline stages cannot split such a model by blocks.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int):
+        super().__init__()
+        _check_supported(cfg)
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.max_seq_len = cfg.max_seq_len
+        d, eps = cfg.d_model, cfg.layer_norm_eps
+        e = cfg.embedding_size if cfg.embedding_size is not None else d
+        self.wte = nn.Embedding(vocab_size, e)
+        self.wpe = nn.Embedding(cfg.max_seq_len, e) if cfg.position == "learned" else None
+        self.tte = nn.Embedding(cfg.type_vocab_size, e) if cfg.type_vocab_size > 0 else None
+        self.emb_ln = make_norm(cfg.norm, e, eps=eps, bias=cfg.bias)
+        self.emb_proj = nn.Linear(e, d, bias=cfg.bias) if e != d else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.rotary = (
+            RotaryEmbedding(cfg.head_dim, base=cfg.rotary_base)
+            if cfg.position == "rotary"
+            else None
+        )
+        # A dict keyed by layer index keeps block names stable when a pipeline stage deletes
+        # the blocks it does not own (as in GPT).
+        n_blocks = 1 if cfg.share_layers else cfg.n_layer
+        self.blocks = nn.ModuleDict({str(i): self._make_block() for i in range(n_blocks)})
+        # Post-LN blocks end normalised; pre-LN ones need a final norm before the heads.
+        self.ln_f = make_norm(cfg.norm, d, eps=eps, bias=cfg.bias) if cfg.pre_ln else None
+        self.mlm_dense = nn.Linear(d, e, bias=cfg.bias)
+        self.mlm_act = _head_activation(cfg.activation)
+        self.mlm_ln = make_norm(cfg.norm, e, eps=eps, bias=cfg.bias)
+        self.lm_head = nn.Linear(e, vocab_size, bias=cfg.bias)
+        self.pooler = nn.Linear(d, d, bias=cfg.bias)
+        self.nsp_head = nn.Linear(d, 2, bias=cfg.bias)
+        self.tie_weights()
+        self.init_weights()
+
+    def _make_block(self) -> TransformerBlock:
+        cfg = self.cfg
+        return TransformerBlock(
+            cfg.d_model,
+            cfg.n_head,
+            cfg.ffn_size,
+            dropout=cfg.dropout,
+            layer_norm_eps=cfg.layer_norm_eps,
+            bias=cfg.bias,
+            pre_ln=cfg.pre_ln,
+            activation=cfg.activation,
+            norm=cfg.norm,
+            norm_bias=cfg.bias,
+            head_dim=cfg.d_kv,
+        )
+
+    def tie_weights(self) -> None:
+        """Share `wte.weight` with `lm_head.weight` when configured; idempotent.
+
+        Anything that replaces parameters (`to_empty`, a tensor-parallel plan) breaks the
+        sharing, so it must call this again afterwards.
+        """
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Bert:
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """BERT initialisation: weights ~ N(0, init_std), biases 0, norms 1/0.
+
+        A no-op on the meta device, so call it again after `to_empty`.
+        """
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def layers(self) -> list[TransformerBlock]:
+        """The blocks in the order they run (the one shared block n_layer times under ALBERT)."""
+        if self.cfg.share_layers:
+            return [self.blocks["0"]] * self.cfg.n_layer
+        return list(self.blocks.values())
+
+    def embed(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        token_type_ids_BT: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t = input_ids_BT.shape[-1]
+        if t > self.max_seq_len:
+            raise ValueError(
+                f"sequence length {t} exceeds model.max_seq_len={self.max_seq_len}; "
+                "raise model.max_seq_len or shorten the sequences"
+            )
+        x_BTE = self.wte(input_ids_BT)
+        if self.wpe is not None:
+            if position_ids_BT is None:
+                x_BTE = x_BTE + self.wpe(torch.arange(t, device=input_ids_BT.device))
+            else:
+                x_BTE = x_BTE + self.wpe(position_ids_BT)
+        x_BTE = x_BTE + self._token_type_embedding(token_type_ids_BT)
+        x_BTE = self.drop(self.emb_ln(x_BTE))
+        return x_BTE if self.emb_proj is None else self.emb_proj(x_BTE)
+
+    def _token_type_embedding(self, token_type_ids_BT: torch.Tensor | None) -> torch.Tensor:
+        if self.tte is None:
+            # Objectives send all-zero types for single segments; anything else needs a table.
+            if token_type_ids_BT is not None and bool(token_type_ids_BT.any()):
+                raise ValueError(
+                    "token_type_ids has non-zero types but model.type_vocab_size=0; "
+                    "set model.type_vocab_size (BERT: 2)"
+                )
+            return torch.zeros((), dtype=self.wte.weight.dtype, device=self.wte.weight.device)
+        if token_type_ids_BT is None:
+            return self.tte.weight[0]
+        return self.tte(token_type_ids_BT)
+
+    def encode(
+        self,
+        x_BTD: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        rope = None
+        if self.rotary is not None:
+            if position_ids_BT is None:
+                position_ids_BT = torch.arange(x_BTD.shape[1], device=x_BTD.device)
+            rope = self.rotary(position_ids_BT)
+        for block in self.layers():
+            x_BTD = block(x_BTD, attn_mask=attn_mask, rope=rope)
+        return x_BTD if self.ln_f is None else self.ln_f(x_BTD)
+
+    def heads(self, x_BTD: torch.Tensor) -> dict[str, torch.Tensor]:
+        h_BTE = self.mlm_ln(self.mlm_act(self.mlm_dense(x_BTD)))
+        pooled_BD = torch.tanh(self.pooler(x_BTD[:, 0]))
+        return {"logits": self.lm_head(h_BTE), "nsp_logits": self.nsp_head(pooled_BD)}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """{"logits": (B, T, V), "nsp_logits": (B, 2)} for token ids (B, T).
+
+        `token_type_ids` (B, T): segment of each token (0 when omitted). `attention_mask`
+        (B, T), True (or 1) for real tokens and False (0) for padding, which no query may
+        attend to. `position_ids` (B, T) overrides 0..T-1. `attn_mask` (boolean, broadcast to
+        (B, 1, T, T), True = may attend), e.g. a document mask, further restricts attention.
+        """
+        input_ids_BT = input_ids
+        if input_ids_BT.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got {tuple(input_ids.shape)}")
+        x_BTD = self.embed(
+            input_ids_BT, token_type_ids_BT=token_type_ids, position_ids_BT=position_ids
+        )
+        mask = combine_masks(attention_mask, attn_mask, shape=tuple(input_ids_BT.shape))
+        x_BTD = self.encode(x_BTD, attn_mask=mask, position_ids_BT=position_ids)
+        return self.heads(x_BTD)
+
+
+def combine_masks(
+    attention_mask_BT: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    *,
+    shape: tuple[int, int],
+) -> torch.Tensor | None:
+    """One boolean mask (broadcastable to (B, 1, T, T), True = may attend) or None.
+
+    A query whose every key is masked would get NaN from the softmax, and NaN leaks into
+    every other position through the zero-weighted values of the next layer. So such a query
+    attends to itself (under a document mask) or to position 0 (an all-padding row); real
+    queries are unaffected.
+    """
+    b, t = shape
+    if attention_mask_BT is None and attn_mask is None:
+        return None
+    key_B11T = None
+    if attention_mask_BT is not None:
+        if tuple(attention_mask_BT.shape) != (b, t):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask_BT.shape)}, expected {(b, t)}"
+            )
+        key_B11T = attention_mask_BT.bool()[:, None, None, :]
+    if attn_mask is None:
+        # Padding alone blinds a query only in an all-padding row: let it see position 0.
+        blind_B111 = ~key_B11T.any(dim=-1, keepdim=True)
+        first_T = torch.arange(t, device=key_B11T.device) == 0
+        return key_B11T | (blind_B111 & first_T)
+    if attn_mask.dtype != torch.bool:
+        raise ValueError(f"attn_mask must be boolean (True = may attend), got {attn_mask.dtype}")
+    allowed = attn_mask if key_B11T is None else key_B11T & attn_mask
+    allowed_B1TT = allowed.expand(b, 1, t, t)
+    blind_B1T1 = ~allowed_B1TT.any(dim=-1, keepdim=True)
+    eye_TT = torch.eye(t, dtype=torch.bool, device=allowed_B1TT.device)
+    return allowed_B1TT | (blind_B1T1 & eye_TT)
+
+
+def flops_per_token(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token of a Bert, in the convention of
+    `models/flops.py`: 6 * N_matmul + 12 * n_layer * attention_width * seq_len.
+
+    N_matmul per token: every applied layer's projections (a shared ALBERT block counts
+    n_layer times: it runs n_layer times), the E -> D embedding projection when E != D, the
+    MLM head's transform (D x E) and decoder (V x E) over all positions, and the pooler and
+    NSP classifier, which run on one position per sequence, so their weights count
+    1 / seq_len per token.
+    """
+    d, e = cfg.d_model, cfg.embedding_size if cfg.embedding_size is not None else cfg.d_model
+    attn_width = cfg.n_head * cfg.head_dim
+    mlp_matrices = 3 if cfg.activation == "gated_gelu" else 2
+    per_layer = 4 * d * attn_width + mlp_matrices * d * cfg.ffn_size
+    n_matmul = cfg.n_layer * per_layer + d * e + vocab_size * e
+    if e != d:
+        n_matmul += e * d
+    n_matmul += (d * d + 2 * d) / seq_len
+    attention = 12 * cfg.n_layer * attn_width * seq_len
+    return float(6 * n_matmul + attention)

@@ -1,0 +1,213 @@
+"""GLM: one Transformer over [Part A ; Part B] for autoregressive blank infilling.
+
+Du et al. 2022, "GLM: General Language Model Pretraining with Autoregressive Blank Infilling"
+(ACL). Part A is the corrupted text (each blanked span replaced by one mask token) and is
+encoded bidirectionally; Part B holds the spans, each "<sop> s_1 .. s_L", generated left to
+right while seeing all of Part A and the earlier Part B tokens. Positions are two-dimensional:
+row 0 is the position in the corrupted text (a span's tokens share the position of their mask
+token), row 1 the position inside the span (0 throughout Part A, 1..L+1 in a span), each with
+its own learned table, summed with the token embedding.
+
+Interface chosen for the attention pattern: `sep` (int64 [B]), the length of Part A of each
+row. The mask is built from it inside the model: key j is visible from query i when j < sep
+(Part A) or j <= i (causal). Padding after Part B needs no mask of its own: it comes last, so
+no real token ever attends to it, and its own (ignored) outputs still see a non-empty set.
+
+Shape legend (suffixes of tensor names):
+    B  batch size
+    T  sequence length, |Part A| + |Part B| + padding (tokens)
+    S  key sequence length (equals T)
+    D  model width, d_model
+    V  embedding rows (the padded vocabulary)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.blocks import TransformerBlock
+from models.config import ModelConfig
+from models.flops import matmul_params
+
+__all__ = ["GLM", "blank_infilling_mask", "flops_per_token"]
+
+# What models/blocks.py offers today; other values would be silently ignored, so refuse them.
+_SUPPORTED = {"activation": ("gelu_tanh",), "norm": ("layernorm",), "position": ("learned",)}
+
+
+def _check_config(cfg: ModelConfig) -> None:
+    for key, allowed in _SUPPORTED.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(
+                f"model.{key}={getattr(cfg, key)!r} is not supported by family glm; "
+                f"use one of {allowed}"
+            )
+    unsupported = {
+        "type_vocab_size": cfg.type_vocab_size != 0,
+        "embedding_size": cfg.embedding_size is not None,
+        "share_layers": cfg.share_layers,
+        "n_decoder_layer": cfg.n_decoder_layer is not None,
+        "d_kv": cfg.d_kv is not None and cfg.d_kv * cfg.n_head != cfg.d_model,
+        "scale_logits": cfg.scale_logits,
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"model.{key}={getattr(cfg, key)!r} is not supported by family glm")
+
+
+def blank_infilling_mask(
+    sep_B: torch.Tensor, t: int, *, device: torch.device | None = None
+) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask, True where query i may attend key j: j < sep or j <= i."""
+    if sep_B.dim() != 1:
+        raise ValueError(f"sep must have shape [batch], got {tuple(sep_B.shape)}")
+    device = sep_B.device if device is None else device
+    idx_T = torch.arange(t, device=device)
+    in_a_BS = idx_T[None, :] < sep_B.to(device)[:, None]
+    causal_TS = idx_T[None, :] <= idx_T[:, None]
+    return (in_a_BS[:, None, :] | causal_TS[None, :, :])[:, None]
+
+
+class GLM(nn.Module):
+    """Token + 2D position embeddings, `n_layer` blocks, final LayerNorm, tied output head.
+
+    `forward` returns logits for every position; the objective puts labels only on Part B.
+    `embed`, the blocks and `head` are separate stages so a pipeline stage can run a slice;
+    every stage needs the same attention mask (`blank_infilling_mask(sep, T)`).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int):
+        super().__init__()
+        _check_config(cfg)
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.max_seq_len = cfg.max_seq_len
+        d = cfg.d_model
+        self.wte = nn.Embedding(vocab_size, d)
+        self.wpe = nn.Embedding(cfg.max_seq_len, d)
+        # Block positions run 1..L+1 inside a span of L tokens, and L < max_seq_len.
+        self.wbpe = nn.Embedding(cfg.max_seq_len, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        # Keyed by layer index so the names survive a pipeline stage deleting other blocks.
+        self.blocks = nn.ModuleDict(
+            {
+                str(i): TransformerBlock(
+                    d,
+                    cfg.n_head,
+                    cfg.ffn_size,
+                    dropout=cfg.dropout,
+                    layer_norm_eps=cfg.layer_norm_eps,
+                    bias=cfg.bias,
+                    pre_ln=cfg.pre_ln,
+                )
+                for i in range(cfg.n_layer)
+            }
+        )
+        # Post-LN blocks already end in a LayerNorm; pre-LN ones need one before the head.
+        self.ln_f = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.pre_ln else nn.Identity()
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share `wte.weight` with `lm_head.weight` when configured; idempotent.
+
+        `to_empty` and tensor-parallel plans replace parameters, so they must call it again.
+        """
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GLM:
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights, zero biases; a no-op on meta, so re-run after to_empty."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # GLM inherits Megatron's scaled init: the two projections that write into the
+        # residual stream get std / sqrt(2 * n_layer), keeping its variance flat with depth.
+        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for block in self.blocks.values():
+            nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
+
+    def embed(
+        self, input_ids_BT: torch.Tensor, *, position_ids_B2T: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, t = input_ids_BT.shape
+        if t > self.max_seq_len:
+            raise ValueError(
+                f"sequence length {t} exceeds model.max_seq_len={self.max_seq_len}; "
+                "raise model.max_seq_len or shorten the sequences"
+            )
+        if position_ids_B2T is None:
+            # No blanks: plain positions, block position 0 (everything is Part A).
+            pos_BT = torch.arange(t, device=input_ids_BT.device).expand(b, t)
+            block_BT = torch.zeros_like(pos_BT)
+        else:
+            if position_ids_B2T.shape != (b, 2, t):
+                raise ValueError(
+                    f"position_ids must have shape [batch, 2, seq] = {(b, 2, t)}, "
+                    f"got {tuple(position_ids_B2T.shape)}"
+                )
+            pos_BT, block_BT = position_ids_B2T.unbind(1)
+        x_BTD = self.wte(input_ids_BT) + self.wpe(pos_BT) + self.wbpe(block_BT)
+        return self.drop(x_BTD)
+
+    def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(x_BTD))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        sep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T).
+
+        `position_ids` (int64 [B, 2, T]): row 0 positions in the corrupted text, row 1 block
+        positions; None means 0..T-1 and all zeros. `sep` (int64 [B]): length of Part A of
+        each row; None makes the whole row Part A (fully bidirectional).
+        """
+        input_ids_BT, position_ids_B2T, sep_B = input_ids, position_ids, sep
+        x_BTD = self.embed(input_ids_BT, position_ids_B2T=position_ids_B2T)
+        mask_B1TS = None
+        if sep_B is not None:
+            if sep_B.shape != (input_ids_BT.shape[0],):
+                raise ValueError(
+                    f"sep must have shape [batch] = ({input_ids_BT.shape[0]},), "
+                    f"got {tuple(sep_B.shape)}"
+                )
+            mask_B1TS = blank_infilling_mask(sep_B, input_ids_BT.shape[1], device=x_BTD.device)
+        for block in self.blocks.values():
+            x_BTD = block(x_BTD, attn_mask=mask_B1TS)
+        return self.head(x_BTD)
+
+
+def flops_per_token(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per input token: 6 * N_matmul + 12 * n_layer * d_model * seq_len.
+
+    The convention of `models.flops`: GLM's matmuls are those of a GPT of the same shape (both
+    position tables are lookups and cost nothing). `seq_len` is |A| + |B|, the whole row;
+    every row token is computed though only Part B tokens carry a loss, so divide by the
+    share of scored tokens to get FLOPs per target token. The bidirectional Part A makes
+    nothing of the score matrix skippable, so the full attention term is the honest count.
+    """
+    n_matmul = matmul_params(cfg, vocab_size=vocab_size)
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+    return float(6 * n_matmul + attention)

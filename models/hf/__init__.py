@@ -1,0 +1,121 @@
+"""Conversion between Loom checkpoints and Hugging Face `transformers` models, by family.
+
+Each family module (`models.hf.gpt2`, `models.hf.bert`, `models.hf.t5`) defines
+`hf_config(cfg, *, vocab_size)`, `to_hf(state_dict, cfg)` and `from_hf(state_dict, cfg)`,
+and may define `build_hf_model(cfg, *, vocab_size)` (when the plain class of `hf_config`
+needs adjusting, e.g. an untied T5 head) and `loom_config(hf_config, *, name)` (the reverse
+of `hf_config`). Modules and `transformers` (a dev dependency) are imported on first use.
+
+Vocabulary rows, for every family: the HF model has `cfg.vocab_size` rows when that is set,
+else all the rows of the Loom checkpoint (padding included). `to_hf` drops Loom's padded rows
+beyond that; `from_hf` pads back to `cfg.padded_vocab_size(rows)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from models.config import ModelConfig
+
+__all__ = [
+    "build_hf_model",
+    "family_of",
+    "from_hf",
+    "hf_config",
+    "hf_model_class",
+    "loom_config",
+    "to_hf",
+]
+
+# family -> (conversion module, transformers class)
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "gpt": ("models.hf.gpt2", "GPT2LMHeadModel"),
+    "bert": ("models.hf.bert", "BertForPreTraining"),
+    "t5": ("models.hf.t5", "T5ForConditionalGeneration"),
+}
+_NO_COUNTERPART = {
+    "glm": "GLM (Du et al. 2022) has no Hugging Face transformers implementation to convert to",
+}
+# HF `model_type` of a config.json -> Loom family.
+_MODEL_TYPES = {"gpt2": "gpt", "bert": "bert", "t5": "t5"}
+
+
+def _entry(family: str) -> tuple[str, str]:
+    if family in _NO_COUNTERPART:
+        raise ValueError(f"model.family={family!r}: {_NO_COUNTERPART[family]}")
+    if family not in _FAMILIES:
+        raise ValueError(
+            f"model.family={family!r} has no Hugging Face conversion; "
+            f"choose one of {sorted(_FAMILIES)}"
+        )
+    return _FAMILIES[family]
+
+
+def _module(family: str) -> ModuleType:
+    name = _entry(family)[0]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        raise ValueError(f"model.family={family!r}: conversion module {name} is missing") from err
+
+
+def hf_model_class(family: str) -> type:
+    """The `transformers` model class a family converts to (GPT2LMHeadModel, ...)."""
+    import transformers
+
+    return getattr(transformers, _entry(family)[1])
+
+
+def hf_config(family: str, cfg: ModelConfig, *, vocab_size: int) -> Any:
+    """The `transformers` config of `cfg` with `vocab_size` vocabulary rows."""
+    return _module(family).hf_config(cfg, vocab_size=vocab_size)
+
+
+def build_hf_model(family: str, cfg: ModelConfig, *, vocab_size: int) -> torch.nn.Module:
+    """A freshly initialised HF model of `cfg` (on the current default device, meta works)."""
+    module = _module(family)
+    if hasattr(module, "build_hf_model"):
+        return module.build_hf_model(cfg, vocab_size=vocab_size)
+    return hf_model_class(family)(module.hf_config(cfg, vocab_size=vocab_size))
+
+
+def to_hf(
+    family: str, state_dict: dict[str, torch.Tensor], cfg: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Loom state dict -> state dict of `hf_model_class(family)`."""
+    return _module(family).to_hf(state_dict, cfg)
+
+
+def from_hf(
+    family: str, state_dict: dict[str, torch.Tensor], cfg: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """State dict of `hf_model_class(family)` -> Loom state dict for `cfg`."""
+    return _module(family).from_hf(state_dict, cfg)
+
+
+def loom_config(family: str, hf_cfg: Any, *, name: str | None = None) -> ModelConfig:
+    """Loom ModelConfig equivalent to an HF config, where the family module can derive it."""
+    module = _module(family)
+    if not hasattr(module, "loom_config"):
+        raise ValueError(
+            f"{module.__name__} cannot derive a Loom config from a Hugging Face one; "
+            "pass the Loom model config explicitly"
+        )
+    return module.loom_config(hf_cfg, name=name or f"{hf_cfg.model_type}_from_hf")
+
+
+def family_of(hf_cfg: Any) -> str:
+    """Loom family of an HF config, from its `model_type`."""
+    model_type = getattr(hf_cfg, "model_type", None)
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"Hugging Face model_type={model_type!r} has no Loom family; "
+            f"supported: {sorted(_MODEL_TYPES)}"
+        )
+    return _MODEL_TYPES[model_type]

@@ -1,0 +1,261 @@
+"""Hugging Face interop for `models.t5.T5`: configs and state-dict name mapping.
+
+`to_hf` / `from_hf` rename parameters between Loom's layout (`encoder.blocks.3.attn.q`) and
+`transformers.T5ForConditionalGeneration`'s (`encoder.block.3.layer.0.SelfAttention.q`);
+tensors are shared, not copied (vocabulary rows aside, see below). Both sides use separate
+q, k, v, o projections without biases, so no tensor is reshaped.
+
+Loom keeps one relative position table per stack (`encoder.relative_bias.table`); Hugging
+Face keeps it in the first block's self-attention. Hugging Face also stores the shared
+embedding three times (`shared`, `encoder.embed_tokens`, `decoder.embed_tokens`).
+
+Vocabulary rows: the HF model gets `cfg.vocab_size` rows when that is set, else every row of
+the checkpoint (padding included). `to_hf` drops the padded rows beyond it; `from_hf` pads
+back to `cfg.padded_vocab_size(rows)` with zero rows.
+
+Tied and untied output heads: transformers 5 always ties `lm_head` to the embedding and reads
+`tie_word_embeddings=False` only as "do not rescale the decoder output" (T5 v1.1). A v1.1
+model therefore needs its head untied after construction; `build_hf_model` does that. (With
+transformers 5.23, `save_pretrained` then `from_pretrained` keeps the separate head, since the
+checkpoint stores both tensors.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+
+__all__ = ["build_hf_model", "from_hf", "hf_config", "loom_config", "to_hf"]
+
+# Loom activation -> T5Config.feed_forward_proj ("gated-gelu" is the tanh GELU in HF).
+_FEED_FORWARD = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_new",
+    "gated_gelu": "gated-gelu",
+}
+_FEED_FORWARD_FROM_HF = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gated-gelu": "gated_gelu",
+    "gated-gelu_new": "gated_gelu",
+}
+_EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+# Present in some Hugging Face checkpoints, never used by the model.
+_IGNORED_HF = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.family != "t5":
+        raise ValueError(f"model.family={cfg.family!r}: Hugging Face T5 interop needs family t5")
+    if cfg.activation not in _FEED_FORWARD:
+        raise ValueError(f"model.activation={cfg.activation!r} has no Hugging Face T5 equivalent")
+    if cfg.scale_logits != cfg.tie_embeddings:
+        # Hugging Face derives the rescaling from tie_word_embeddings alone.
+        raise ValueError(
+            f"model.scale_logits={cfg.scale_logits} with model.tie_embeddings="
+            f"{cfg.tie_embeddings} has no Hugging Face T5 equivalent; set them equal"
+        )
+
+
+def hf_config(cfg: ModelConfig, *, vocab_size: int):
+    """`transformers.T5Config` of the same architecture with `vocab_size` rows.
+
+    Token ids (pad 0, eos 1, decoder start = pad) keep T5Config's defaults, which are those
+    of T5's SentencePiece vocabulary; set them on the result for another tokenizer.
+    """
+    from transformers import T5Config
+
+    _check(cfg)
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size={vocab_size} must be > 0")
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=cfg.d_model,
+        d_kv=cfg.head_dim,
+        d_ff=cfg.ffn_size,
+        num_layers=cfg.n_layer,
+        num_decoder_layers=cfg.n_decoder_layer if cfg.n_decoder_layer is not None else cfg.n_layer,
+        num_heads=cfg.n_head,
+        relative_attention_num_buckets=cfg.relative_buckets,
+        relative_attention_max_distance=cfg.relative_max_distance,
+        dropout_rate=cfg.dropout,
+        layer_norm_epsilon=cfg.layer_norm_eps,
+        initializer_factor=cfg.init_std,
+        feed_forward_proj=_FEED_FORWARD[cfg.activation],
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+
+
+def loom_config(hf_cfg, *, name: str = "t5_from_hf") -> ModelConfig:
+    """The Loom ModelConfig of an HF `T5Config`; raises ValueError on what Loom lacks.
+
+    The v1.0 / v1.1 distinction is read from `scale_decoder_outputs` (transformers 5) or
+    `tie_word_embeddings` (earlier versions). HF configs carry no input length: 512 is set.
+    """
+    proj = hf_cfg.feed_forward_proj
+    if proj not in _FEED_FORWARD_FROM_HF:
+        raise ValueError(
+            f"T5Config.feed_forward_proj={proj!r} has no Loom equivalent; "
+            f"supported: {sorted(_FEED_FORWARD_FROM_HF)}"
+        )
+    scaled = bool(getattr(hf_cfg, "scale_decoder_outputs", hf_cfg.tie_word_embeddings))
+    cfg = ModelConfig(
+        name=name,
+        family="t5",
+        objective="span_corruption",
+        vocab_size=hf_cfg.vocab_size,
+        n_layer=hf_cfg.num_layers,
+        n_decoder_layer=hf_cfg.num_decoder_layers,
+        d_model=hf_cfg.d_model,
+        n_head=hf_cfg.num_heads,
+        d_kv=hf_cfg.d_kv,
+        d_ff=hf_cfg.d_ff,
+        max_seq_len=512,
+        dropout=float(hf_cfg.dropout_rate),
+        layer_norm_eps=float(hf_cfg.layer_norm_epsilon),
+        tie_embeddings=scaled,
+        scale_logits=scaled,
+        init_std=float(hf_cfg.initializer_factor),
+        norm="rmsnorm",
+        activation=_FEED_FORWARD_FROM_HF[proj],
+        bias=False,
+        position="relative",
+        relative_buckets=hf_cfg.relative_attention_num_buckets,
+        relative_max_distance=hf_cfg.relative_attention_max_distance,
+    )
+    cfg.validate()
+    return cfg
+
+
+def build_hf_model(cfg: ModelConfig, *, vocab_size: int) -> nn.Module:
+    """`T5ForConditionalGeneration(hf_config(cfg))` with the output head untied when `cfg` is.
+
+    Runs on the current default device (`with torch.device("meta"):` works).
+    """
+    from transformers import T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(hf_config(cfg, vocab_size=vocab_size))
+    if not cfg.tie_embeddings and model.lm_head.weight is model.shared.weight:
+        head_VD = torch.empty_like(model.lm_head.weight)
+        # Hugging Face's own draw for an untied T5 head: N(0, initializer_factor).
+        model.lm_head.weight = nn.Parameter(nn.init.normal_(head_VD, std=cfg.init_std))
+    return model
+
+
+def _mlp_names(cfg: ModelConfig) -> tuple[str, ...]:
+    return ("wi_0", "wi_1", "wo") if cfg.activation.startswith("gated_") else ("wi", "wo")
+
+
+def _block_pairs(cfg: ModelConfig, stack: str, i: int) -> list[tuple[str, str]]:
+    ours, theirs = f"{stack}.blocks.{i}", f"{stack}.block.{i}.layer"
+    # Hugging Face numbers the sub-layers: 0 self-attention, [1 cross-attention,] last MLP.
+    attentions = [("ln_attn", "attn", 0, "SelfAttention")]
+    if stack == "decoder":
+        attentions.append(("ln_cross", "cross_attn", 1, "EncDecAttention"))
+    pairs = []
+    for norm, attn, j, hf_attn in attentions:
+        pairs.append((f"{ours}.{norm}.weight", f"{theirs}.{j}.layer_norm.weight"))
+        pairs += [
+            (f"{ours}.{attn}.{p}.weight", f"{theirs}.{j}.{hf_attn}.{p}.weight") for p in "qkvo"
+        ]
+    j = len(attentions)
+    pairs.append((f"{ours}.ln_mlp.weight", f"{theirs}.{j}.layer_norm.weight"))
+    pairs += [
+        (f"{ours}.mlp.{p}.weight", f"{theirs}.{j}.DenseReluDense.{p}.weight")
+        for p in _mlp_names(cfg)
+    ]
+    return pairs
+
+
+def _name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(Loom name, Hugging Face name) of every parameter except the embedding and head."""
+    n_dec = cfg.n_decoder_layer if cfg.n_decoder_layer is not None else cfg.n_layer
+    pairs = []
+    for stack, n_layer in (("encoder", cfg.n_layer), ("decoder", n_dec)):
+        relative = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        pairs.append((f"{stack}.relative_bias.table.weight", relative))
+        pairs.append((f"{stack}.ln_f.weight", f"{stack}.final_layer_norm.weight"))
+        for i in range(n_layer):
+            pairs += _block_pairs(cfg, stack, i)
+    return pairs
+
+
+def _take(state: dict[str, torch.Tensor], key: str, *, side: str) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"{side} state dict has no {key!r}; does it match this model config?")
+    return state.pop(key)
+
+
+def _reject_leftovers(state: dict[str, torch.Tensor], *, side: str) -> None:
+    if state:
+        names = sorted(state)
+        raise ValueError(f"{side} state dict has {len(names)} unexpected keys, e.g. {names[:5]}")
+
+
+def _hf_rows(cfg: ModelConfig, rows: int) -> int:
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else rows
+    if vocab > rows:
+        raise ValueError(f"model.vocab_size={vocab} exceeds the checkpoint's {rows} embedding rows")
+    return vocab
+
+
+def _pad_rows(x_VD: torch.Tensor, rows: int) -> torch.Tensor:
+    pad = rows - x_VD.shape[0]
+    return torch.cat([x_VD, x_VD.new_zeros(pad, x_VD.shape[1])]) if pad else x_VD
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Loom `T5.state_dict()` -> `T5ForConditionalGeneration` state dict.
+
+    The vocabulary keeps `cfg.vocab_size` rows (all rows when it is None): padded rows go.
+    """
+    _check(cfg)
+    state = dict(state_dict)
+    shared_VD = _take(state, "shared.weight", side="Loom")
+    vocab = _hf_rows(cfg, shared_VD.shape[0])
+    # A tied head appears in state_dict() as well; Hugging Face wants it under lm_head too.
+    head_VD = state.pop("lm_head.weight", None)
+    if head_VD is None and not cfg.tie_embeddings:
+        raise ValueError("Loom state dict has no 'lm_head.weight' but model.tie_embeddings=false")
+    head_VD = shared_VD if cfg.tie_embeddings else head_VD
+    shared_VD = shared_VD[:vocab]
+    out = {"shared.weight": shared_VD, **{alias: shared_VD for alias in _EMBED_ALIASES}}
+    out["lm_head.weight"] = head_VD[:vocab]
+    for ours, theirs in _name_pairs(cfg):
+        out[theirs] = _take(state, ours, side="Loom")
+    _reject_leftovers(state, side="Loom")
+    return out
+
+
+def from_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """`T5ForConditionalGeneration` state dict -> Loom `T5.state_dict()`.
+
+    Loads with `strict=True` into `build_model(cfg, vocab_size=cfg.padded_vocab_size(V))` for
+    the HF vocabulary V; the padded rows are zeros.
+    """
+    _check(cfg)
+    state = {k: v for k, v in state_dict.items() if k not in _IGNORED_HF}
+    aliases = [state.pop(alias) for alias in _EMBED_ALIASES if alias in state]
+    shared_VD = state.pop("shared.weight", aliases[0] if aliases else None)
+    if shared_VD is None:
+        raise ValueError("Hugging Face state dict has no 'shared.weight' (nor embed_tokens)")
+    rows = shared_VD.shape[0]
+    if cfg.vocab_size is not None and cfg.vocab_size != rows:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} but the HF model has {rows} rows")
+    padded = cfg.padded_vocab_size(rows)
+    head_VD = state.pop("lm_head.weight", None)
+    out = {"shared.weight": _pad_rows(shared_VD, padded)}
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["shared.weight"]
+    elif head_VD is None:
+        raise ValueError("Hugging Face state dict has no 'lm_head.weight' for an untied model")
+    else:
+        out["lm_head.weight"] = _pad_rows(head_VD, padded)
+    for ours, theirs in _name_pairs(cfg):
+        out[ours] = _take(state, theirs, side="Hugging Face")
+    _reject_leftovers(state, side="Hugging Face")
+    return out

@@ -1,0 +1,51 @@
+"""Every family trains with its default objective, on one process and on two."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import read_metrics
+
+SHORT = [
+    "trainer.max_steps=30",
+    "trainer.log_every=5",
+    "trainer.eval_every=0",
+    "trainer.save_every=0",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=4",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=5",
+]
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["bert_debug", "albert_debug", "t5_debug", "t5_v1_1_debug", "glm_debug", "gpt_rotary_debug"],
+)
+def test_family_trains_with_falling_loss(train_cli, tmp_path, model):
+    train_cli(f"+model={model}", *SHORT, f"trainer.out_dir={tmp_path}")
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("model", ["bert_debug", "t5_debug", "glm_debug"])
+def test_family_data_parallel_matches_one_process(train_cli, tmp_path, model):
+    steps = ["trainer.max_steps=6", "trainer.log_every=1"]
+    train_cli(f"+model={model}", *SHORT, *steps, f"trainer.out_dir={tmp_path / 'one'}")
+    train_cli(f"+model={model}", *SHORT, *steps, f"trainer.out_dir={tmp_path / 'two'}", nproc=2)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (model, a["step"], a["loss"], b["loss"])
+
+
+def test_glm_large_config_as_written(train_cli):
+    proc = train_cli("+model=glm_large", "--cfg", "job")
+    model = yaml.safe_load(proc.stdout)["model"]
+    assert (model["family"], model["n_layer"], model["d_model"], model["n_head"]) == (
+        "glm",
+        24,
+        1024,
+        16,
+    )
+    assert model["objective"] == "glm_blank"
