@@ -21,6 +21,8 @@ class ParallelConfig:
     """native (torch DDP/FSDP2) or deepspeed."""
     backend: str | None = None
     """torch.distributed backend; None picks nccl on CUDA and gloo on CPU."""
+    activation_checkpointing: str = "none"
+    """Recompute block activations in backward: none | full | selective (keep matmul outputs)."""
 
     def validate(self) -> None:
         for key in ("tp", "pp"):
@@ -34,24 +36,29 @@ class ParallelConfig:
             raise ValueError(f"parallel.engine={self.engine!r} must be 'native' or 'deepspeed'")
         if self.backend not in (None, "gloo", "nccl"):
             raise ValueError(f"parallel.backend={self.backend!r} must be gloo, nccl or null")
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            raise ValueError(
+                f"parallel.activation_checkpointing={self.activation_checkpointing!r} must be "
+                "none, full or selective"
+            )
 
     def check_available(self) -> None:
         """Refuse layouts whose engine is not built yet (dry runs may still describe them)."""
-        # The data-parallel path is in place; the other axes build on the mesh in parallel/.
+        # Data parallelism with every ZeRO stage is in place; the other axes build on
+        # the same mesh in parallel/.
         unsupported = [
             f"parallel.{k}={v}"
             for k, v, plain in (
                 ("tp", self.tp, 1),
                 ("pp", self.pp, 1),
-                ("zero", self.zero, 0),
                 ("engine", self.engine, "native"),
             )
             if v != plain
         ]
         if unsupported:
             raise ValueError(
-                f"{', '.join(unsupported)}: only data parallelism (tp=1, pp=1, zero=0, "
-                "engine=native) is available in this version"
+                f"{', '.join(unsupported)}: only data parallelism (tp=1, pp=1, "
+                "engine=native, any parallel.zero) is available in this version"
             )
 
     def data_parallel_size(self, world_size: int) -> int:

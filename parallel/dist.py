@@ -69,12 +69,11 @@ def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
         dist.init_process_group(
             backend=backend, device_id=device if device.type == "cuda" else None
         )
-    mesh = init_device_mesh(
-        device.type,
-        (cfg.pp, dp_size, 1, cfg.tp),
-        mesh_dim_names=MESH_AXES,
-    )
-    dp_rank = mesh["dp_replicate"].get_local_rank()
+    mesh = init_device_mesh(device.type, mesh_shape(cfg, dp_size), mesh_dim_names=MESH_AXES)
+    # One flattened axis over both data-parallel axes: batches, loss sums and checkpoints
+    # are split over every data-parallel rank whether replicas or ZeRO shards.
+    mesh["dp_replicate", "dp_shard"]._flatten(mesh_dim_name="dp")
+    dp_rank = mesh["dp"].get_local_rank()
     return World(
         rank=rank,
         world_size=world_size,
@@ -84,6 +83,13 @@ def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
         device=device,
         mesh=mesh,
     )
+
+
+def mesh_shape(cfg: ParallelConfig, dp_size: int) -> tuple[int, int, int, int]:
+    """(pp, dp_replicate, dp_shard, tp): ZeRO-2/3 shard over the data-parallel ranks,
+    ZeRO-0/1 replicate the model (ZeRO-1 shards only optimizer states)."""
+    sharded = cfg.zero >= 2
+    return (cfg.pp, 1 if sharded else dp_size, dp_size if sharded else 1, cfg.tp)
 
 
 def shutdown(world: World) -> None:
@@ -101,8 +107,17 @@ def dp_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     if world.dp_size == 1:
         return values
     out = values.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=world.mesh["dp_replicate"].get_group())
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=world.mesh["dp"].get_group())
     return out
+
+
+def all_ranks_agree(flag: bool, world: World) -> bool:
+    """True only if `flag` is True on every rank (e.g. all gradient shards are finite)."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def broadcast_object(obj: object, world: World) -> object:

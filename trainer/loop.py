@@ -14,13 +14,20 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.dataset import DistributedBatchIterator, PackedDataset
-from data_pipeline.objectives import build_objective, split_batch
+from data_pipeline.dataset import PackedDataset
+from data_pipeline.loader import Loader, build_loader
+from data_pipeline.objectives import Objective, build_objective, row_length, split_batch
 from data_pipeline.sample_corpus import ensure_sample_corpus
 from models import build_model, flops_per_token, param_counts
 from models.flops import known_peak_flops
 from parallel import dist
-from parallel.parallelize import no_grad_sync, parallelize, unwrap
+from parallel.parallelize import no_grad_sync, parallelize, shard_optimizer, unwrap
+from parallel.state import (
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+)
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.config import JobConfig, to_yaml
 from trainer.log import get_logger, log_rank0, warn_once
@@ -38,46 +45,64 @@ EVAL_ID_OFFSET = 1 << 60
 
 @dataclass
 class Data:
-    train: PackedDataset
-    val: PackedDataset
-    loader: DistributedBatchIterator
+    loader: Loader
+    objective: Objective
+    val: list[tuple[str, PackedDataset, float]]  # (source path, validation split, weight)
+    seq_len: int
+
+
+def corpus_sources(job: JobConfig, world: dist.World, *, row_len: int) -> list[tuple[str, float]]:
+    """(path, weight) of every training corpus; prepares the built-in one on first use."""
+    if job.data.sources:
+        return [(s.path, s.weight) for s in job.data.sources]
+    if job.data.path is not None:
+        return [(job.data.path, 1.0)]
+
+    def prepare():
+        return ensure_sample_corpus(
+            cache_dir=job.data.cache_dir,
+            tokenizer_spec=job.data.tokenizer,
+            seq_len=row_len - 1,
+            val_fraction=job.data.val_fraction,
+        )
+
+    if world.is_main:  # rank 0 prepares, the others then find it in the cache
+        prepare()
+    dist.barrier(world)
+    return [(str(prepare()), 1.0)]
 
 
 def open_data(job: JobConfig, world: dist.World) -> Data:
-    """Open the prepared corpus (preparing the built-in one on first use, on rank 0)."""
+    """The loader of the global sample stream (objective applied) and the validation splits."""
+    name = job.data.objective or job.model.objective
     seq_len = job.data.seq_len or job.model.max_seq_len
-    path = job.data.path
-    if path is None:
-        if world.is_main:
-            ensure_sample_corpus(
-                cache_dir=job.data.cache_dir,
-                tokenizer_spec=job.data.tokenizer,
-                seq_len=seq_len,
-                val_fraction=job.data.val_fraction,
-            )
-        dist.barrier(world)
-        path = ensure_sample_corpus(
-            cache_dir=job.data.cache_dir,
-            tokenizer_spec=job.data.tokenizer,
-            seq_len=seq_len,
-            val_fraction=job.data.val_fraction,
-        )
-    train, val = PackedDataset(path, "train"), PackedDataset(path, "val")
-    if train.seq_len != seq_len:
+    row_len = row_length(name, cfg=job.data, seq_len=seq_len)
+    sources = corpus_sources(job, world, row_len=row_len)
+    first = PackedDataset(sources[0][0], "train")
+    if first.sample_len != row_len:
         raise ValueError(
-            f"data.seq_len={seq_len} but {Path(path) / 'manifest.json'} "
-            f"was prepared with seq_len={train.seq_len}"
+            f"{Path(sources[0][0]) / 'manifest.json'} holds rows of {first.sample_len} tokens; "
+            f"data.objective={name} at data.seq_len={seq_len} reads rows of {row_len} "
+            f"(prepare it with --seq-len {row_len - 1})"
         )
+    objective = build_objective(
+        name, cfg=job.data, tokenizer=first.tokenizer, seq_len=seq_len, seed=job.trainer.seed
+    )
     t = job.trainer
-    loader = DistributedBatchIterator(
-        train,
+    loader = build_loader(
+        sources,
+        split="train",
         global_batch_size=t.global_batch_size,
         micro_batch_size=t.micro_batch_size,
         dp_rank=world.dp_rank,
         dp_size=world.dp_size,
         seed=t.seed,
+        num_workers=job.data.num_workers,
+        transform=objective,
     )
-    return Data(train=train, val=val, loader=loader)
+    total = sum(w for _, w in sources)
+    val = [(path, PackedDataset(path, "val"), w / total) for path, w in sources]
+    return Data(loader=loader, objective=objective, val=val, seq_len=seq_len)
 
 
 def model_vocab_size(job: JobConfig, tokenizer_vocab: int) -> int:
@@ -108,20 +133,17 @@ class Trainer:
         self.run_dir = Path(self.t.out_dir)
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         self.data = open_data(job, world)
-        self.seq_len = self.data.train.seq_len
-        self.objective = build_objective(
-            job.data.objective or job.model.objective,
-            cfg=job.data,
-            tokenizer=self.data.train.tokenizer,
-            seq_len=self.seq_len,
-            seed=self.t.seed,
-        )
-        vocab = model_vocab_size(job, self.data.train.vocab_size)
+        self.seq_len = self.data.seq_len
+        vocab = model_vocab_size(job, self.data.loader.vocab_size)
         self.model = parallelize(
-            build_model(job.model, vocab_size=vocab), job.parallel, world=world
+            build_model(job.model, vocab_size=vocab),
+            job.parallel,
+            world=world,
+            precision=job.precision.dtype,
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(unwrap(self.model), job.optim)
+        optimizer = build_optimizer(unwrap(self.model), job.optim)
+        self.optimizer = shard_optimizer(optimizer, job.parallel, world=world)
         self.schedule = LRSchedule(job.optim, max_steps=self.t.max_steps)
         self.scaler = LossScaler(job.precision)
         # Dropout streams differ per data-parallel rank; weights above did not.
@@ -143,11 +165,13 @@ class Trainer:
             vocab,
             self.flops_per_token,
         )
+        loader = self.data.loader
         log_rank0(
-            "data: %d train / %d val samples of %d tokens; global batch %d = %d ranks x "
-            "%d micro-batches x %d",
-            len(self.data.train),
-            len(self.data.val),
+            "data: %d source(s), %d train rows, objective %s, %d tokens per sample; global "
+            "batch %d = %d ranks x %d micro-batches x %d",
+            len(loader.datasets),
+            sum(len(d) for d in loader.datasets),
+            self.job.data.objective or self.job.model.objective,
             self.seq_len,
             self.t.global_batch_size,
             self.world.dp_size,
@@ -164,8 +188,8 @@ class Trainer:
         if path is None:
             return 0
         state = self.ckpt.load(path)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
+        load_model_state(self.model, state["model"])
+        load_optimizer_state(self.model, self.optimizer, state["optim"])
         self.data.loader.load_state_dict(state["trainer"]["loader"])
         self.scaler.load_state_dict(state["trainer"]["scaler"])
         set_rng_state(state["rng"])
@@ -179,9 +203,10 @@ class Trainer:
             "loader": self.data.loader.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+        # Full, name-keyed states (collectives: every rank takes part, rank 0 writes).
         shared = {
-            "model.pt": unwrap(self.model).state_dict(),
-            "optim.pt": self.optimizer.state_dict(),
+            "model.pt": model_state(self.model),
+            "optim.pt": optimizer_state(self.model, self.optimizer, self.world),
             "trainer.pt": trainer_state,
         }
         path = self.ckpt.save(step, shared=shared, per_rank={"rng": rng_state()})
@@ -189,7 +214,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         lr = self.schedule.apply(self.optimizer, step)
-        micro = [split_batch(self.objective(b)) for b in self.data.loader.next_batch()]
+        micro = [split_batch(b) for b in self.data.loader.next_batch()]
         keys = sorted(micro[0][1])
         local = [sum(target_counts(labels)[k] for _, labels in micro) for k in keys]
         counts = dist.dp_sum(torch.tensor(local, dtype=torch.float64), self.world).tolist()
@@ -201,7 +226,7 @@ class Trainer:
         for i, (inputs, labels) in enumerate(micro):
             losses = self._micro_step(inputs, labels, weights, last=i == len(micro) - 1)
             sums += torch.stack([losses[k] for k in keys]).double()
-        finite = self.scaler.unscale_and_check(self.params)
+        finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
         max_norm = self.job.optim.grad_clip or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if finite else None
         if finite:
@@ -233,23 +258,30 @@ class Trainer:
         return {k: v.detach().cpu() for k, v in sums.items()}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Summed task losses over the first trainer.eval_samples validation rows.
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss: the weight-averaged loss of every source's validation split,
+        plus each source's own loss when the data is a blend."""
+        losses = {path: self._evaluate_split(val) for path, val, _ in self.data.val}
+        out = {"val_loss": sum(w * losses[path] for path, _, w in self.data.val)}
+        if len(losses) > 1:
+            out.update({f"val_loss/{Path(path).name}": v for path, v in losses.items()})
+        return out
+
+    def _evaluate_split(self, val: PackedDataset) -> float:
+        """Summed task losses over the first trainer.eval_samples rows of one split.
 
         Objective randomness is keyed by sample id, so evaluation sees the same masks and
         spans every time; ids are offset past any training id.
         """
-        model, val, world = unwrap(self.model), self.data.val, self.world
+        model, world = unwrap(self.model), self.world
         model.eval()
         rows = list(range(world.dp_rank, min(self.t.eval_samples, len(val)), world.dp_size))
         totals: dict[str, torch.Tensor] = {}
         for i in range(0, len(rows), self.t.micro_batch_size):
             chunk = rows[i : i + self.t.micro_batch_size]
-            batch = {
-                "tokens": val.gather(chunk),
-                "sample_ids": torch.tensor(chunk, dtype=torch.int64) + EVAL_ID_OFFSET,
-            }
-            inputs, labels = split_batch(self.objective(batch))
+            batch = val.gather_batch(chunk)
+            batch["sample_ids"] = torch.tensor(chunk, dtype=torch.int64) + EVAL_ID_OFFSET
+            inputs, labels = split_batch(self.data.objective(batch))
             inputs = {k: v.to(world.device) for k, v in inputs.items()}
             with autocast(self.job.precision, world.device):
                 outputs = model(**inputs)
@@ -292,15 +324,12 @@ class Trainer:
             if step % t.log_every == 0 or step == t.max_steps:
                 self._log(metrics, throughput, summary, elapsed=time.perf_counter() - started)
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                summary["val_loss"] = self.evaluate()
+                val = self.evaluate()
+                summary["val_loss"] = val["val_loss"]
                 metrics.write(
-                    {
-                        "step": step,
-                        "val_loss": summary["val_loss"],
-                        "val_ppl": math.exp(min(summary["val_loss"], 50.0)),
-                    }
+                    {"step": step, **val, "val_ppl": math.exp(min(val["val_loss"], 50.0))}
                 )
-                log_rank0("step %d | val loss %.4f", step, summary["val_loss"])
+                log_rank0("step %d | val loss %.4f", step, val["val_loss"])
             if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
                 self.save(step)
         metrics.close()
@@ -318,6 +347,7 @@ class Trainer:
             "elapsed": elapsed,
             "epoch": loader.epoch,
             "consumed_samples": loader.consumed_samples,
+            **({"epochs": loader.epochs()} if len(loader.datasets) > 1 else {}),
         }
         metrics.write(record)
         metrics.progress(record, seconds_per_step=seconds_per_step)

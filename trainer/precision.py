@@ -39,17 +39,17 @@ class LossScaler:
         return loss * self.scale if self.enabled else loss
 
     def unscale_and_check(self, params: list[torch.nn.Parameter]) -> bool:
-        """Divide gradients by the scale in place; return True when all are finite.
+        """Divide gradients by the scale in place; True when this rank's are all finite.
 
-        Every rank holds the same (all-reduced) gradients, so every rank reaches the same
-        verdict without another collective.
+        Under ZeRO-2/3 each rank holds a shard of the gradients, so the caller combines
+        the verdicts of all ranks before deciding to step.
         """
         grads = [p.grad for p in params if p.grad is not None]
         if not self.enabled or not grads:
             return True
         torch._foreach_mul_(grads, 1.0 / self.scale)
-        norms = torch._foreach_norm(grads)
-        return bool(torch.isfinite(torch.stack(norms)).all())
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(local))).all())
 
     def update(self, finite: bool) -> None:
         if not self.enabled:

@@ -1,0 +1,75 @@
+"""ZeRO-1/2/3 on 2 gloo processes train exactly like one process, LAMB included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import read_metrics
+
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=2",
+    "model.max_seq_len=64",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=2",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "optim=lamb",
+    "optim.warmup_steps=2",
+]
+
+
+def final_weights(run_dir) -> dict:
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return torch.load(ckpt / "model.pt", weights_only=True)
+
+
+def run_pair(train_cli, tmp_path, *extra):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_cli(*TINY, "trainer.max_steps=6", f"trainer.out_dir={one}")
+    train_cli(*TINY, "trainer.max_steps=6", f"trainer.out_dir={two}", *extra, nproc=2)
+    return one, two
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_lamb_under_zero_matches_single_process(train_cli, tmp_path, zero):
+    one, two = run_pair(train_cli, tmp_path, f"parallel.zero={zero}")
+    a, b = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (zero, x["step"], x["loss"], y["loss"])
+    wa, wb = final_weights(one), final_weights(two)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (["parallel.zero=3"], []),  # saved sharded on 2 ranks, resumed on 1
+        ([], ["parallel.zero=2"]),  # saved on 1, resumed sharded on 2
+        (["parallel.zero=1"], ["parallel.zero=3"]),
+    ],
+)
+def test_checkpoint_reloads_under_another_layout(train_cli, tmp_path, first, second):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = [*TINY, "optim.decay_steps=8", "trainer.save_every=4"]
+    train_cli(*common, "trainer.max_steps=8", f"trainer.out_dir={whole}")
+    train_cli(
+        *common, "trainer.max_steps=4", f"trainer.out_dir={split}", *first, nproc=2 if first else 1
+    )
+    proc = train_cli(
+        *common,
+        "trainer.max_steps=8",
+        f"trainer.out_dir={split}",
+        *second,
+        nproc=2 if second else 1,
+    )
+    assert "resumed from" in proc.stdout
+    a, b = read_metrics(whole), read_metrics(split)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])
