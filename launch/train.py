@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> None:
             world_size = job.parallel.world_size_for_plan(world_size)
         validate_job(job, world_size=world_size)
         if not job.trainer.dry_run:
-            job.parallel.check_available()
+            job.parallel.check_available(world_size=world_size)
     except ValueError as exc:
         log.error("config error: %s", exc)
         sys.exit(2)

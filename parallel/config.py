@@ -13,6 +13,8 @@ class ParallelConfig:
     """Data-parallel degree; -1 takes whatever world size / (tp x pp) leaves."""
     tp: int = 1
     """Tensor-parallel degree."""
+    sp: bool = False
+    """Sequence parallelism: shard norms and dropout over the sequence on the TP ranks."""
     pp: int = 1
     """Pipeline-parallel degree (stages)."""
     zero: int = 0
@@ -21,6 +23,10 @@ class ParallelConfig:
     """native (torch DDP/FSDP2) or deepspeed."""
     backend: str | None = None
     """torch.distributed backend; None picks nccl on CUDA and gloo on CPU."""
+    offload: str = "none"
+    """DeepSpeed ZeRO offload of optimizer states (and parameters at ZeRO-3): none | cpu | nvme."""
+    nvme_path: str | None = None
+    """Directory for offload=nvme."""
     activation_checkpointing: str = "none"
     """Recompute block activations in backward: none | full | selective (keep matmul outputs)."""
 
@@ -36,30 +42,36 @@ class ParallelConfig:
             raise ValueError(f"parallel.engine={self.engine!r} must be 'native' or 'deepspeed'")
         if self.backend not in (None, "gloo", "nccl"):
             raise ValueError(f"parallel.backend={self.backend!r} must be gloo, nccl or null")
+        if self.offload not in ("none", "cpu", "nvme"):
+            raise ValueError(f"parallel.offload={self.offload!r} must be none, cpu or nvme")
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise ValueError(
                 f"parallel.activation_checkpointing={self.activation_checkpointing!r} must be "
                 "none, full or selective"
             )
 
-    def check_available(self) -> None:
+    def check_available(self, *, world_size: int) -> None:
         """Refuse layouts whose engine is not built yet (dry runs may still describe them)."""
-        # Data parallelism with every ZeRO stage is in place; the other axes build on
-        # the same mesh in parallel/.
-        unsupported = [
-            f"parallel.{k}={v}"
-            for k, v, plain in (
-                ("tp", self.tp, 1),
-                ("pp", self.pp, 1),
-                ("engine", self.engine, "native"),
-            )
-            if v != plain
-        ]
-        if unsupported:
+        # Tensor parallelism composes with ZeRO-2/3 (FSDP2 over DTensor parameters);
+        # pipeline parallelism and DDP over tensor-parallel parameters are not wired yet.
+        if self.pp != 1:
             raise ValueError(
-                f"{', '.join(unsupported)}: only data parallelism (tp=1, pp=1, "
-                "engine=native, any parallel.zero) is available in this version"
+                f"parallel.pp={self.pp}: pipeline parallelism is not available "
+                "in the trainer yet; use parallel.pp=1"
             )
+        if self.sp and self.tp == 1:
+            raise ValueError("parallel.sp=true needs parallel.tp > 1")
+        if self.tp > 1 and self.zero < 2 and self.data_parallel_size(world_size) > 1:
+            raise ValueError(
+                f"parallel.tp={self.tp} with data parallelism needs parallel.zero=2 or 3 "
+                f"(FSDP2 over the tensor-parallel parameters), got parallel.zero={self.zero}"
+            )
+        if self.offload != "none" and self.engine != "deepspeed":
+            raise ValueError(f"parallel.offload={self.offload} needs parallel.engine=deepspeed")
+        if self.engine == "deepspeed":
+            from parallel.deepspeed_engine import check_layout
+
+            check_layout(self, world_size=world_size)
 
     def data_parallel_size(self, world_size: int) -> int:
         """Ranks per data-parallel replica group; fails if the degrees do not fit the world."""

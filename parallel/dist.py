@@ -56,8 +56,8 @@ def world_size_from_env() -> int:
 
 def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
     """Join the process group that torchrun (or Slurm via torchrun) describes in the env."""
-    cfg.check_available()
     world_size = world_size_from_env()
+    cfg.check_available(world_size=world_size)
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_preference, local_rank)

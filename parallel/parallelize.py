@@ -21,9 +21,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
+from models.config import ModelConfig
 from parallel.activation import apply_activation_checkpointing
 from parallel.config import ParallelConfig
+from parallel.deepspeed_engine import DeepSpeedEngine
 from parallel.dist import World
+from parallel.tensor_parallel import apply_tensor_parallel
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,10 +47,19 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize(
-    model: nn.Module, cfg: ParallelConfig, *, world: World, precision: str = "fp32"
+    model: nn.Module,
+    cfg: ParallelConfig,
+    *,
+    world: World,
+    model_cfg: ModelConfig,
+    precision: str = "fp32",
 ) -> nn.Module:
     """Wrap `model` for the configured layout; returns it unchanged on one process."""
     model = model.to(world.device)
+    if cfg.tp > 1:
+        model = apply_tensor_parallel(
+            model, model_cfg, tp_mesh=world.mesh["tp"], sequence_parallel=cfg.sp
+        )
     apply_activation_checkpointing(repeated_blocks(model), cfg.activation_checkpointing)
     if world.dp_size == 1:
         return model
@@ -93,7 +105,9 @@ def shard_optimizer(
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside any wrapper (for state dicts and parameter counts)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    if isinstance(model, DistributedDataParallel | DeepSpeedEngine):
+        return model.module
+    return model
 
 
 def no_grad_sync(model: nn.Module, *, last_micro_batch: bool) -> contextlib.AbstractContextManager:

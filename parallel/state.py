@@ -1,14 +1,21 @@
-"""Layout-independent model and optimizer state: full tensors keyed by parameter name.
+"""Layout-independent model and optimizer state, keyed by parameter name.
 
 Whatever wraps the model (nothing, DDP, FSDP2) and whatever shards the optimizer
-(nothing, ZeroRedundancyOptimizer, FSDP2's DTensor states), the saved state is the same
-plain dict, so a checkpoint written under one layout loads under any other.
+(nothing, ZeroRedundancyOptimizer, FSDP2's DTensor states), the state has one structure:
+{"model": {fqn: tensor}, "optim": {"state": {fqn: {...}}, "param_groups": [...]}}.
+`save_sharded` writes it with torch.distributed.checkpoint, each rank its own shards;
+`load_sharded` reads it back under any other layout (DCP reshards by name). The full
+(single-file) form of the same structure is what `model_state` / `optimizer_state`
+return, for small runs and for conversion.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -83,3 +90,43 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     )
     if dist.is_initialized():
         dist.barrier()
+
+
+def save_sharded(
+    model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, world: World
+) -> None:
+    """Every rank writes its shards of model and optimizer state into `directory` (DCP)."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optim = optimizer_state(model, optimizer, world)  # whole tensors, gathered on rank 0
+    else:
+        optim = get_optimizer_state_dict(model, optimizer)
+    dcp.save({"model": get_model_state_dict(model), "optim": optim}, checkpoint_id=str(directory))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Load a DCP checkpoint written under any layout into this one."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        full = read_full(directory)
+        load_model_state(model, full["model"])
+        load_optimizer_state(model, optimizer, full["optim"])
+        return
+    # The templates say which shard of each tensor this rank needs; DCP fills them in.
+    state = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def read_full(directory: Path) -> dict:
+    """The whole state of a DCP checkpoint on this process (conversion, ZeRO-1 loading)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(checkpoint_id=str(directory))
+
+
+def write_sharded_from_full(state: dict, directory: Path) -> None:
+    """Write a full {"model", "optim"} state as a DCP checkpoint (single process)."""
+    dcp.save(state, checkpoint_id=str(directory), no_dist=True)

@@ -1,11 +1,13 @@
 """Checkpoints that a crash or kill can never corrupt.
 
 Layout of `<out_dir>/checkpoints/step_N/`:
-  model.pt          model state dict (rank 0; replicas are identical under DDP)
-  optim.pt          optimizer state dict (rank 0)
-  trainer.pt        step, data position, schedule and loss-scaler state (rank 0)
+  dcp/              model and optimizer state, sharded: every rank writes its own shards
+                    (torch.distributed.checkpoint), loadable under any other layout
+  trainer.pt        step, data position and loss-scaler state (rank 0)
   rng_rank{R}.pt    every RNG of rank R (dropout streams differ per rank)
   metadata.json     size and sha256 of each file above; written last
+The single-file form (model.pt + optim.pt instead of dcp/, see launch/convert_checkpoint.py)
+loads the same way.
 
 A checkpoint is written under `.tmp_step_N`, fsynced, and renamed to `step_N` only when
 complete, so `step_N` either exists whole or not at all. Loading verifies every file
@@ -21,6 +23,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +83,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seal(directory: Path, *, step: int) -> None:
+    """Write metadata.json (size and sha256 of every file below `directory`) and fsync."""
+    files = {
+        str(f.relative_to(directory)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(directory.rglob("*"))
+        if f.is_file() and f.name != "metadata.json"
+    }
+    with open(directory / "metadata.json", "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for sub in [directory, *(d for d in directory.rglob("*") if d.is_dir())]:
+        _fsync_dir(sub)
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoint directories, oldest first."""
     if not ckpt_dir.is_dir():
@@ -128,10 +146,19 @@ class CheckpointManager:
         self.rank = rank
         self._barrier = barrier
 
-    def save(self, step: int, *, shared: dict[str, object], per_rank: dict[str, object]) -> Path:
-        """Write `shared` files from rank 0 and `per_rank` files from every rank, atomically.
+    def save(
+        self,
+        step: int,
+        *,
+        shared: dict[str, object],
+        per_rank: dict[str, object],
+        sharded: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Write `shared` files from rank 0, `per_rank` files and `sharded(dir)` from every
+        rank, atomically.
 
-        shared: {"model.pt": state, ...}; per_rank: {"rng": state} -> rng_rank{R}.pt.
+        shared: {"trainer.pt": state}; per_rank: {"rng": state} -> rng_rank{R}.pt;
+        sharded: a collective writing the sharded states under `<checkpoint>/dcp`.
         """
         tmp = self.dir / f".tmp_step_{step}"
         final = self.dir / f"step_{step}"
@@ -141,6 +168,8 @@ class CheckpointManager:
         self._barrier()
         for stem, obj in per_rank.items():
             _save_synced(obj, tmp / f"{stem}_rank{self.rank}.pt")
+        if sharded is not None:
+            sharded(tmp / "dcp")
         if self.rank == 0:
             for name, obj in shared.items():
                 _save_synced(obj, tmp / name)
@@ -152,15 +181,7 @@ class CheckpointManager:
         return final
 
     def _seal(self, tmp: Path, final: Path, step: int) -> None:
-        files = {
-            f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())
-        }
-        meta = {"step": step, "files": files}
-        with open(tmp / "metadata.json", "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        seal(tmp, step=step)
         if final.exists():  # a re-run of the same step after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -181,12 +202,14 @@ class CheckpointManager:
         return None
 
     def load(self, path: Path) -> dict[str, dict]:
-        """Verify and read a checkpoint: {"model": .., "optim": .., "trainer": .., "rng": ..}.
+        """Verify and read a checkpoint's small files: {"trainer": .., "rng": ..}, plus
+        "model" and "optim" when it is in single-file form (no dcp/ folder).
 
         A rank with no RNG file of its own (the job grew) takes rank 0's states.
         """
         verify(path)
-        out = {name: load_file(path / f"{name}.pt") for name in ("model", "optim", "trainer")}
+        names = ["trainer"] if (path / "dcp").is_dir() else ["model", "optim", "trainer"]
+        out = {name: load_file(path / f"{name}.pt") for name in names}
         own = path / f"rng_rank{self.rank}.pt"
         out["rng"] = load_file(own if own.exists() else path / "rng_rank0.pt")
         return out

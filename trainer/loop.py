@@ -16,18 +16,27 @@ import torch
 
 from data_pipeline.dataset import PackedDataset
 from data_pipeline.loader import Loader, build_loader
-from data_pipeline.objectives import Objective, build_objective, row_length, split_batch
+from data_pipeline.objectives import (
+    IGNORE_INDEX,
+    Objective,
+    build_objective,
+    row_length,
+    split_batch,
+)
 from data_pipeline.sample_corpus import ensure_sample_corpus
 from models import build_model, flops_per_token, param_counts
 from models.flops import known_peak_flops
 from parallel import dist
+from parallel.deepspeed_engine import build_client_optimizer, build_ds_config, build_engine
 from parallel.parallelize import no_grad_sync, parallelize, shard_optimizer, unwrap
 from parallel.state import (
     load_model_state,
     load_optimizer_state,
-    model_state,
-    optimizer_state,
+    load_sharded,
+    read_full,
+    save_sharded,
 )
+from parallel.tensor_parallel import loss_parallel_context, summed_losses_tp
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.config import JobConfig, to_yaml
 from trainer.log import get_logger, log_rank0, warn_once
@@ -105,6 +114,25 @@ def open_data(job: JobConfig, world: dist.World) -> Data:
     return Data(loader=loader, objective=objective, val=val, seq_len=seq_len)
 
 
+def build_deepspeed(model, job: JobConfig, world: dist.World):
+    """The model under DeepSpeed ZeRO with Loom's optimizer as client (exact LAMB)."""
+    p, t = job.parallel, job.trainer
+    optimizer = build_client_optimizer(model, job.optim)
+    config = build_ds_config(
+        zero=p.zero,
+        offload=p.offload,
+        nvme_path=p.nvme_path,
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        dp_size=world.dp_size,
+        grad_clip=job.optim.grad_clip,
+        num_params=sum(x.numel() for x in model.parameters()),
+        precision=job.precision.dtype,
+        pin_memory=world.device.type == "cuda",
+    )
+    return build_engine(model.to(world.device), optimizer, config, world=world)
+
+
 def model_vocab_size(job: JobConfig, tokenizer_vocab: int) -> int:
     vocab = job.model.vocab_size or tokenizer_vocab
     if vocab < tokenizer_vocab:
@@ -125,6 +153,11 @@ def peak_flops_total(job: JobConfig, world: dist.World) -> float | None:
     return peak * world.world_size
 
 
+def _rows_mask(real_B: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-row flag over a labels tensor of any rank."""
+    return real_B.view(-1, *([1] * (labels.dim() - 1))).expand_as(labels)
+
+
 class Trainer:
     """One training job on this process's share of the world."""
 
@@ -135,15 +168,19 @@ class Trainer:
         self.data = open_data(job, world)
         self.seq_len = self.data.seq_len
         vocab = model_vocab_size(job, self.data.loader.vocab_size)
-        self.model = parallelize(
-            build_model(job.model, vocab_size=vocab),
-            job.parallel,
-            world=world,
-            precision=job.precision.dtype,
-        )
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(unwrap(self.model), job.optim)
-        self.optimizer = shard_optimizer(optimizer, job.parallel, world=world)
+        model = build_model(job.model, vocab_size=vocab)
+        self.counts = param_counts(model)  # before sharding hides full shapes
+        self.ds = None  # the DeepSpeed engine, when parallel.engine=deepspeed
+        if job.parallel.engine == "deepspeed":
+            self.ds = build_deepspeed(model, job, world)
+            self.model = self.optimizer = self.ds
+        else:
+            self.model = parallelize(
+                model, job.parallel, world=world, model_cfg=job.model, precision=job.precision.dtype
+            )
+            optimizer = build_optimizer(unwrap(self.model), job.optim)
+            self.optimizer = shard_optimizer(optimizer, job.parallel, world=world)
+        self.params = [p for p in unwrap(self.model).parameters() if p.requires_grad]
         self.schedule = LRSchedule(job.optim, max_steps=self.t.max_steps)
         self.scaler = LossScaler(job.precision)
         # Dropout streams differ per data-parallel rank; weights above did not.
@@ -156,7 +193,7 @@ class Trainer:
         self._describe(vocab)
 
     def _describe(self, vocab: int) -> None:
-        counts = param_counts(unwrap(self.model))
+        counts = self.counts
         log_rank0(
             "model %s: %.2fM parameters (%.2fM non-embedding), vocab %d, %.3g FLOPs/token",
             self.job.model.name,
@@ -188,8 +225,14 @@ class Trainer:
         if path is None:
             return 0
         state = self.ckpt.load(path)
-        load_model_state(self.model, state["model"])
-        load_optimizer_state(self.model, self.optimizer, state["optim"])
+        if self.ds is not None:
+            full = state if "model" in state else read_full(path / "dcp")
+            self.ds.load_full_states(full["model"], full["optim"])
+        elif "model" in state:  # single-file form
+            load_model_state(self.model, state["model"])
+            load_optimizer_state(self.model, self.optimizer, state["optim"])
+        else:
+            load_sharded(self.model, self.optimizer, path / "dcp")
         self.data.loader.load_state_dict(state["trainer"]["loader"])
         self.scaler.load_state_dict(state["trainer"]["scaler"])
         set_rng_state(state["rng"])
@@ -203,13 +246,14 @@ class Trainer:
             "loader": self.data.loader.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
-        # Full, name-keyed states (collectives: every rank takes part, rank 0 writes).
-        shared = {
-            "model.pt": model_state(self.model),
-            "optim.pt": optimizer_state(self.model, self.optimizer, self.world),
-            "trainer.pt": trainer_state,
-        }
-        path = self.ckpt.save(step, shared=shared, per_rank={"rng": rng_state()})
+        shared = {"trainer.pt": trainer_state}
+        sharded = lambda d: save_sharded(self.model, self.optimizer, d, self.world)  # noqa: E731
+        if self.ds is not None:  # DeepSpeed keeps its own partitions: save the full states
+            shared.update(
+                {"model.pt": self.ds.full_model_state(), "optim.pt": self.ds.full_optimizer_state()}
+            )
+            sharded = None
+        path = self.ckpt.save(step, shared=shared, per_rank={"rng": rng_state()}, sharded=sharded)
         log_rank0("saved %s", path)
 
     def train_step(self, step: int) -> dict:
@@ -226,6 +270,24 @@ class Trainer:
         for i, (inputs, labels) in enumerate(micro):
             losses = self._micro_step(inputs, labels, weights, last=i == len(micro) - 1)
             sums += torch.stack([losses[k] for k in keys]).double()
+        grad_norm = self._update()
+        task = (dist.dp_sum(sums, self.world) / torch.tensor(counts).clamp(min=1)).tolist()
+        record = {
+            "loss": sum(task),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "loss_scale": self.scaler.scale,
+            "skipped_steps": self.ds.skipped_steps if self.ds else self.scaler.skipped_steps,
+        }
+        if len(keys) > 1:
+            record.update({task_name(k): v for k, v in zip(keys, task, strict=True)})
+        return record
+
+    def _update(self) -> float | None:
+        """Optimizer step after the accumulation; returns the pre-clip gradient norm (None
+        when fp16 overflowed and the step was skipped)."""
+        if self.ds is not None:  # it clipped and stepped at the last micro-batch
+            return self.ds.grad_norm()
         finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
         max_norm = self.job.optim.grad_clip or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if finite else None
@@ -233,28 +295,31 @@ class Trainer:
             self.optimizer.step()
         self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
-        task = (dist.dp_sum(sums, self.world) / torch.tensor(counts).clamp(min=1)).tolist()
-        record = {
-            "loss": sum(task),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "loss_scale": self.scaler.scale,
-            "skipped_steps": self.scaler.skipped_steps,
-        }
-        if len(keys) > 1:
-            record.update({task_name(k): v for k, v in zip(keys, task, strict=True)})
-        return record
+        return grad_norm
+
+    def _loss_context(self):
+        """Vocabulary-parallel cross-entropy under tensor parallelism (logits stay sharded)."""
+        return loss_parallel_context(self.job.parallel.tp > 1)
+
+    def _summed_losses(self, outputs, labels: dict) -> dict:
+        if self.job.parallel.tp > 1:
+            return summed_losses_tp(outputs, labels)
+        return summed_losses(outputs, labels)
 
     def _micro_step(self, inputs: dict, labels: dict, weights: dict, *, last: bool) -> dict:
         """Forward + backward of one micro-batch; returns its detached summed task losses."""
         device = self.world.device
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-        with no_grad_sync(self.model, last_micro_batch=last):
+        with no_grad_sync(self.model, last_micro_batch=last), self._loss_context():
             with autocast(self.job.precision, device):
                 outputs = self.model(**inputs)
-            sums = summed_losses(outputs, labels)
+            sums = self._summed_losses(outputs, labels)
             total = sum(sums[k] * weights[k] for k in sums)
-            self.scaler.scale_loss(total).backward()
+            if self.ds is not None:
+                self.ds.backward(total)
+                self.ds.step()  # steps only at the end of the accumulation
+            else:
+                self.scaler.scale_loss(total).backward()
         return {k: v.detach().cpu() for k, v in sums.items()}
 
     @torch.no_grad()
@@ -273,19 +338,28 @@ class Trainer:
         Objective randomness is keyed by sample id, so evaluation sees the same masks and
         spans every time; ids are offset past any training id.
         """
-        model, world = unwrap(self.model), self.world
+        model, world, mb = unwrap(self.model), self.world, self.t.micro_batch_size
         model.eval()
         rows = list(range(world.dp_rank, min(self.t.eval_samples, len(val)), world.dp_size))
+        # Sharded layouts run every forward collectively: every rank takes the same number
+        # of micro-batches, padding with unscored rows.
+        per_rank = -(-min(self.t.eval_samples, len(val)) // world.dp_size)
+        rows += [-1] * (per_rank - len(rows))
         totals: dict[str, torch.Tensor] = {}
-        for i in range(0, len(rows), self.t.micro_batch_size):
-            chunk = rows[i : i + self.t.micro_batch_size]
-            batch = val.gather_batch(chunk)
+        for i in range(0, len(rows), mb):
+            chunk = rows[i : i + mb]
+            real = torch.tensor([r >= 0 for r in chunk])
+            batch = val.gather_batch([max(r, 0) for r in chunk])
             batch["sample_ids"] = torch.tensor(chunk, dtype=torch.int64) + EVAL_ID_OFFSET
             inputs, labels = split_batch(self.data.objective(batch))
+            labels = {
+                k: torch.where(_rows_mask(real, v), v, IGNORE_INDEX) for k, v in labels.items()
+            }
             inputs = {k: v.to(world.device) for k, v in inputs.items()}
-            with autocast(self.job.precision, world.device):
+            with self._loss_context(), autocast(self.job.precision, world.device):
                 outputs = model(**inputs)
-            sums, counts = summed_losses(outputs, labels), target_counts(labels)
+                sums = self._summed_losses(outputs, labels)
+            counts = target_counts(labels)
             for k in sums:
                 pair = torch.tensor([float(sums[k]), float(counts[k])], dtype=torch.float64)
                 totals[k] = totals.get(k, torch.zeros(2, dtype=torch.float64)) + pair

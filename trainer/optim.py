@@ -1,5 +1,6 @@
-"""Optimizers: LAMB (with a seam for sharded trust-ratio norms), parameter groups, and
-the builder that turns an `OptimConfig` into a torch optimizer.
+"""Optimizers: LAMB (with seams for sharded trust-ratio norms and for ZeRO's flat
+partitions), parameter groups, and the builder that turns an `OptimConfig` into a torch
+optimizer.
 
 The learning rate given here is the peak; the scheduler overwrites `group["lr"]` every
 step.
@@ -8,7 +9,8 @@ step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +21,64 @@ if TYPE_CHECKING:
 
 NormFn = Callable[[list[Tensor]], list[Tensor]]
 """Maps a list of (possibly sharded) local tensors to the L2 norms of the full tensors."""
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where whole tensors lie inside one flat 1-D tensor a ZeRO engine hands the optimizer.
+
+    ZeRO engines (DeepSpeed stages 1-3) concatenate a group of original tensors, split the
+    result over the ranks of `group`, and give the optimizer only this rank's slice. Piece
+    k of that slice is ``flat[starts[k] : starts[k] + lengths[k]]``; it holds elements
+    ``offsets[k] : offsets[k] + lengths[k]`` of the flattened original tensor
+    `tensor_ids[k]`. Elements covered by no piece are alignment padding: never read for a
+    norm, never written. `numels` (and `names`, for messages and checkpoints) describe every
+    original tensor of the group, in the same order on every rank, whether or not this rank
+    holds a piece of it.
+    """
+
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    tensor_ids: tuple[int, ...]
+    offsets: tuple[int, ...]
+    numels: tuple[int, ...]
+    names: tuple[str, ...] = ()
+    group: Any = None
+    """Opaque handle (a process group) passed to the reduce function; None: one process."""
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.numels)
+
+    def pieces(self, flat: Tensor) -> list[Tensor]:
+        return [flat.narrow(0, s, n) for s, n in zip(self.starts, self.lengths, strict=True)]
+
+    def name(self, tensor_id: int) -> str:
+        return self.names[tensor_id] if self.names else f"tensor {tensor_id}"
+
+    def check(self, flat_numel: int) -> None:
+        """Raise ValueError unless every piece lies inside the flat tensor and inside its
+        original tensor, and no two pieces overlap."""
+        fields = (self.starts, self.lengths, self.tensor_ids, self.offsets)
+        if len({len(f) for f in fields}) != 1:
+            raise ValueError("FlatLayout: starts, lengths, tensor_ids and offsets differ in length")
+        if self.names and len(self.names) != self.num_tensors:
+            raise ValueError(f"FlatLayout: {len(self.names)} names for {self.num_tensors} tensors")
+        end = 0
+        for start, n, tid, off in sorted(zip(*fields, strict=True)):
+            if not 0 <= tid < self.num_tensors:
+                raise ValueError(f"FlatLayout: tensor id {tid} outside 0..{self.num_tensors - 1}")
+            what = f"FlatLayout: piece of {self.name(tid)} at flat[{start}:{start + n}]"
+            if n <= 0 or start < end or start + n > flat_numel:
+                raise ValueError(f"{what} is empty, overlaps another or exceeds {flat_numel}")
+            if off < 0 or off + n > self.numels[tid]:
+                raise ValueError(f"{what} exceeds the tensor's {self.numels[tid]} elements")
+            end = start + n
+
+
+ReduceFn = Callable[[Tensor, FlatLayout], Tensor]
+"""Sums a float64 tensor over the ranks of `layout.group`; returns the sum (it may be a new
+tensor, on another device). Every rank calls it once per flat tensor per step."""
 
 
 def local_norms(tensors: list[Tensor], *, foreach: bool = True) -> list[Tensor]:
@@ -61,6 +121,15 @@ class Lamb(torch.optim.Optimizer):
     belongs to the i-th weight). A distributed wrapper can therefore sum squared local
     norms across ranks in a single collective per call; it must see the same tensors, in
     the same order, on every rank. The default computes local norms.
+
+    Flat partitions: ZeRO engines hand the optimizer one flat tensor per group holding this
+    rank's slice of many concatenated tensors. `set_flat_layouts` says which pieces of each
+    flat tensor belong to which original tensor; the moments and updates stay elementwise
+    on the whole flat tensor, while norms and the trust-ratio apply go per piece, so each
+    original tensor still gets its own trust ratio. Tensors cut by a partition boundary get
+    their full norms from squared piece norms summed by `reduce_fn` (one call per flat
+    tensor per step, a float64 buffer, so an unsplit tensor's norm is bit for bit the one
+    Lamb computes on the tensor itself).
     """
 
     def __init__(
@@ -96,10 +165,14 @@ class Lamb(torch.optim.Optimizer):
         # Kept off the param groups: a callable there would not survive state_dict()
         # loading with torch.load(weights_only=True).
         self.norm_fn = norm_fn
+        self.flat_layouts: dict[Tensor, FlatLayout] = {}
+        self.reduce_fn: ReduceFn | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("norm_fn", None)
+        self.__dict__.setdefault("flat_layouts", {})
+        self.__dict__.setdefault("reduce_fn", None)
         for group in self.param_groups:
             group.setdefault("bias_correction", True)
             group.setdefault("foreach", None)
@@ -120,6 +193,9 @@ class Lamb(torch.optim.Optimizer):
             update_fn = _foreach_updates if foreach else _loop_updates
             hyper = {key: group[key] for key in _UPDATE_KEYS}
             updates = update_fn(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+            if self.flat_layouts:
+                self._flat_apply(params, updates, lr=group["lr"], foreach=foreach)
+                continue
             w_norms = self._norms(params, foreach=foreach)
             u_norms = self._norms(updates, foreach=foreach)
             apply_fn = _foreach_apply if foreach else _loop_apply
@@ -134,19 +210,105 @@ class Lamb(torch.optim.Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("Lamb does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                # step lives on the CPU as float32, like torch.optim.Adam, so reading it
-                # for the bias correction never syncs a GPU and state_dict round-trips.
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state = self._init_state(p)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         return params, grads, exp_avgs, exp_avg_sqs, steps
+
+    def set_flat_layouts(
+        self,
+        layouts: Mapping[Tensor, FlatLayout],
+        *,
+        reduce_fn: ReduceFn | None = None,
+        init_state: bool = True,
+    ) -> None:
+        """Treat each key of `layouts` (a flat 1-D param of this optimizer) as a partition.
+
+        Once set, every param that has a grad at `step` must have a layout. `reduce_fn`
+        sums the squared piece norms over `layout.group` (None: no other rank holds pieces).
+        `init_state` creates the moments now rather than lazily at the first step, so an
+        engine that links state to its own bookkeeping after the first step finds it, and
+        a checkpoint can be loaded before any step.
+        """
+        if self.norm_fn is not None:
+            raise ValueError("Lamb: flat layouts and norm_fn are exclusive; construct without one")
+        # Empty while an engine assigns its partitions only during step (DeepSpeed ZeRO-3).
+        known = {id(p) for group in self.param_groups for p in group["params"]}
+        for flat, layout in layouts.items():
+            if flat.dim() != 1:
+                raise ValueError(f"Lamb: flat layout tensors must be 1-D, not {tuple(flat.shape)}")
+            layout.check(flat.numel())
+            if known and id(flat) not in known:
+                raise ValueError(
+                    f"Lamb: a flat tensor of {flat.numel()} elements is not one of its params"
+                )
+        self.flat_layouts = dict(layouts)
+        self.reduce_fn = reduce_fn
+        if init_state:
+            for flat in self.flat_layouts:
+                self._init_state(flat)
+
+    def _init_state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            # step lives on the CPU as float32, like torch.optim.Adam, so reading it for
+            # the bias correction never syncs a GPU and state_dict round-trips.
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _flat_apply(
+        self, params: list[Tensor], updates: list[Tensor], *, lr: float, foreach: bool
+    ) -> None:
+        """w -= lr * r * u piece by piece, r taken per original tensor across all ranks."""
+        for p, u in zip(params, updates, strict=True):
+            layout = self.flat_layouts.get(p)
+            if layout is None:
+                raise RuntimeError(
+                    f"Lamb: a param of shape {tuple(p.shape)} has a grad but no flat layout; "
+                    "pass every partition to set_flat_layouts()"
+                )
+            w_pieces, u_pieces = layout.pieces(p), layout.pieces(u)
+            w_norms, u_norms = self._full_norms(w_pieces, u_pieces, layout, p, foreach=foreach)
+            if not w_pieces:
+                continue  # this rank holds only padding of this flat tensor
+            # Elementwise on the (num_tensors,) vectors: rounds as _foreach_apply does.
+            scales_vec = _trust_ratio(w_norms, u_norms).mul_(-lr)
+            ids = torch.tensor(layout.tensor_ids, device=scales_vec.device)
+            scales = list(scales_vec.index_select(0, ids).to(u.dtype).unbind(0))
+            if foreach:
+                torch._foreach_addcmul_(w_pieces, u_pieces, scales)
+            else:
+                for w, v, scale in zip(w_pieces, u_pieces, scales, strict=True):
+                    w.addcmul_(v, scale)
+
+    def _full_norms(
+        self,
+        w_pieces: list[Tensor],
+        u_pieces: list[Tensor],
+        layout: FlatLayout,
+        flat: Tensor,
+        *,
+        foreach: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """Norms of every original tensor of `layout` (weights, updates), as (num_tensors,)."""
+        # A tensor's squared norm is the sum of its pieces' squared norms. fp32 norms
+        # square exactly in float64, so a tensor held whole gets its own norm back.
+        sq = torch.zeros(2, layout.num_tensors, dtype=torch.float64, device=flat.device)
+        if w_pieces:
+            ids = torch.tensor(layout.tensor_ids, device=flat.device)
+            w = torch.stack(local_norms(w_pieces, foreach=foreach)).double()
+            u = torch.stack(local_norms(u_pieces, foreach=foreach)).double()
+            sq[0].index_add_(0, ids, w * w)
+            sq[1].index_add_(0, ids, u * u)
+        if self.reduce_fn is not None:
+            sq = self.reduce_fn(sq, layout)
+        norms = sq.to(flat.device).sqrt_().to(flat.dtype)
+        return norms[0], norms[1]
 
     def _norms(self, tensors: list[Tensor], *, foreach: bool) -> list[Tensor]:
         if self.norm_fn is None:

@@ -61,7 +61,7 @@ def test_two_process_blend_matches_single_process(train_cli, tmp_path, two_corpo
 
 def test_blend_resumes_at_another_data_parallel_size(train_cli, tmp_path, two_corpora):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    common = [*TINY, sources(two_corpora), "optim.decay_steps=8"]
+    common = [*TINY, sources(two_corpora), "optim.decay_steps=8", "optim.warmup_steps=2"]
     train_cli(*common, f"trainer.out_dir={whole}")
     train_cli(*common, "trainer.max_steps=4", f"trainer.out_dir={split}", nproc=2)
     train_cli(*common, f"trainer.out_dir={split}")  # resumes on 1 process

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from parallel.state import read_full
 from tests.conftest import read_metrics
 
 TINY = [
@@ -23,7 +24,7 @@ TINY = [
 
 def final_weights(run_dir) -> dict:
     ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    return torch.load(ckpt / "model.pt", weights_only=True)
+    return read_full(ckpt / "dcp")["model"]
 
 
 def run_pair(train_cli, tmp_path, *extra):

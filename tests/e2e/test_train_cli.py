@@ -67,8 +67,8 @@ def test_corrupt_latest_checkpoint_falls_back(train_cli, tmp_path):
         f"trainer.out_dir={tmp_path}",
     ]
     train_cli(*common, "trainer.max_steps=10")
-    model = tmp_path / "checkpoints" / "step_10" / "model.pt"
-    model.write_bytes(model.read_bytes()[:100])
+    shard = tmp_path / "checkpoints" / "step_10" / "dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
     proc = train_cli(*common, "trainer.max_steps=12")
     assert "step_10" in proc.stdout and "resumed from" in proc.stdout
     assert "step_5" in proc.stdout.split("resumed from")[1].splitlines()[0]
@@ -147,3 +147,41 @@ def test_dry_run_writes_report_and_trains_nothing(train_cli, tmp_path):
     assert report["params_total"] == 354_823_168 and report["world_size"] == 8
     assert "FLOPs per token" in proc.stdout
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sharded_and_single_file_checkpoints_convert_and_resume(train_cli, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from parallel.state import read_full
+    from tests.conftest import ROOT
+
+    common = [
+        *TINY,
+        "optim.decay_steps=12",
+        "optim.warmup_steps=2",
+        "trainer.save_every=10",
+        "trainer.eval_every=0",
+        "trainer.log_every=1",
+    ]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train_cli(*common, "trainer.max_steps=12", f"trainer.out_dir={whole}")
+    train_cli(*common, "trainer.max_steps=10", f"trainer.out_dir={split}")
+    ckpt = split / "checkpoints" / "step_10"
+    single, back = tmp_path / "single", tmp_path / "back"
+    tool = [sys.executable, str(ROOT / "launch" / "convert_checkpoint.py")]
+    subprocess.run([*tool, "--to-single", str(ckpt), str(single)], check=True)
+    subprocess.run([*tool, "--to-sharded", str(single), str(back)], check=True)
+    model = torch.load(single / "model.pt", weights_only=True)
+    again = read_full(back / "dcp")["model"]
+    assert model.keys() == again.keys()
+    assert all(torch.equal(model[k], again[k]) for k in model)
+    shutil.rmtree(ckpt)
+    shutil.move(single, ckpt)  # resume from the single-file form
+    train_cli(*common, "trainer.max_steps=12", f"trainer.out_dir={split}")
+    a = [(r["step"], r["loss"]) for r in read_metrics(whole)]
+    b = [(r["step"], r["loss"]) for r in read_metrics(split)]
+    assert a == b and len(a) == 12

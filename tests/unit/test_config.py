@@ -97,8 +97,12 @@ def test_config_yaml_lists_every_schema_field():
 def test_layouts_not_built_yet_are_refused_by_name():
     job = compose_job("parallel.tp=2", "parallel.pp=2", "parallel.dp=1")
     validate_job(job, world_size=4)  # a valid layout (dry runs may describe it) ...
-    with pytest.raises(ValueError, match=r"parallel.tp=2, parallel.pp=2"):
-        job.parallel.check_available()  # ... that training refuses for now
+    with pytest.raises(ValueError, match=r"parallel.pp=2"):
+        job.parallel.check_available(world_size=4)  # ... that training refuses for now
+    tp_ddp = compose_job("parallel.tp=2")
+    with pytest.raises(ValueError, match=r"parallel.tp=2 .* parallel.zero=2 or 3"):
+        tp_ddp.parallel.check_available(world_size=4)
+    compose_job("parallel.tp=2", "parallel.zero=3").parallel.check_available(world_size=4)
 
 
 def test_explicit_dp_must_match_world():

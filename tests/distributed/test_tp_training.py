@@ -1,0 +1,57 @@
+"""launch/train.py with tensor (+ sequence) parallelism matches one process."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import read_metrics
+
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.max_seq_len=64",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=4",
+    "trainer.log_every=1",
+    "trainer.eval_every=4",
+    "trainer.eval_samples=6",
+    "optim=lamb",
+    "optim.warmup_steps=2",
+    "optim.decay_steps=6",
+    "trainer.save_every=4",
+]
+
+
+def assert_same_losses(a, b):
+    a, b = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        key = "loss" if "loss" in x else "val_loss"
+        assert abs(x[key] - y[key]) < 1e-5, (x["step"], key, x[key], y[key])
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "nproc"),
+    [
+        ("gpt_debug", ["parallel.tp=2"], 2),
+        ("gpt_debug", ["parallel.tp=2", "parallel.sp=true"], 2),
+        ("bert_debug", ["parallel.tp=2"], 2),
+        ("gpt_debug", ["parallel.tp=2", "parallel.zero=3"], 4),
+    ],
+)
+def test_tensor_parallel_training_matches_one_process(train_cli, tmp_path, model, extra, nproc):
+    common = [f"+model={model}", *TINY, "trainer.max_steps=6"]
+    train_cli(*common, f"trainer.out_dir={tmp_path / 'one'}")
+    train_cli(*common, *extra, f"trainer.out_dir={tmp_path / 'tp'}", nproc=nproc)
+    assert_same_losses(tmp_path / "one", tmp_path / "tp")
+
+
+def test_checkpoint_saved_under_tp_resumes_on_one_process(train_cli, tmp_path):
+    common = ["+model=gpt_debug", *TINY]
+    train_cli(*common, "trainer.max_steps=6", f"trainer.out_dir={tmp_path / 'whole'}")
+    split = tmp_path / "split"
+    train_cli(*common, "trainer.max_steps=4", "parallel.tp=2", f"trainer.out_dir={split}", nproc=2)
+    proc = train_cli(*common, "trainer.max_steps=6", f"trainer.out_dir={split}")
+    assert "resumed from" in proc.stdout
+    assert_same_losses(tmp_path / "whole", split)
