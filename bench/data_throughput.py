@@ -28,16 +28,25 @@ tokens per wall-clock second is printed, and tokens per CPU second (steadier on 
 machine), with the load average before and after. With --workdir the corpus is kept and reused
 by later runs with the same sizes. Nothing is asserted but the equality of the two loaders.
 
-Results (M tokens/s, median of 7; 2-core CI-class machine shared with other jobs, load 2-7;
-256 MiB, rows of 2048 uint16 tokens, batch 8; ratios are of CPU time, wall agreed within 5%):
+Results on a 2-core machine shared with other jobs (load average 2.4-3.6 during the runs),
+256 MiB corpus, batch 8; CPU-time ratios, median of 7 (wall-clock ratios agreed within 0.05
+when the load was steady). "before" is the reader this one replaced, timed by this bench:
 
-| reader                                   | before | after | after, 8 shards |
-|------------------------------------------|-------:|------:|----------------:|
-| loom loader / memmap loader (same dict)  |   0.94x |  1.78x |  1.63x |
-| loom gather / memmap rows (tokens only)  |   0.56x |  1.01x |  0.80x |
-| loom loader / memmap rows (tokens only)  |   0.42x |  0.71x |  0.66x |
-| loom gather / memmap frombuffer          |   1.09x |  1.78x |  1.46x |
-| loom / memmap rows, 256 rows per call    |   0.84x |  1.00x |  0.97x |
+| ratio, before -> after                  | S=2048, 1 shard | S=2049, 1 shard | S=2048, 8 shards |
+|-----------------------------------------|-----------------|-----------------|------------------|
+| loom loader / memmap loader (same dict) | 1.77x -> 2.06x  | 1.94x -> 2.16x  | 1.27x -> 1.41x   |
+| loom gather / memmap rows (tokens only) | 0.54x -> 0.87x  | 0.65x -> 0.99x  | 0.29x -> 0.61x   |
+| loom loader / memmap rows (tokens only) | 0.41x -> 0.50x  | 0.50x -> 0.56x  | 0.30x -> 0.35x   |
+| loom gather / memmap frombuffer         | 1.08x -> 1.65x  | 1.23x -> 1.91x  | 0.58x -> 1.13x   |
+| the gather pair, 256 rows per call      | 0.82x -> 0.86x  | 0.94x -> 1.03x  | 0.67x -> 0.80x   |
+
+After, S=2048, 1 shard: loom loader 896 M tokens/s (18 us per step), memmap loader 436, loom
+gather 1564, memmap rows 1807, memcpy 6983. S = seq_len + 1 (--seq-len 2047 or 2048; the
+S=2049 runs used --rows-per-shard 66560 to keep one shard). Rows of 2048 uint16 tokens are
+4096 bytes: each lies on one page of the flat file but straddles two in the Arrow body, whose
+buffers are 64-byte aligned (the same copy from the flat file shifted by 64 bytes takes ~8%
+longer); with S=2049 neither layout is aligned and the tokens-only paths are level. Rows of
+several shards cost about 1 us more each (see dataset._read_rows).
 """
 
 from __future__ import annotations
@@ -142,8 +151,11 @@ class MemmapLoader:
         self.S, self.batch, self.seed = sample_len, batch, seed
         tokens = np.memmap(workdir / "tokens.bin", dtype=np.uint16, mode="r")
         self.rows = np.asarray(tokens).reshape(-1, sample_len)
+        # Plain ndarrays over the maps: indexing an np.memmap goes through its Python subclass.
         self.csr = [
-            (np.load(workdir / f"{k}_ptr.npy", mmap_mode="r"), np.load(workdir / f"{k}_pos.npy"))
+            tuple(
+                np.asarray(np.load(workdir / f"{k}_{a}.npy", mmap_mode="r")) for a in ("ptr", "pos")
+            )
             for k in ("doc", "sent")
         ]
         self.consumed = 0

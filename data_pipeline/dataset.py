@@ -6,10 +6,15 @@ record batch.
 Shards are memory-mapped Arrow IPC files. Every record batch but a shard's last holds
 `rows_per_batch` rows and every shard but a split's last holds a multiple of it, so row ->
 (record batch, offset) is arithmetic. The first time a record batch is touched, the positions of
-its buffers inside the mapped file are recorded; from then on a gather of any rows is a few
-vectorised numpy indexing operations on the mapped bytes (no per-row Python, no Arrow objects):
-the same copy a flat memmap reader makes. `Table.take` is avoided on purpose: on a multi-batch
-memory-mapped column it copies every chunk on every call.
+its buffers inside the mapped file are recorded, and so is where each of its rows lies (shard,
+and the token element where the row starts). From then on reading n rows costs what a flat
+memmap reader pays: one lookup of where they lie, one fancy-indexed copy of whole rows (a
+memcpy each) out of the mapped bytes and one cast to int64; no Arrow objects, and no per-row
+Python unless the rows come from several shards (see _read_rows). `Table.take` is avoided on
+purpose: on a multi-batch memory-mapped column it copies every chunk on every call. For
+training, `MicroBatchPlan` does the rest of the per-row work (placement, first-touch checks,
+document and sentence starts as mask keys) for many samples in one vectorised pass, so that
+each micro-batch is a copy, a cast and one scatter.
 
 Integrity is checked in layers: at open, the manifest against each shard's size, schema and
 record-batch count (and, with `verify_checksums`, sha256 plus everything below for every
@@ -23,6 +28,7 @@ The order in which one corpus is visited is a pure function of (seed, epoch): se
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -49,11 +55,8 @@ _REQUIRED_FIELDS = (
 # Columns of PackedDataset._at: where a record batch's buffers start in its shard's mapped
 # file, in elements of the shard's token view (_TOK) or int32 view (the list columns).
 _TOK, _DOC_OFF, _DOC_VAL, _SENT_OFF, _SENT_VAL = range(5)
-# A row code is (shard << _SHARD_SHIFT) | the element of the shard's token view where the row
-# starts: one int64 places a row anywhere in a split of shards under 2 TiB each.
-_SHARD_SHIFT = 40
-_ELEMENT_MASK = (1 << _SHARD_SHIFT) - 1
 _NO_ITEMS = np.zeros(0, dtype=np.int64)
+_INT64 = np.dtype(np.int64)
 Batch = dict[str, torch.Tensor]
 
 
@@ -74,6 +77,8 @@ class PackedDataset:
         self._entry = splits[split]
         _check_split_entry(self._entry, where=f"{where}, split {split!r}")
         self._dtype = np.dtype(self._manifest["dtype"])
+        # Viewed as this type, n opaque rows (see _row_windows) are [n, S] tokens in one call.
+        self._row_type = np.dtype((self._dtype, (self.sample_len,)))
         self._rpb = int(self._manifest["rows_per_batch"])
         self._schema = expected_schema(
             self._dtype, self.sample_len, schema_version=self._manifest["schema_version"]
@@ -82,17 +87,19 @@ class PackedDataset:
         shards = self._entry["shards"]
         self._names = [shard["file"] for shard in shards]
         self._readers, self._arrow_base, self._whole = [], [], []
-        self._token_rows, self._int32 = [], []
+        self._views: list[ShardViews] = []
         for shard in shards:
             self._open_shard(shard, verify_checksums)
         self._index_batches(shards, where=f"{where}, split {split!r}")
         self._checked = np.zeros(len(self._batch_shard), dtype=bool)
         self._unchecked = len(self._batch_shard)  # record batches not yet touched
         self._at = np.zeros((5, len(self._batch_shard)), dtype=np.int64)
-        # The code (see _SHARD_SHIFT) of every row, written when its record batch is first
-        # touched: a row's place is then one lookup. Eight bytes a row, as one epoch's visiting
-        # order; np.empty leaves untouched pages unallocated.
-        self._row_code = np.empty(len(self), dtype=np.int64)
+        # Where each row lies: its shard, and the element of that shard's token view where it
+        # starts; written when its record batch is first touched, so placing rows is then one
+        # lookup. Twelve bytes a row (an epoch's visiting order takes eight); np.empty leaves
+        # untouched pages unallocated.
+        self._row_start = np.empty(len(self), dtype=np.int64)
+        self._row_shard = np.empty(len(self), dtype=np.int32)
         if verify_checksums:
             self.verify()
 
@@ -127,8 +134,14 @@ class PackedDataset:
         self._readers.append(reader)
         self._arrow_base.append(arrow_base)
         self._whole.append(whole)
-        self._token_rows.append(_row_windows(whole, self._dtype, self.sample_len))
-        self._int32.append(whole[: size - size % 4].view(np.int32))
+        self._views.append(
+            ShardViews(
+                rows=_row_windows(whole, self._dtype, self.sample_len),
+                row_type=self._row_type,
+                tokens=whole[: size - size % self._dtype.itemsize].view(self._dtype),
+                int32=whole[: size - size % 4].view(np.int32),
+            )
+        )
 
     def _check_layout(self, reader, shard: dict, file: Path) -> None:
         # Only the footer here: reading each record batch's header would make Arrow advise
@@ -222,7 +235,8 @@ class PackedDataset:
         # Shards before the last hold whole record batches: global batch b starts at row b * R.
         first, count = batch * self._rpb, len(tokens) // self.sample_len
         element = self._at[_TOK, batch] + self.sample_len * np.arange(count, dtype=np.int64)
-        self._row_code[first : first + count] = (shard << _SHARD_SHIFT) | element
+        self._row_start[first : first + count] = element
+        self._row_shard[first : first + count] = shard
         self._checked[batch] = True
         self._unchecked -= 1
 
@@ -306,7 +320,7 @@ class PackedDataset:
         """Row indices as int64 [n] in [0, len(self)) (negative ones count from the end),
         every record batch among them checked."""
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self._row_code)
+        n = len(self._row_start)
         # Negative indices read as huge unsigned numbers: one test finds both kinds.
         if len(rows) and _max(rows.view(np.uint64)) >= n:
             rows = np.where(rows < 0, rows + n, rows)
@@ -324,14 +338,19 @@ class PackedDataset:
                     self._first_touch(batch)
         return rows
 
-    def _codes(self, rows: np.ndarray) -> np.ndarray:
-        """Row codes (see _SHARD_SHIFT) of int64 row indices."""
-        if self._unchecked:
-            rows = self._rows(rows)
+    def _lookup(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, where they start in their shards' token views) of row indices (negative
+        ones count from the end); `rows` index _row_shard like the indices given."""
+        rows = indices
+        # The common case, a 1-D int64 array once every record batch is checked, goes straight
+        # to the lookup; anything else is normalised and checked first.
+        plain = type(rows) is np.ndarray and rows.dtype == _INT64 and rows.ndim == 1
+        if self._unchecked or not plain:
+            rows = self._rows(indices)
         try:
             # Once every record batch is checked this lookup is the whole placement: numpy
             # wraps negative indices and refuses out-of-range ones itself.
-            return self._row_code[rows]
+            return rows, self._row_start[rows]
         except IndexError:
             self._rows(rows)  # raises the error that names the split
             raise
@@ -339,7 +358,7 @@ class PackedDataset:
     def _by_shard(self, shards: np.ndarray, *, as_indices: bool = False) -> list[tuple]:
         """(shard, selection) groups of gathered rows: one group, selecting all, when they
         come from a single shard (the common case, kept cheap); else index arrays."""
-        if len(self._token_rows) == 1:
+        if len(self._views) == 1:
             distinct = [0]
         elif len(shards) <= 64:
             distinct = sorted(set(shards.tolist()))
@@ -349,19 +368,19 @@ class PackedDataset:
             return [(distinct[0], np.arange(len(shards)) if as_indices else slice(None))]
         return [(s, np.flatnonzero(shards == s)) for s in distinct]
 
-    def _copy_rows(self, codes: np.ndarray) -> np.ndarray:
-        """The rows at `codes` as [n] opaque items of S stored tokens: one fancy-indexed copy
-        (a memcpy per row) for each shard among them."""
-        if len(self._token_rows) == 1:
-            return self._token_rows[0][codes]  # codes are elements: the shard bits are 0
-        elements = codes & _ELEMENT_MASK
-        groups = self._by_shard(codes >> _SHARD_SHIFT)
+    def _copy_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Checked `rows` as [n] opaque items of S stored tokens: one fancy-indexed copy (a
+        memcpy per row) for each shard among them."""
+        starts = self._row_start[rows]
+        if len(self._views) == 1:
+            return self._views[0].rows[starts]
+        groups = self._by_shard(self._row_shard[rows])
         if len(groups) == 1:
-            return self._token_rows[groups[0][0]][elements]
-        rows = np.empty(len(codes), dtype=self._token_rows[0].dtype)
+            return self._views[groups[0][0]].rows[starts]
+        got = np.empty(len(rows), dtype=self._views[0].rows.dtype)
         for shard, sel in groups:
-            rows[sel] = self._token_rows[shard][elements[sel]]
-        return rows
+            got[sel] = self._views[shard].rows[starts[sel]]
+        return got
 
     def _lists(self, rows: np.ndarray) -> np.ndarray:
         """[4, n]: where the boundary lists of checked `rows` lie in their shard's int32 view:
@@ -376,25 +395,20 @@ class PackedDataset:
         at[_SENT_OFF] += offsets
         return at[_DOC_OFF:]
 
-    def _widen(self, rows: np.ndarray) -> np.ndarray:
-        """[n] opaque rows of this corpus -> int64 [n, S]."""
-        return rows.view(self._dtype).reshape(len(rows), self.sample_len).astype(np.int64)
-
     def gather_into(self, rows: Sequence[int] | np.ndarray, out: RowArrays, at: np.ndarray) -> None:
         """Write rows `rows` into positions `at` of `out`: their tokens, and their document
         and sentence starts marked True (out's masks must be clear at those positions)."""
         rows = self._rows(rows)
-        got = self._copy_rows(self._row_code[rows])
+        got = self._copy_rows(rows)
         if out.tokens.dtype == self._dtype:
-            np.reshape(out.tokens.view(got.dtype), -1, copy=False)[at] = got
+            _flat_view(out.tokens).view(got.dtype)[at] = got
         else:  # a blend of uint16 and int32 corpora: widen on the way
-            out.tokens[at] = got.view(self._dtype).reshape(len(rows), self.sample_len)
-        doc_start = np.reshape(out.doc_start, -1, copy=False)
-        sent_start = np.reshape(out.sent_start, -1, copy=False)
+            out.tokens[at] = got.view(self._row_type)
+        doc_start, sent_start = _flat_view(out.doc_start), _flat_view(out.sent_start)
         lists = self._lists(rows)
         base = np.asarray(at, dtype=np.int64) * self.sample_len
         for shard, sel in self._by_shard(self._batch_shard[rows // self._rpb]):
-            flat = self._int32[shard]
+            flat = self._views[shard].int32
             doc, _ = _list_keys(flat, lists[0, sel], lists[1, sel], base[sel])
             sent, _ = _list_keys(flat, lists[2, sel], lists[3, sel], base[sel])
             # A document start is a sentence start too.
@@ -402,15 +416,17 @@ class PackedDataset:
 
     def __getitem__(self, index: int) -> np.ndarray:
         """Row `index` as a read-only numpy view into the memory-mapped shard."""
-        code = int(self._codes(np.asarray([index], dtype=np.int64))[0])
-        element = code & _ELEMENT_MASK
-        rows = self._token_rows[code >> _SHARD_SHIFT][element : element + 1]
-        return rows.view(self._dtype)
+        rows, starts = self._lookup([index])
+        start, shard = int(starts[0]), int(self._row_shard[rows[0]])
+        return self._views[shard].tokens[start : start + self.sample_len]
 
     def gather(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Rows `indices` stacked into an int64 tensor [len(indices), sample_len]."""
-        codes = self._codes(np.asarray(indices, dtype=np.int64).reshape(-1))
-        return torch.from_numpy(self._widen(self._copy_rows(codes)))
+        rows, starts = self._lookup(indices)
+        if len(self._views) == 1:
+            shard = self._views[0]
+            return torch.from_numpy(shard.rows[starts].view(shard.row_type).astype(np.int64))
+        return torch.from_numpy(_read_rows(self._views, self._row_shard[rows], starts))
 
     def gather_arrays(self, rows: Sequence[int] | np.ndarray) -> RowArrays:
         """Rows and their boundaries as numpy arrays (tokens in the stored dtype)."""
@@ -472,9 +488,8 @@ class MicroBatchPlan:
 
     Planning does the per-row work once for many micro-batches: it checks every record batch
     the rows touch, looks up where each row's tokens lie and turns their document and sentence
-    starts into sorted mask keys. Each micro-batch is then a fancy-indexed copy of its rows,
-    one cast to int64 and one scatter into a fresh mask, about what a flat memmap reader
-    spends on its tokens alone.
+    starts into mask keys grouped by micro-batch. Each micro-batch is then a fancy-indexed copy
+    of its rows, one cast to int64 and one scatter into a fresh mask.
     """
 
     def __init__(
@@ -495,54 +510,49 @@ class MicroBatchPlan:
         self.micro_batch_size, self.size = micro_batch_size, size
         self.sample_len = parts[0][0].sample_len
         self._ids = sample_ids
-        # Per (corpus, shard) among the parts: its rows as opaque items, token dtype, int32 view.
-        self._sources: list[tuple[np.ndarray, np.dtype, np.ndarray]] = []
+        self._sources: list[ShardViews] = []  # every shard of the corpora among the parts
         self._element = np.empty(size, dtype=np.int64)  # where each row's tokens start
         self._source = np.empty(size, dtype=np.int64)
         lists = np.empty((4, size), dtype=np.int64)  # see PackedDataset._lists
         for ds, rows, at in parts:
             rows = ds._rows(rows)
-            codes = ds._row_code[rows]
             where = slice(None) if at is None else at
-            self._element[where] = codes & _ELEMENT_MASK
-            self._source[where] = len(self._sources) + (codes >> _SHARD_SHIFT)
+            self._element[where] = ds._row_start[rows]
+            self._source[where] = len(self._sources) + ds._row_shard[rows]
             lists[:, where] = ds._lists(rows)
-            pairs = zip(ds._token_rows, ds._int32, strict=True)
-            self._sources += [(rows, ds.token_dtype, view) for rows, view in pairs]
+            self._sources += ds._views
         # One source (a shard of a corpus) for all rows: the common case skips the grouping.
         first = int(self._source[0])
-        self._only = first if bool((self._source == first).all()) else None
+        one = len(self._sources) == 1 or bool((self._source == first).all())
+        self._only = first if one else None
+        self._mixed = len({shard.row_type for shard in self._sources}) > 1
         self._plan_masks(lists)
 
     def _plan_masks(self, lists: np.ndarray) -> None:
         """Keys of the True entries of each micro-batch's [2, micro, S] mask, grouped by
         micro-batch: micro-batch m's are keys[bounds[m]:bounds[m + 1]]."""
-        mb, S = self.micro_batch_size, self.sample_len
-        count = self.size // mb
+        mb, count = self.micro_batch_size, self.size // self.micro_batch_size
         # Document lists go to both planes, sentence lists to the second. The lists are taken
-        # in (micro-batch, plane list, row) order, so their items come out grouped.
-        lists = lists[[0, 1, 0, 1, 2, 3]].reshape(3, 2, count, mb).transpose(2, 0, 1, 3)
-        first, values = lists.reshape(count * 3, 2, mb).transpose(1, 0, 2).reshape(2, -1)
-        plane = np.asarray([0, 1, 1], dtype=np.int64)[:, None] * (mb * S)
-        base = np.broadcast_to(plane + S * np.arange(mb), (count, 3, mb)).reshape(-1)
+        # in (micro-batch, plane, row) order, so that their items come out grouped.
+        lists = lists[[0, 1, 0, 1, 2, 3]].reshape(3, 2, count, mb).transpose(1, 2, 0, 3)
+        first, values = lists.reshape(2, -1)
+        base = _mask_bases(count, mb, self.sample_len)
         if self._only is not None:
-            keys, counts = _list_keys(self._sources[self._only][2], first, values, base)
-            per_micro = counts.reshape(count, -1).sum(axis=1)
-        else:
-            source = np.broadcast_to(self._source.reshape(count, 1, mb), (count, 3, mb))
-            source = source.reshape(-1)
-            micro = np.repeat(np.arange(count), 3 * mb)
-            pieces, micros = [], []
-            for s in np.unique(source).tolist():
-                sel = np.flatnonzero(source == s)
-                got, counts = _list_keys(self._sources[s][2], first[sel], values[sel], base[sel])
-                pieces.append(got)
-                micros.append(np.repeat(micro[sel], counts))
-            micro = np.concatenate(micros)
-            keys = np.concatenate(pieces)[np.argsort(micro, kind="stable")]
-            per_micro = np.bincount(micro, minlength=count)
-        self._keys = keys
-        self._bounds = [0, *np.cumsum(per_micro).tolist()]  # Python ints: cheap slicing
+            keys, ends = _list_keys(self._sources[self._only].int32, first, values, base)
+            self._bounds = [0, *ends[3 * mb - 1 :: 3 * mb].tolist()]  # Python ints: cheap
+            self._keys = keys
+            return
+        source = np.repeat(self._source.reshape(count, 1, mb), 3, axis=1).reshape(-1)
+        micro = np.repeat(np.arange(count), 3 * mb)
+        pieces, micros = [], []
+        for s in np.unique(source).tolist():
+            sel = np.flatnonzero(source == s)
+            got, ends = _list_keys(self._sources[s].int32, first[sel], values[sel], base[sel])
+            pieces.append(got)
+            micros.append(np.repeat(micro[sel], np.diff(ends, prepend=0)))
+        micro = np.concatenate(micros)
+        self._keys = np.concatenate(pieces)[np.argsort(micro, kind="stable")]
+        self._bounds = [0, *np.cumsum(np.bincount(micro, minlength=count)).tolist()]
 
     def __len__(self) -> int:
         """Number of micro-batches."""
@@ -550,25 +560,17 @@ class MicroBatchPlan:
 
     def _tokens(self, lo: int, hi: int) -> np.ndarray:
         """int64 [hi - lo, S] tokens of planned rows [lo, hi)."""
-        element = self._element[lo:hi]
-        only = self._only
-        if only is None:
-            source = self._source[lo:hi]
-            distinct = set(source.tolist())
-            if len(distinct) > 1:
-                out = np.empty((hi - lo, self.sample_len), dtype=np.int64)
-                for s in distinct:
-                    sel = np.flatnonzero(source == s)
-                    rows, dtype, _ = self._sources[s]
-                    out[sel] = rows[element[sel]].view(dtype).reshape(len(sel), -1)
-                return out
-            only = distinct.pop()
-        rows, dtype, _ = self._sources[only]
-        return rows[element].view(dtype).reshape(hi - lo, self.sample_len).astype(np.int64)
+        if self._only is None:
+            source, element = self._source[lo:hi], self._element[lo:hi]
+            return _read_rows(self._sources, source, element, mixed=self._mixed)
+        shard = self._sources[self._only]
+        return shard.rows[self._element[lo:hi]].view(shard.row_type).astype(np.int64)
 
     def micro_batch(self, m: int) -> Batch:
         """Micro-batch m: {"sample_ids" (if planned with them), "tokens" int64 [micro, S],
         "doc_start", "sent_start" bool [micro, S]}; fresh arrays, owned by the caller."""
+        if not 0 <= m < len(self._bounds) - 1:
+            raise IndexError(f"micro-batch {m} of a plan of {len(self._bounds) - 1}")
         mb = self.micro_batch_size
         lo = m * mb
         flat = np.zeros(2 * mb * self.sample_len, dtype=bool)
@@ -581,6 +583,42 @@ class MicroBatchPlan:
         batch["doc_start"] = torch.from_numpy(starts[0])
         batch["sent_start"] = torch.from_numpy(starts[1])
         return batch
+
+
+class ShardViews(NamedTuple):
+    """Read-only numpy views of one memory-mapped shard file."""
+
+    rows: np.ndarray  # item i: the S tokens from token element i, opaque (see _row_windows)
+    row_type: np.dtype  # viewed as this, n opaque rows are [n, S] tokens
+    tokens: np.ndarray  # the file as tokens (uint16 or int32)
+    int32: np.ndarray  # the file as int32: the boundary lists
+
+
+def _read_rows(shards: Sequence[ShardViews], source, element: np.ndarray, *, mixed=False):
+    """int64 [n, S] tokens of the rows at token elements `element` of shards `source`;
+    `mixed`: the shards may differ in token type (a blend of uint16 and int32 corpora)."""
+    which = source.tolist()
+    distinct = set(which)
+    first = shards[which[0]] if which else shards[0]
+    if len(distinct) <= 1:
+        return first.rows[element].view(first.row_type).astype(np.int64)
+    if mixed and len({shards[s].row_type for s in distinct}) > 1:
+        out = np.empty((len(which), first.row_type.shape[0]), dtype=np.int64)
+        for i, (s, e) in enumerate(zip(which, element.tolist(), strict=True)):
+            out[i] = shards[s].rows[e : e + 1].view(shards[s].row_type)
+        return out
+    if 4 * len(distinct) <= len(which):
+        # Many rows of a few shards: one fancy-indexed copy per shard into a staging array.
+        rows = np.empty(len(which), dtype=first.rows.dtype)
+        for s in distinct:
+            sel = np.flatnonzero(source == s)
+            rows[sel] = shards[s].rows[element[sel]]
+    else:
+        # Random rows of a corpus of many shards mostly come from distinct shards: joining a
+        # slice per row costs less than grouping them.
+        pairs = zip(which, element.tolist(), strict=True)
+        rows = np.concatenate([shards[s].rows[e : e + 1] for s, e in pairs])
+    return rows.view(first.row_type).astype(np.int64)
 
 
 def _map_shard(file: Path) -> tuple[np.ndarray, int, pa.ipc.RecordBatchFileReader]:
@@ -619,18 +657,36 @@ def _max(values: np.ndarray) -> int:
     return max(values.tolist()) if len(values) <= 64 else int(values.max())
 
 
+def _flat_view(array: np.ndarray) -> np.ndarray:
+    """`array` as 1-D, a view (writes through)."""
+    if not array.flags.c_contiguous:
+        raise ValueError(f"expected a C-contiguous buffer, got strides {array.strides}")
+    return array.reshape(-1)
+
+
 def _list_keys(flat: np.ndarray, first: np.ndarray, values: np.ndarray, base: np.ndarray):
-    """(base[j] + value for every value of list j, in list order; values per list) of
-    several int32 lists stored in `flat`: list j's offsets are flat[first[j]] and
-    flat[first[j] + 1], counted from element values[j]."""
+    """(base[j] + value for every value of list j, in list order; how many values lists
+    0..j hold) of several int32 lists stored in `flat`: list j's offsets are flat[first[j]]
+    and flat[first[j] + 1], counted from element values[j]."""
     lo = flat[first]
     counts = flat[first + 1] - lo
     ends = np.cumsum(counts)
     total = int(ends[-1]) if len(ends) else 0
     if total == 0:
-        return _NO_ITEMS, counts
+        return _NO_ITEMS, ends
     at = np.repeat(values + lo - (ends - counts), counts) + np.arange(total)
-    return np.repeat(base, counts) + flat[at], counts
+    return np.repeat(base, counts) + flat[at], ends
+
+
+@functools.lru_cache(maxsize=16)
+def _mask_bases(count: int, micro: int, S: int) -> np.ndarray:
+    """Where each list of MicroBatchPlan._plan_masks lands in its micro-batch's flat
+    [2, micro, S] mask, for lists in (micro-batch, plane list, row) order; the plane lists are
+    documents (plane 0), documents and sentences (plane 1). Read-only, shared."""
+    plane = np.asarray([0, 1, 1], dtype=np.int64)[:, None] * (micro * S)
+    bases = np.tile((plane + S * np.arange(micro)).reshape(-1), count)
+    bases.flags.writeable = False
+    return bases
 
 
 def _list_views(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:

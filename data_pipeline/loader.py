@@ -10,7 +10,7 @@ With workers, a torch DataLoader reads a map-style dataset whose item k is this 
 micro-batch: items are disjoint by construction, come back in order, and the objective runs in
 the workers, so the batches equal the single-process ones exactly. Without workers, the samples
 of the next few steps are planned in one call (placement, integrity checks and boundary masks
-for a few hundred rows at once, so numpy's per-call overhead is spread over them); each
+for about a thousand rows at once, so numpy's per-call overhead is spread over them); each
 micro-batch is then one copy of its rows, a cast and a mask scatter (see MicroBatchPlan).
 """
 
@@ -32,7 +32,7 @@ Transform = Callable[[Batch], Batch]
 _PREFETCH_PER_WORKER = 2
 # Without workers, this rank's samples for the next few steps are planned in one call of about
 # this many samples: the per-call numpy overhead then costs little per sample.
-READ_AHEAD_SAMPLES = 256
+READ_AHEAD_SAMPLES = 1024
 
 
 class RankMicroBatches(Dataset):

@@ -27,7 +27,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blocks import RotaryEmbedding, TransformerBlock, make_norm
+from models.blocks import (
+    RotaryEmbedding,
+    TiedOutputMixin,
+    TransformerBlock,
+    block_from_config,
+    init_normal_,
+    make_norm,
+)
 from models.config import ModelConfig
 
 __all__ = ["Bert", "combine_masks", "flops_per_token"]
@@ -66,7 +73,7 @@ def _head_activation(name: str) -> nn.Module:
     raise ValueError(f"model.activation={name!r} is unknown")
 
 
-class Bert(nn.Module):
+class Bert(TiedOutputMixin, nn.Module):
     """Encoder returning {"logits": (B, T, V) MLM logits, "nsp_logits": (B, 2)}.
 
     The stages (`embed`, `encode`, `heads`) are separate methods so a pipeline stage can run a
@@ -96,7 +103,7 @@ class Bert(nn.Module):
         # A dict keyed by layer index keeps block names stable when a pipeline stage deletes
         # the blocks it does not own (as in GPT).
         n_blocks = 1 if cfg.share_layers else cfg.n_layer
-        self.blocks = nn.ModuleDict({str(i): self._make_block() for i in range(n_blocks)})
+        self.blocks = nn.ModuleDict({str(i): block_from_config(cfg) for i in range(n_blocks)})
         # Post-LN blocks end normalised; pre-LN ones need a final norm before the heads.
         self.ln_f = make_norm(cfg.norm, d, eps=eps, bias=cfg.bias) if cfg.pre_ln else None
         self.mlm_dense = nn.Linear(d, e, bias=cfg.bias)
@@ -108,53 +115,13 @@ class Bert(nn.Module):
         self.tie_weights()
         self.init_weights()
 
-    def _make_block(self) -> TransformerBlock:
-        cfg = self.cfg
-        return TransformerBlock(
-            cfg.d_model,
-            cfg.n_head,
-            cfg.ffn_size,
-            dropout=cfg.dropout,
-            layer_norm_eps=cfg.layer_norm_eps,
-            bias=cfg.bias,
-            pre_ln=cfg.pre_ln,
-            activation=cfg.activation,
-            norm=cfg.norm,
-            norm_bias=cfg.bias,
-            head_dim=cfg.d_kv,
-        )
-
-    def tie_weights(self) -> None:
-        """Share `wte.weight` with `lm_head.weight` when configured; idempotent.
-
-        Anything that replaces parameters (`to_empty`, a tensor-parallel plan) breaks the
-        sharing, so it must call this again afterwards.
-        """
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Bert:
-        super().to_empty(device=device, recurse=recurse)
-        self.tie_weights()
-        return self
-
     @torch.no_grad()
     def init_weights(self) -> None:
         """BERT initialisation: weights ~ N(0, init_std), biases 0, norms 1/0.
 
         A no-op on the meta device, so call it again after `to_empty`.
         """
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        init_normal_(self, self.cfg.init_std)
 
     def layers(self) -> list[TransformerBlock]:
         """The blocks in the order they run (the one shared block n_layer times under ALBERT)."""

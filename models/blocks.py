@@ -17,9 +17,14 @@ Shape legend (suffixes of tensor names):
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.config import ModelConfig
 
 __all__ = [
     "ACTIVATIONS",
@@ -284,3 +289,62 @@ class TransformerBlock(nn.Module):
         a_BTD = self.attn(x_BTD, **mask)
         x_BTD = self.ln1(x_BTD + self.drop(a_BTD))
         return self.ln2(x_BTD + self.mlp(x_BTD))
+
+
+def block_from_config(cfg: ModelConfig) -> TransformerBlock:
+    """The Transformer block of a GPT, BERT or GLM model described by `cfg`."""
+    return TransformerBlock(
+        cfg.d_model,
+        cfg.n_head,
+        cfg.ffn_size,
+        dropout=cfg.dropout,
+        layer_norm_eps=cfg.layer_norm_eps,
+        bias=cfg.bias,
+        pre_ln=cfg.pre_ln,
+        activation=cfg.activation,
+        norm=cfg.norm,
+        norm_bias=cfg.bias,
+        head_dim=cfg.head_dim,
+    )
+
+
+@torch.no_grad()
+def init_normal_(model: nn.Module, std: float) -> None:
+    """Linear and embedding weights ~ N(0, std), biases 0, norm weights 1 and biases 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def scale_residual_init_(blocks: Iterable[TransformerBlock], *, std: float, n_layer: int) -> None:
+    """Each block adds two projections to the residual stream; drawing them with std /
+    sqrt(2 n_layer) keeps the stream's variance roughly flat with depth (GPT-2, sec. 2.3)."""
+    residual_std = std / math.sqrt(2 * n_layer)
+    for block in blocks:
+        nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
+        nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
+
+
+class TiedOutputMixin:
+    """Shares `wte.weight` with `lm_head.weight` when `cfg.tie_embeddings`.
+
+    Anything that replaces parameters (`to_empty`, a tensor-parallel plan) breaks the
+    sharing, so it must call `tie_weights` again; `to_empty` does.
+    """
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True):
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self

@@ -23,12 +23,15 @@ Shape legend (suffixes of tensor names):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from models.blocks import TransformerBlock
+from models.blocks import (
+    TiedOutputMixin,
+    block_from_config,
+    init_normal_,
+    scale_residual_init_,
+)
 from models.config import ModelConfig
 from models.flops import matmul_params
 
@@ -71,7 +74,7 @@ def blank_infilling_mask(
     return (in_a_BS[:, None, :] | causal_TS[None, :, :])[:, None]
 
 
-class GLM(nn.Module):
+class GLM(TiedOutputMixin, nn.Module):
     """Token + 2D position embeddings, `n_layer` blocks, final LayerNorm, tied output head.
 
     `forward` returns logits for every position; the objective puts labels only on Part B.
@@ -92,58 +95,21 @@ class GLM(nn.Module):
         self.wbpe = nn.Embedding(cfg.max_seq_len, d)
         self.drop = nn.Dropout(cfg.dropout)
         # Keyed by layer index so the names survive a pipeline stage deleting other blocks.
-        self.blocks = nn.ModuleDict(
-            {
-                str(i): TransformerBlock(
-                    d,
-                    cfg.n_head,
-                    cfg.ffn_size,
-                    dropout=cfg.dropout,
-                    layer_norm_eps=cfg.layer_norm_eps,
-                    bias=cfg.bias,
-                    pre_ln=cfg.pre_ln,
-                )
-                for i in range(cfg.n_layer)
-            }
-        )
+        self.blocks = nn.ModuleDict({str(i): block_from_config(cfg) for i in range(cfg.n_layer)})
         # Post-LN blocks already end in a LayerNorm; pre-LN ones need one before the head.
         self.ln_f = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.pre_ln else nn.Identity()
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.tie_weights()
         self.init_weights()
 
-    def tie_weights(self) -> None:
-        """Share `wte.weight` with `lm_head.weight` when configured; idempotent.
-
-        `to_empty` and tensor-parallel plans replace parameters, so they must call it again.
-        """
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GLM:
-        super().to_empty(device=device, recurse=recurse)
-        self.tie_weights()
-        return self
-
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) weights, zero biases; a no-op on meta, so re-run after to_empty."""
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        # GLM inherits Megatron's scaled init: the two projections that write into the
-        # residual stream get std / sqrt(2 * n_layer), keeping its variance flat with depth.
-        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
-        for block in self.blocks.values():
-            nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
+        """Normal(0, init_std) weights, zero biases; a no-op on meta, so re-run after to_empty.
+
+        GLM inherits Megatron's scaled init of the two projections writing into the residual.
+        """
+        init_normal_(self, self.cfg.init_std)
+        scale_residual_init_(self.blocks.values(), std=self.cfg.init_std, n_layer=self.cfg.n_layer)
 
     def embed(
         self, input_ids_BT: torch.Tensor, *, position_ids_B2T: torch.Tensor | None = None

@@ -10,12 +10,19 @@ Shape legend (suffixes of tensor names):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from models.blocks import Rope, RotaryEmbedding, TransformerBlock, causal_mask, make_norm
+from models.blocks import (
+    Rope,
+    RotaryEmbedding,
+    TiedOutputMixin,
+    block_from_config,
+    causal_mask,
+    init_normal_,
+    make_norm,
+    scale_residual_init_,
+)
 from models.config import ModelConfig
 
 __all__ = ["GPT"]
@@ -45,7 +52,7 @@ def _check_supported(cfg: ModelConfig) -> None:
         )
 
 
-class GPT(nn.Module):
+class GPT(TiedOutputMixin, nn.Module):
     """Token embeddings (+ learned positions), `n_layer` causal pre-LN blocks, final norm, head.
 
     `cfg.position`: learned adds a `wpe` table; rotary rotates queries and keys in every
@@ -71,60 +78,17 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         # A dict keyed by layer index keeps the names of the remaining blocks stable when a
         # pipeline stage deletes the ones it does not own.
-        self.blocks = nn.ModuleDict({str(i): self._block(cfg) for i in range(cfg.n_layer)})
+        self.blocks = nn.ModuleDict({str(i): block_from_config(cfg) for i in range(cfg.n_layer)})
         self.ln_f = make_norm(cfg.norm, d, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.tie_weights()
         self.init_weights()
 
-    @staticmethod
-    def _block(cfg: ModelConfig) -> TransformerBlock:
-        return TransformerBlock(
-            cfg.d_model,
-            cfg.n_head,
-            cfg.ffn_size,
-            dropout=cfg.dropout,
-            layer_norm_eps=cfg.layer_norm_eps,
-            bias=cfg.bias,
-            activation=cfg.activation,
-            norm=cfg.norm,
-            norm_bias=cfg.bias,
-            head_dim=cfg.head_dim,
-        )
-
-    def tie_weights(self) -> None:
-        """Share `wte.weight` with `lm_head.weight` when configured; idempotent.
-
-        Anything that replaces parameters (`to_empty`, a tensor-parallel plan) breaks the
-        sharing, so it must call this again afterwards.
-        """
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GPT:
-        super().to_empty(device=device, recurse=recurse)
-        self.tie_weights()
-        return self
-
     @torch.no_grad()
     def init_weights(self) -> None:
         """GPT-2 initialisation; a no-op on the meta device, so call it again after `to_empty`."""
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        # Each block adds two projections to the residual stream; shrinking them keeps the
-        # variance of the stream roughly constant with depth (GPT-2 paper, section 2.3).
-        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
-        for block in self.blocks.values():
-            nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
+        init_normal_(self, self.cfg.init_std)
+        scale_residual_init_(self.blocks.values(), std=self.cfg.init_std, n_layer=self.cfg.n_layer)
 
     def embed(
         self, input_ids_BT: torch.Tensor, *, position_ids_BT: torch.Tensor | None = None

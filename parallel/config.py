@@ -16,7 +16,13 @@ class ParallelConfig:
     sp: bool = False
     """Sequence parallelism: shard norms and dropout over the sequence on the TP ranks."""
     pp: int = 1
-    """Pipeline-parallel degree (stages)."""
+    """Pipeline-parallel degree (ranks along the pipeline)."""
+    pp_schedule: str = "1f1b"
+    """gpipe | 1f1b | interleaved_1f1b | zero_bubble (the last two use virtual stages)."""
+    pp_microbatches: int | None = None
+    """Pipeline micro-batches per optimizer step; None = global batch / (micro batch x DP)."""
+    virtual_stages: int = 1
+    """Pipeline stages per rank (interleaved schedules); layers must divide pp x this."""
     zero: int = 0
     """ZeRO stage: 0 DDP, 1 shards optimizer states, 2 + gradients, 3 + parameters."""
     engine: str = "native"
@@ -42,6 +48,15 @@ class ParallelConfig:
             raise ValueError(f"parallel.engine={self.engine!r} must be 'native' or 'deepspeed'")
         if self.backend not in (None, "gloo", "nccl"):
             raise ValueError(f"parallel.backend={self.backend!r} must be gloo, nccl or null")
+        if self.pp_schedule not in ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"):
+            raise ValueError(
+                f"parallel.pp_schedule={self.pp_schedule!r} must be gpipe, 1f1b, "
+                "interleaved_1f1b or zero_bubble"
+            )
+        if self.virtual_stages < 1 or (
+            self.pp_microbatches is not None and self.pp_microbatches < 1
+        ):
+            raise ValueError("parallel.virtual_stages and parallel.pp_microbatches must be >= 1")
         if self.offload not in ("none", "cpu", "nvme"):
             raise ValueError(f"parallel.offload={self.offload!r} must be none, cpu or nvme")
         if self.activation_checkpointing not in ("none", "full", "selective"):
@@ -53,11 +68,11 @@ class ParallelConfig:
     def check_available(self, *, world_size: int) -> None:
         """Refuse layouts whose engine is not built yet (dry runs may still describe them)."""
         # Tensor parallelism composes with ZeRO-2/3 (FSDP2 over DTensor parameters);
-        # pipeline parallelism and DDP over tensor-parallel parameters are not wired yet.
-        if self.pp != 1:
+        # pipeline parallelism runs alone for now; DDP over TP parameters is not wired.
+        if self.pp > 1 and self.pp != world_size:
             raise ValueError(
-                f"parallel.pp={self.pp}: pipeline parallelism is not available "
-                "in the trainer yet; use parallel.pp=1"
+                f"parallel.pp={self.pp} combined with other axes is not available yet: "
+                f"run parallel.pp = world size ({world_size}), or parallel.pp=1"
             )
         if self.sp and self.tp == 1:
             raise ValueError("parallel.sp=true needs parallel.tp > 1")

@@ -99,8 +99,24 @@ def save_sharded(
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         optim = optimizer_state(model, optimizer, world)  # whole tensors, gathered on rank 0
     else:
-        optim = get_optimizer_state_dict(model, optimizer)
+        optim = _merge_group_names(get_optimizer_state_dict(model, optimizer))
     dcp.save({"model": get_model_state_dict(model), "optim": optim}, checkpoint_id=str(directory))
+
+
+def _merge_group_names(optim: dict) -> dict:
+    """Param groups list the names of every rank's parameters.
+
+    DCP stores a non-tensor value such as `param_groups` once, as if replicated; pipeline
+    stages each hold different parameters, so their lists are merged first.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return optim
+    lists = [None] * dist.get_world_size()
+    dist.all_gather_object(lists, [g["params"] for g in optim["param_groups"]])
+    for i, group in enumerate(optim["param_groups"]):
+        names = [n for rank_lists in lists for n in rank_lists[i]]
+        group["params"] = list(dict.fromkeys(names))
+    return optim
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
@@ -115,7 +131,12 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
+    names = [list(g["params"]) for g in state["optim"]["param_groups"]]  # load is in place
     dcp.load(state, checkpoint_id=str(directory))
+    # Hyperparameters come from the checkpoint, parameter names from this layout (a tied
+    # weight saved by two pipeline stages under two names is one parameter here).
+    for group, own in zip(state["optim"]["param_groups"], names, strict=True):
+        group["params"] = own
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
 

@@ -84,3 +84,12 @@ def train_cli(loom_cache):
         return proc
 
     return run
+
+
+def assert_same_losses(run_a: Path, run_b: Path, *, tol: float = 1e-5) -> None:
+    """Two runs logged the same steps with train and validation losses within `tol`."""
+    a, b = read_metrics(run_a), read_metrics(run_b)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        key = "loss" if "loss" in x else "val_loss"
+        assert abs(x[key] - y[key]) < tol, (x["step"], key, x[key], y[key])

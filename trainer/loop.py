@@ -29,6 +29,7 @@ from models.flops import known_peak_flops
 from parallel import dist
 from parallel.deepspeed_engine import build_client_optimizer, build_ds_config, build_engine
 from parallel.parallelize import no_grad_sync, parallelize, shard_optimizer, unwrap
+from parallel.pipeline import build_pipeline
 from parallel.state import (
     load_model_state,
     load_optimizer_state,
@@ -133,6 +134,23 @@ def build_deepspeed(model, job: JobConfig, world: dist.World):
     return build_engine(model.to(world.device), optimizer, config, world=world)
 
 
+def build_pipe(model, job: JobConfig, world: dist.World, *, accumulation: int):
+    """This rank's pipeline stages; micro-batches default to the accumulation steps."""
+    p = job.parallel
+    if job.precision.dtype == "fp16":
+        raise ValueError("precision.dtype=fp16 with parallel.pp > 1 is not available; use bf16")
+    return build_pipeline(
+        model.to(world.device),
+        job.model,
+        pp_mesh=world.mesh["pp"],
+        device=world.device,
+        schedule=p.pp_schedule,
+        n_microbatches=p.pp_microbatches or accumulation,
+        virtual_stages=p.virtual_stages,
+        forward_context=lambda: autocast(job.precision, world.device),
+    )
+
+
 def model_vocab_size(job: JobConfig, tokenizer_vocab: int) -> int:
     vocab = job.model.vocab_size or tokenizer_vocab
     if vocab < tokenizer_vocab:
@@ -153,6 +171,14 @@ def peak_flops_total(job: JobConfig, world: dist.World) -> float | None:
     return peak * world.world_size
 
 
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def _rows_mask(real_B: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-row flag over a labels tensor of any rank."""
     return real_B.view(-1, *([1] * (labels.dim() - 1))).expand_as(labels)
@@ -171,9 +197,14 @@ class Trainer:
         model = build_model(job.model, vocab_size=vocab)
         self.counts = param_counts(model)  # before sharding hides full shapes
         self.ds = None  # the DeepSpeed engine, when parallel.engine=deepspeed
+        self.pipe = None  # the pipeline runner, when parallel.pp > 1
         if job.parallel.engine == "deepspeed":
             self.ds = build_deepspeed(model, job, world)
             self.model = self.optimizer = self.ds
+        elif job.parallel.pp > 1:
+            self.pipe = build_pipe(model, job, world, accumulation=self.accumulation)
+            self.model = model  # pruned to this rank's stages, original parameter names
+            self.optimizer = build_optimizer(model, job.optim)
         else:
             self.model = parallelize(
                 model, job.parallel, world=world, model_cfg=job.model, precision=job.precision.dtype
@@ -267,7 +298,11 @@ class Trainer:
         weights = {k: self.world.dp_size / max(n, 1.0) for k, n in zip(keys, counts, strict=True)}
         self.model.train()
         sums = torch.zeros(len(keys), dtype=torch.float64)
-        for i, (inputs, labels) in enumerate(micro):
+        if self.pipe is not None:  # the schedule splits the rank's batch into micro-batches
+            inputs, labels = (_concat([m[j] for m in micro]) for j in (0, 1))
+            losses = self.pipe.train_step(_to(inputs, self.world.device), labels, weights)
+            sums += torch.stack([losses[k] for k in keys]).double()
+        for i, (inputs, labels) in enumerate(micro if self.pipe is None else []):
             losses = self._micro_step(inputs, labels, weights, last=i == len(micro) - 1)
             sums += torch.stack([losses[k] for k in keys]).double()
         grad_norm = self._update()
@@ -288,6 +323,11 @@ class Trainer:
         when fp16 overflowed and the step was skipped)."""
         if self.ds is not None:  # it clipped and stepped at the last micro-batch
             return self.ds.grad_norm()
+        if self.pipe is not None:  # gradients live on several pipeline ranks
+            grad_norm = float(self.pipe.clip_grad_norm_(self.job.optim.grad_clip or math.inf))
+            self.optimizer.step()
+            self.pipe.zero_grad()
+            return grad_norm
         finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
         max_norm = self.job.optim.grad_clip or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if finite else None
@@ -355,11 +395,13 @@ class Trainer:
             labels = {
                 k: torch.where(_rows_mask(real, v), v, IGNORE_INDEX) for k, v in labels.items()
             }
-            inputs = {k: v.to(world.device) for k, v in inputs.items()}
-            with self._loss_context(), autocast(self.job.precision, world.device):
-                outputs = model(**inputs)
-                sums = self._summed_losses(outputs, labels)
-            counts = target_counts(labels)
+            inputs = _to(inputs, world.device)
+            if self.pipe is not None:
+                sums, counts = self.pipe.forward_loss(inputs, labels)
+            else:
+                with self._loss_context(), autocast(self.job.precision, world.device):
+                    sums = self._summed_losses(model(**inputs), labels)
+                counts = target_counts(labels)
             for k in sums:
                 pair = torch.tensor([float(sums[k]), float(counts[k])], dtype=torch.float64)
                 totals[k] = totals.get(k, torch.zeros(2, dtype=torch.float64)) + pair

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from parallel.deepspeed_engine import deepspeed_available
-from tests.conftest import read_metrics
+from tests.conftest import assert_same_losses
 
 pytestmark = pytest.mark.skipif(not deepspeed_available(), reason="deepspeed is not installed")
 
@@ -25,14 +25,6 @@ TINY = [
     "optim.decay_steps=6",
     "trainer.save_every=3",
 ]
-
-
-def assert_same_losses(a, b):
-    a, b = read_metrics(a), read_metrics(b)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b, strict=True):
-        key = "loss" if "loss" in x else "val_loss"
-        assert abs(x[key] - y[key]) < 1e-5, (x["step"], key, x[key], y[key])
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import read_metrics
+from tests.conftest import assert_same_losses
 
 TINY = [
     "model.n_layer=2",
@@ -21,14 +21,6 @@ TINY = [
     "optim.decay_steps=6",
     "trainer.save_every=4",
 ]
-
-
-def assert_same_losses(a, b):
-    a, b = read_metrics(a), read_metrics(b)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b, strict=True):
-        key = "loss" if "loss" in x else "val_loss"
-        assert abs(x[key] - y[key]) < 1e-5, (x["step"], key, x[key], y[key])
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,7 @@ def test_layouts_not_built_yet_are_refused_by_name():
     validate_job(job, world_size=4)  # a valid layout (dry runs may describe it) ...
     with pytest.raises(ValueError, match=r"parallel.pp=2"):
         job.parallel.check_available(world_size=4)  # ... that training refuses for now
+    compose_job("parallel.pp=2").parallel.check_available(world_size=2)
     tp_ddp = compose_job("parallel.tp=2")
     with pytest.raises(ValueError, match=r"parallel.tp=2 .* parallel.zero=2 or 3"):
         tp_ddp.parallel.check_available(world_size=4)

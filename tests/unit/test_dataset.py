@@ -16,6 +16,7 @@ import torch
 
 from data_pipeline.dataset import (
     DistributedBatchIterator,
+    MicroBatchPlan,
     PackedDataset,
     expected_schema,
     sample_order,
@@ -206,11 +207,84 @@ def test_gather_equals_the_written_rows(corpus):
     assert ds.tokenizer.decode(ds[0].tolist())[:5] == ds.tokenizer.decode(expected[0][:5].tolist())
 
 
+def test_rows_across_shards_whichever_way_they_are_grouped(corpus):
+    ds = PackedDataset(corpus)
+    expected = all_rows(corpus)
+    rng = np.random.default_rng(1)
+    selections = [
+        np.arange(10, 18),  # one shard: a single fancy-indexed copy
+        rng.integers(0, len(ds), size=200),  # many rows of a few shards: grouped
+        np.asarray([3, 300, 600, 900, 1000, 5]),  # rows of distinct shards: a slice each
+    ]
+    for _ in range(2):  # first while record batches are checked, then the lookup alone
+        for idx in selections:
+            assert torch.equal(ds.gather(idx), torch.from_numpy(expected[idx]))
+            assert np.array_equal(ds[int(idx[-1])], expected[idx[-1]])
+        ds.verify()
+    # With every batch checked, plain int64 arrays skip the range check: numpy's stands in.
+    assert torch.equal(ds.gather(np.asarray([-1, 0])), torch.from_numpy(expected[[-1, 0]]))
+    with pytest.raises(IndexError, match=rf"row {len(ds)} out of range .* split 'train'"):
+        ds.gather(np.asarray([0, len(ds)]))
+    with pytest.raises(IndexError, match="out of range"):
+        ds.gather(np.asarray([-len(ds) - 1]))
+
+
+def expected_plan(parts, size: int) -> dict[str, torch.Tensor]:
+    """What a plan of `parts` holds, row by row, read with gather_batch."""
+    want = {
+        key: torch.empty(size, 12, dtype=torch.int64 if key == "tokens" else torch.bool)
+        for key in ("tokens", "doc_start", "sent_start")
+    }
+    for ds, rows, at in parts:
+        got = ds.gather_batch(rows)
+        for key in want:
+            want[key][slice(None) if at is None else at] = got[key]
+    return want
+
+
+def test_a_plan_hands_out_the_gathered_micro_batches(tmp_path):
+    rng = np.random.default_rng(9)
+    rows_a, docs_a, sents_a = hand_made(rng, n=20)
+    # Sentence lists that leave out the document starts: those are marked from the document
+    # lists in both masks.
+    sents_a = [sorted(set(s) - set(d)) for s, d in zip(sents_a, docs_a, strict=True)]
+    rows_b, docs_b, _ = hand_made(rng, n=12)
+    a = write_corpus(tmp_path / "a", rows_a, docs_a, sents_a, rows_per_batch=4, rows_per_shard=8)
+    one_shard = write_corpus(
+        tmp_path / "a1", rows_a, docs_a, sents_a, rows_per_batch=4, rows_per_shard=20
+    )
+    b = write_corpus(  # int32 tokens, no sentence lists
+        tmp_path / "b", rows_b.astype(np.int32), docs_b, None, rows_per_batch=3, rows_per_shard=6
+    )
+    a, b, one_shard = PackedDataset(a), PackedDataset(b), PackedDataset(one_shard)
+    ids = np.arange(100, 124)
+    at_a = np.sort(rng.permutation(24)[:15])  # where each corpus's rows land in the plan
+    at_b = np.setdiff1d(np.arange(24), at_a)
+    blend = [(a, rng.integers(0, 20, size=15), at_a), (b, rng.integers(0, 12, size=9), at_b)]
+    single = [(one_shard, rng.integers(0, 20, size=24), None)]
+    for parts in (blend, single):
+        plan = MicroBatchPlan(parts, size=24, micro_batch_size=4, sample_ids=ids)
+        assert len(plan) == 6 and (plan._only is None) == (parts is blend)
+        want = expected_plan(parts, 24)
+        assert (want["sent_start"] & ~want["doc_start"]).any()  # the masks differ
+        for m in range(6):
+            micro = plan.micro_batch(m)
+            assert micro["sample_ids"].tolist() == ids[4 * m : 4 * m + 4].tolist()
+            for key, value in want.items():
+                assert torch.equal(micro[key], value[4 * m : 4 * m + 4]), (m, key)
+    with pytest.raises(IndexError, match="micro-batch 6 of a plan of 6"):
+        plan.micro_batch(6)
+    with pytest.raises(ValueError, match="24 planned rows do not split into micro-batches of 5"):
+        MicroBatchPlan(blend, size=24, micro_batch_size=5)
+
+
 def test_gather_batch_marks_document_and_sentence_starts(tmp_path):
     rng = np.random.default_rng(3)
     rows, docs, sents = hand_made(rng)
+    # The stored sentence lists leave out the document starts: reading adds them.
+    sents_only = [sorted(set(s) - set(d)) for s, d in zip(sents, docs, strict=True)]
     v2 = PackedDataset(
-        write_corpus(tmp_path / "v2", rows, docs, sents, rows_per_batch=4, rows_per_shard=12)
+        write_corpus(tmp_path / "v2", rows, docs, sents_only, rows_per_batch=4, rows_per_shard=12)
     )
     v1 = PackedDataset(
         write_corpus(tmp_path / "v1", rows, docs, None, rows_per_batch=5, rows_per_shard=10)

@@ -95,7 +95,11 @@ def test_planned_steps_equal_fresh_reads_and_handed_out_batches_are_independent(
     ld = make(sources, gb=8, mb=2, rank=1, dp=2)
     planned = []
     plan = ld.samples.plan
-    spy = lambda g, **kw: planned.append((len(g), kw["micro_batch_size"])) or plan(g, **kw)  # noqa: E731
+
+    def spy(g, **kw):
+        planned.append((len(g), kw["micro_batch_size"]))
+        return plan(g, **kw)
+
     monkeypatch.setattr(ld.samples, "plan", spy)
     for step in range(15):
         micro = ld.next_batch()
