@@ -74,6 +74,15 @@ def build_objective(name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed
     return _factory(name)(name, cfg=cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed)
 
 
+def refuse_document_attention(cfg: DataConfig, name: str) -> None:
+    """For objectives whose inputs do not keep packed documents apart yet."""
+    if cfg.document_attention:
+        raise ValueError(
+            f"data.document_attention=true is not supported by data.objective={name} "
+            "(it applies to clm and mlm); set data.document_attention=false"
+        )
+
+
 def split_batch(batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(model inputs, labels) of an objective's output."""
     inputs = {k: v for k, v in batch.items() if not k.endswith("labels")}

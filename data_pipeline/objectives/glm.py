@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig, GlmConfig
-from data_pipeline.objectives import IGNORE_INDEX, sample_rng
+from data_pipeline.objectives import IGNORE_INDEX, refuse_document_attention, sample_rng
 
 __all__ = ["MAX_SPAN", "SALT", "BlankInfilling", "assemble", "span_length_probs"]
 
@@ -177,6 +177,7 @@ class BlankInfilling:
     """data.objective=glm_blank; options in data.glm (see the module docstring)."""
 
     def __init__(self, name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int):
+        refuse_document_attention(cfg, name)
         _check_glm_config(cfg.glm, seq_len)
         missing = [t for t in _TOKENS if t not in tokenizer.special_tokens]
         if missing:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.objectives import sample_rng
+from data_pipeline.objectives import refuse_document_attention, sample_rng
 
 __all__ = ["SpanCorruption", "corrupt_spans", "noise_mask", "span_counts", "t5_lengths"]
 
@@ -163,6 +163,7 @@ class SpanCorruption:
         return t5_lengths(seq_len, opts.noise_density, opts.mean_span)[0]
 
     def __init__(self, name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int):
+        refuse_document_attention(cfg, name)
         opts = cfg.span_corruption
         self.noise_density, self.mean_span = opts.noise_density, opts.mean_span
         self.seq_len, self.seed = seq_len, seed

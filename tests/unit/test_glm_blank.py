@@ -301,3 +301,17 @@ def test_bad_inputs_raise_clear_errors():
     fake = SimpleNamespace(kind="fake", special_tokens={"<pad>": 0, "<eos>": 1})
     with pytest.raises(ValueError, match=r"\[MASK\]"):
         BlankInfilling("glm_blank", cfg=DataConfig(), tokenizer=fake, seq_len=64, seed=0)
+
+
+def test_document_attention_is_refused_by_name():
+    from data_pipeline.config import DataConfig
+    from data_pipeline.tokenizers import ByteTokenizer
+
+    with pytest.raises(ValueError, match="data.document_attention"):
+        BlankInfilling(
+            "glm_blank",
+            cfg=DataConfig(document_attention=True),
+            tokenizer=ByteTokenizer(),
+            seq_len=64,
+            seed=0,
+        )

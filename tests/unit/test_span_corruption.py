@@ -214,3 +214,17 @@ def test_too_many_spans_for_the_sentinels():
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ValueError, match=f"data.span_corruption.{field}"):
         objective(64, **options)
+
+
+def test_document_attention_is_refused_by_name():
+    from data_pipeline.config import DataConfig
+    from data_pipeline.tokenizers import ByteTokenizer
+
+    with pytest.raises(ValueError, match="data.document_attention"):
+        SpanCorruption(
+            "span_corruption",
+            cfg=DataConfig(document_attention=True),
+            tokenizer=ByteTokenizer(),
+            seq_len=64,
+            seed=0,
+        )
