@@ -704,11 +704,8 @@ def expected_schema(dtype: np.dtype, sample_len: int, *, schema_version: int) ->
     definition; version 1 shards lack the sentence column)."""
     schema = shard_schema(dtype, sample_len)
     at = schema.get_field_index(SENT_COLUMN)
-    if schema_version == 1 and at >= 0:
+    if schema_version == 1:
         schema = schema.remove(at)
-    elif schema_version == 2 and at < 0:
-        # Until prepare.shard_schema carries the sentence column: the column it adds.
-        schema = schema.append(pa.field(SENT_COLUMN, pa.list_(pa.int32()), nullable=False))
     return schema
 
 
