@@ -141,6 +141,7 @@ def test_dry_run_writes_report_and_trains_nothing(train_cli, tmp_path):
         "parallel.tp=2",
         "parallel.dp=4",
         "parallel.zero=1",
+        "trainer.global_batch_size=32",
         f"trainer.out_dir={tmp_path}",
     )
     report = json.loads((tmp_path / "dry_run.json").read_text())
