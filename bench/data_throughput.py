@@ -1,7 +1,7 @@
 """Read throughput of the Loom data loader against numpy memmap readers of the same tokens and
 boundaries, and a plain memory copy, all measured in this run.
 
-    python bench/data_throughput.py [--size-mib 256] [--seq-len 2047] [--batch 8]
+    python bench/data_throughput.py [--size-mib 256] [--seq-len 2048] [--batch 8]
                                     [--big-batch 256] [--rows-per-shard N] [--repeats 7]
                                     [--workdir DIR]
 
@@ -47,6 +47,10 @@ S=2049 runs used --rows-per-shard 66560 to keep one shard). Rows of 2048 uint16 
 buffers are 64-byte aligned (the same copy from the flat file shifted by 64 bytes takes ~8%
 longer); with S=2049 neither layout is aligned and the tokens-only paths are level. Rows of
 several shards cost about 1 us more each (see dataset._read_rows).
+
+Default (--seq-len 2048: 2048-token training samples are rows of 2049, split over 2 shards),
+idle 2-core machine, median of 7: loom loader 696 M tokens/s = 1.76x the memmap loader;
+loom gather 1327 = 0.89x memmap rows and 1.65x memmap frombuffer (Megatron's path).
 """
 
 from __future__ import annotations
@@ -311,7 +315,12 @@ def report(rates: dict[str, list[tuple[float, float]]], *, big: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=256, help="corpus size (uint16 tokens)")
-    parser.add_argument("--seq-len", type=int, default=2047, help="rows hold seq_len + 1 tokens")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=2048,
+        help="training tokens per sample; rows hold seq_len + 1",
+    )
     parser.add_argument("--batch", type=int, default=8, help="rows per batch")
     parser.add_argument("--big-batch", type=int, default=256, help="rows per call, 2nd pair")
     parser.add_argument("--rows-per-shard", type=int, default=None, help="default: ~256 MiB")
