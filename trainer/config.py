@@ -39,8 +39,9 @@ class OptimConfig:
     """Decoupled weight decay; never applied to biases and norm weights."""
     bias_correction: bool = True
     """Divide the moments by (1 - beta^t) (LAMB only; AdamW always corrects)."""
-    foreach: bool = True
-    """Use the multi-tensor (foreach) implementation."""
+    foreach: bool | None = None
+    """Multi-tensor (foreach) implementation; None picks it on CUDA and the per-tensor loop
+    on CPU, where it is faster. Both give the same result."""
     grad_clip: float = 1.0
     """Clip the global gradient L2 norm to this; 0 disables clipping."""
     warmup_steps: int = 20

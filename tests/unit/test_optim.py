@@ -290,7 +290,9 @@ def test_build_optimizer_lamb_and_adamw():
     assert (group["lr"], group["betas"], group["eps"]) == (2e-3, (0.8, 0.95), 1e-7)
     assert group["bias_correction"] is False and group["foreach"] is False
 
-    opt = build_optimizer(model, OptimConfig(name="adamw", lr=5e-4, beta2=0.98, weight_decay=0.2))
+    opt = build_optimizer(
+        model, OptimConfig(name="adamw", lr=5e-4, beta2=0.98, weight_decay=0.2, foreach=True)
+    )
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
     group = opt.param_groups[0]
