@@ -32,6 +32,7 @@ from models.blocks import (
     TiedOutputMixin,
     TransformerBlock,
     block_from_config,
+    check_seq_len,
     init_normal_,
     make_norm,
 )
@@ -137,11 +138,7 @@ class Bert(TiedOutputMixin, nn.Module):
         position_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = input_ids_BT.shape[-1]
-        if t > self.max_seq_len:
-            raise ValueError(
-                f"sequence length {t} exceeds model.max_seq_len={self.max_seq_len}; "
-                "raise model.max_seq_len or shorten the sequences"
-            )
+        check_seq_len(t, self.max_seq_len)
         x_BTE = self.wte(input_ids_BT)
         if self.wpe is not None:
             if position_ids_BT is None:

@@ -291,6 +291,15 @@ class TransformerBlock(nn.Module):
         return self.ln2(x_BTD + self.mlp(x_BTD))
 
 
+def check_seq_len(t: int, max_seq_len: int) -> None:
+    """Refuse sequences longer than the position table (or the configured maximum)."""
+    if t > max_seq_len:
+        raise ValueError(
+            f"sequence length {t} exceeds model.max_seq_len={max_seq_len}; "
+            "raise model.max_seq_len or shorten the sequences"
+        )
+
+
 def block_from_config(cfg: ModelConfig) -> TransformerBlock:
     """The Transformer block of a GPT, BERT or GLM model described by `cfg`."""
     return TransformerBlock(

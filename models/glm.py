@@ -29,6 +29,7 @@ from torch import nn
 from models.blocks import (
     TiedOutputMixin,
     block_from_config,
+    check_seq_len,
     init_normal_,
     scale_residual_init_,
 )
@@ -115,11 +116,7 @@ class GLM(TiedOutputMixin, nn.Module):
         self, input_ids_BT: torch.Tensor, *, position_ids_B2T: torch.Tensor | None = None
     ) -> torch.Tensor:
         b, t = input_ids_BT.shape
-        if t > self.max_seq_len:
-            raise ValueError(
-                f"sequence length {t} exceeds model.max_seq_len={self.max_seq_len}; "
-                "raise model.max_seq_len or shorten the sequences"
-            )
+        check_seq_len(t, self.max_seq_len)
         if position_ids_B2T is None:
             # No blanks: plain positions, block position 0 (everything is Part A).
             pos_BT = torch.arange(t, device=input_ids_BT.device).expand(b, t)

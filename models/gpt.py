@@ -19,6 +19,7 @@ from models.blocks import (
     TiedOutputMixin,
     block_from_config,
     causal_mask,
+    check_seq_len,
     init_normal_,
     make_norm,
     scale_residual_init_,
@@ -94,11 +95,7 @@ class GPT(TiedOutputMixin, nn.Module):
         self, input_ids_BT: torch.Tensor, *, position_ids_BT: torch.Tensor | None = None
     ) -> torch.Tensor:
         t = input_ids_BT.shape[-1]
-        if t > self.max_seq_len:
-            raise ValueError(
-                f"sequence length {t} exceeds model.max_seq_len={self.max_seq_len}; "
-                "raise model.max_seq_len or shorten the sequences"
-            )
+        check_seq_len(t, self.max_seq_len)
         x_BTD = self.wte(input_ids_BT)
         if self.wpe is not None:
             if position_ids_BT is None:
