@@ -66,21 +66,9 @@ class ParallelConfig:
             )
 
     def check_available(self, *, world_size: int) -> None:
-        """Refuse layouts whose engine is not built yet (dry runs may still describe them)."""
-        # Tensor parallelism composes with ZeRO-2/3 (FSDP2 over DTensor parameters);
-        # pipeline parallelism runs alone for now; DDP over TP parameters is not wired.
-        if self.pp > 1 and self.pp != world_size:
-            raise ValueError(
-                f"parallel.pp={self.pp} combined with other axes is not available yet: "
-                f"run parallel.pp = world size ({world_size}), or parallel.pp=1"
-            )
+        """Refuse layouts that cannot run (dry runs may still describe them)."""
         if self.sp and self.tp == 1:
             raise ValueError("parallel.sp=true needs parallel.tp > 1")
-        if self.tp > 1 and self.zero < 2 and self.data_parallel_size(world_size) > 1:
-            raise ValueError(
-                f"parallel.tp={self.tp} with data parallelism needs parallel.zero=2 or 3 "
-                f"(FSDP2 over the tensor-parallel parameters), got parallel.zero={self.zero}"
-            )
         if self.offload != "none" and self.engine != "deepspeed":
             raise ValueError(f"parallel.offload={self.offload} needs parallel.engine=deepspeed")
         if self.engine == "deepspeed":

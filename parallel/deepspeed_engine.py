@@ -18,7 +18,7 @@ Checkpoints stay layout-independent: `full_model_state` / `full_optimizer_state`
 the same full, name-keyed dicts as parallel/state.py, and `load_full_states` takes them,
 whatever engine or layout wrote them.
 
-On CUDA, DeepSpeed's FusedLamb (`build_client_optimizer(..., fused_lamb=True)`) is the
+On CUDA, DeepSpeed's FusedLamb (`optim.fused_lamb=true`) is the
 faster choice, but under ZeRO it sees only the flat slices: its trust ratio is per slice,
 not per tensor, and it clamps the ratio to [0.01, 10]. Loom's exact Lamb (multi-tensor
 kernels on the GPU) is the default; FusedLamb is an explicit opt-in.
@@ -196,7 +196,10 @@ def build_client_optimizer(
     if cfg.name != "lamb":
         raise ValueError(f"fused LAMB was requested but optim.name={cfg.name!r}")
     if not torch.cuda.is_available():
-        raise ValueError("DeepSpeed's FusedLamb is a CUDA kernel; no CUDA device is visible")
+        raise ValueError(
+            "optim.fused_lamb=true: DeepSpeed's FusedLamb is a CUDA kernel and no CUDA device "
+            "is visible (set optim.fused_lamb=false for Loom's LAMB)"
+        )
     from deepspeed.ops.lamb import FusedLamb
 
     return FusedLamb(

@@ -52,12 +52,15 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
+from torch.distributed.tensor import DTensor, Partial
 
 from data_pipeline.objectives import IGNORE_INDEX
 from models.bert import combine_masks
 from models.blocks import causal_mask
 from models.config import ModelConfig
 from models.glm import blank_infilling_mask
+from parallel.data_parallel import local
+from parallel.tensor_parallel import loss_parallel_context, summed_losses_tp
 from trainer.loss import summed_losses
 
 __all__ = ["SCHEDULES", "PipelineRunner", "StageModule", "build_pipeline", "split_stages"]
@@ -382,8 +385,16 @@ class PipelineRunner:
         schedule: str,
         n_microbatches: int,
         tied: list[tuple[str, int]],
+        tensor_parallel: bool = False,
+        aliases: dict[str, list[str]] | None = None,
     ):
         self.modules: list[nn.Module] = list(stages)
+        # The other names of each tied parameter in the whole model: a checkpoint written
+        # without pipelining keys its optimizer state by the first name only.
+        self.aliases = aliases or {}
+        # Under TP the last stage's logits stay sharded over the vocabulary: the loss and
+        # the backward through it run in loss_parallel.
+        self.tensor_parallel = tensor_parallel
         self.schedule = schedule
         self.n_microbatches = n_microbatches
         self.device = device
@@ -449,7 +460,8 @@ class PipelineRunner:
         input_ids, kwargs, rows = self._prepare(inputs, labels, weights)
         schedule = self._schedule(train=True, input_ids=input_ids, kwargs=kwargs)
         before = self._tied_snapshot()
-        schedule.step(input_ids, target=rows, return_outputs=False, **kwargs)
+        with loss_parallel_context(self.tensor_parallel):
+            schedule.step(input_ids, target=rows, return_outputs=False, **kwargs)
         sums = self._collect(sorted(labels))
         self._sync_tied_grads(before)
         return sums
@@ -472,27 +484,29 @@ class PipelineRunner:
             labels = {k: _pad_rows(v, pad, fill=IGNORE_INDEX) for k, v in labels.items()}
         input_ids, kwargs, rows = self._prepare(inputs, labels, dict.fromkeys(labels, 1.0))
         schedule = self._schedule(train=False, input_ids=input_ids, kwargs=kwargs)
-        schedule.eval(input_ids, target=rows, **kwargs)
+        with loss_parallel_context(self.tensor_parallel):
+            schedule.eval(input_ids, target=rows, **kwargs)
         return self._collect(sorted(labels)), counts
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """L2 norm of every gradient of the pipeline, tied copies counted once, then clip to
-        `max_norm` as torch.nn.utils.clip_grad_norm_ does. Collective over the pp axis."""
+        `max_norm` as torch.nn.utils.clip_grad_norm_ does. Collective over the pp axis (and
+        over the mesh axes that shard DTensor gradients: TP, FSDP)."""
         counted_elsewhere = {name for name, peer in self._tied if peer < self.pp_rank}
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         grads = []
+        counted = []
         for name, p in self.named_parameters():
-            if p.grad is None:
-                continue
-            grads.append(p.grad.detach())
-            if name not in counted_elsewhere:
-                sq += grads[-1].double().pow(2).sum()
+            if p.grad is not None:
+                grads.append(p.grad.detach())
+                if name not in counted_elsewhere:
+                    counted.append(grads[-1])
+        sq = _squared_norm(counted, self.device)
         if self.pp_size > 1:
             dist.all_reduce(sq, group=self.group)
         total = sq.sqrt().float()
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
-            g.mul_(coef.to(g.dtype))
+            local(g).mul_(coef.to(g.dtype))
         return total.cpu()
 
     # internals ----------------------------------------------------------------------------
@@ -536,7 +550,7 @@ class PipelineRunner:
         outputs = (output,) if isinstance(output, torch.Tensor) else tuple(output)
         logits = dict(zip(_FAMILIES[self.family].outputs, outputs, strict=True))
         labels = {k: v.index_select(0, rows_M) for k, v in self._labels.items()}
-        sums = summed_losses(logits, labels)
+        sums = (summed_losses_tp if self.tensor_parallel else summed_losses)(logits, labels)
         self._records.append({k: v.detach() for k, v in sums.items()})
         return sum(sums[k] * self._weights[k] for k in sorted(sums))
 
@@ -582,7 +596,7 @@ class PipelineRunner:
         so that a second step before zero_grad adds only its own contribution."""
         params = dict(self.named_parameters())
         return {
-            name: params[name].grad.detach().clone()
+            name: _local_grad(params[name]).detach().clone()
             for name, _ in self._tied
             if params[name].grad is not None
         }
@@ -592,8 +606,11 @@ class PipelineRunner:
         params = dict(self.named_parameters())
         for name, peer in self._tied:
             p = params[name]
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            mine = (grad.detach() - before[name] if name in before else grad.detach()).contiguous()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            # Both copies are sharded alike (TP, FSDP) on the peer: local shards pair up.
+            grad = _local_grad(p).detach()
+            mine = (grad - before[name] if name in before else grad).contiguous()
             theirs = torch.empty_like(mine)
             peer_rank = dist.get_global_rank(self.group, peer)
             ops = [
@@ -604,7 +621,35 @@ class PipelineRunner:
                 work.wait()
             # a + b equals b + a exactly, so both copies stay bitwise equal.
             total = mine + theirs
-            p.grad = total + before[name] if name in before else total
+            grad.copy_(total + before[name] if name in before else total)
+
+
+def _local_grad(p: nn.Parameter) -> torch.Tensor:
+    """This rank's part of p.grad, laid out as p is. DTensor may return a gradient in another
+    layout (a vocabulary-parallel embedding's comes back replicated); it is re-laid first."""
+    if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+    return local(p.grad)
+
+
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squares of every gradient (float64), reduced over whichever mesh axes shard
+    each DTensor: one collective per distinct (mesh, placements), not per tensor. Ranks
+    sharing those axes hold the same parameters in the same order, so the collectives
+    line up."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    by_layout: dict[tuple, list] = {}
+    for g in grads:
+        sq = local(g).double().pow(2).sum()
+        if not isinstance(g, DTensor):
+            total += sq
+            continue
+        entry = by_layout.setdefault((id(g.device_mesh), g.placements), [g.device_mesh, 0.0])
+        entry[1] = entry[1] + sq
+    for (_, placements), (mesh, sq) in by_layout.items():
+        partial = [p if p.is_replicate() else Partial() for p in placements]
+        total += DTensor.from_local(sq, mesh, partial, run_check=False).full_tensor()
+    return total
 
 
 def _pad_rows(value: torch.Tensor, pad: int, *, fill: int | None = None) -> torch.Tensor:
@@ -642,17 +687,20 @@ def build_pipeline(
     n_microbatches: int,
     virtual_stages: int = 1,
     forward_context: ContextFactory | None = None,
+    tensor_parallel: bool = False,
 ) -> PipelineRunner:
     """Split `model` for this rank of the 1-D pipeline mesh `pp_mesh` and wrap the schedule.
 
     `model` is pruned in place to this rank's stages (see `split_stages`), which are moved
     to `device`. `forward_context` (e.g. `lambda: trainer.precision.autocast(cfg, device)`)
-    is entered around every stage's forward pass.
+    is entered around every stage's forward pass. `tensor_parallel`: the model's
+    parameters are already TP DTensors (its logits come out vocabulary-sharded).
     """
     pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     _check_schedule(schedule, n_microbatches=n_microbatches, pp_size=pp_size, v=virtual_stages)
     plan = _plan(model, cfg, pp_size=pp_size, virtual_stages=virtual_stages)
-    tied = _tied_pairs(_shared_names(model), plan, pp_rank=pp_rank, pp_size=pp_size)
+    shared = _shared_names(model)
+    tied = _tied_pairs(shared, plan, pp_rank=pp_rank, pp_size=pp_size)
     stages = split_stages(
         model, cfg, pp_rank=pp_rank, pp_size=pp_size, virtual_stages=virtual_stages
     )
@@ -667,6 +715,8 @@ def build_pipeline(
         schedule=schedule,
         n_microbatches=n_microbatches,
         tied=tied,
+        tensor_parallel=tensor_parallel,
+        aliases={name: [a for a in names if a != name] for names in shared for name in names},
     )
 
 

@@ -1,7 +1,8 @@
 """Layout-independent model and optimizer state, keyed by parameter name.
 
-Whatever wraps the model (nothing, DDP, FSDP2) and whatever shards the optimizer
-(nothing, ZeroRedundancyOptimizer, FSDP2's DTensor states), the state has one structure:
+Whatever wraps the model (nothing, DDP, FSDP2, TP, pipeline stages) and whatever shards
+the optimizer (nothing, ZeRO-1's owned tensors, FSDP2's DTensor states), the state has one
+structure:
 {"model": {fqn: tensor}, "optim": {"state": {fqn: {...}}, "param_groups": [...]}}.
 `save_sharded` writes it with torch.distributed.checkpoint, each rank its own shards;
 `load_sharded` reads it back under any other layout (DCP reshards by name). The full
@@ -24,7 +25,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from parallel.dist import World
 from parallel.parallelize import unwrap
@@ -38,68 +38,64 @@ def model_state(model: nn.Module) -> dict:
 
 
 def load_model_state(model: nn.Module, state: dict) -> None:
+    """Load a full state dict; a pipeline rank's pruned model takes only its own entries
+    (any it lacks still fails, naming them)."""
+    own = unwrap(model).state_dict().keys()
+    state = {k: v for k, v in state.items() if k in own}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the optimizer's own order (the order of its integer ids)."""
-    by_id = {id(p): name for name, p in unwrap(model).named_parameters()}
-    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict:
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Full optimizer state keyed by parameter name (collective: call on every rank)."""
-    if not isinstance(optimizer, ZeroRedundancyOptimizer):
-        return get_optimizer_state_dict(model, optimizer, options=_FULL)
-    optimizer.consolidate_state_dict(to=0)
-    if world.rank != 0:
-        return {}
-    full = optimizer.state_dict()
-    names = _names(model, optimizer)
-    return {
-        "state": {names[i]: s for i, s in full["state"].items()},
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_optimizer_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    *,
+    aliases: dict[str, list[str]] | None = None,
+) -> None:
+    """Load a state written by `optimizer_state` under any layout (every rank passes it).
+
+    Only the entries of this optimizer's own parameters are used: under ZeRO-1 or a
+    pipeline a rank's optimizer holds a subset of the model. `aliases` gives the other
+    names of tied parameters, whose state may be stored under one of them.
+    """
+    own = _own_names(model, optimizer)
+    saved = state["state"]
+    found = {n: _stored_name(n, saved.keys(), aliases) for n in own}
+    state = {
+        "state": {n: saved[found[n]] for n in own if found[n] is not None},
         "param_groups": [
-            {
-                **{k: v for k, v in g.items() if k != "params"},
-                "params": [names[i] for i in g["params"]],
-            }
-            for g in full["param_groups"]
+            {**g, "params": [n for n in g["params"] if n in own]} for g in state["param_groups"]
         ],
     }
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a state written by `optimizer_state` under any layout (every rank passes it)."""
-    if not isinstance(optimizer, ZeroRedundancyOptimizer):
-        set_optimizer_state_dict(
-            model, optimizer, state, options=StateDictOptions(full_state_dict=True)
-        )
-        return
-    index = {name: i for i, name in enumerate(_names(model, optimizer))}
-    optimizer.load_state_dict(
-        {
-            "state": {index[n]: s for n, s in state["state"].items()},
-            "param_groups": [
-                {
-                    **{k: v for k, v in g.items() if k != "params"},
-                    "params": [index[n] for n in g["params"]],
-                }
-                for g in state["param_groups"]
-            ],
-        }
+    set_optimizer_state_dict(
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
     )
-    if dist.is_initialized():
-        dist.barrier()
+
+
+def _stored_name(name: str, stored, aliases: dict[str, list[str]] | None) -> str | None:
+    """The name under which `name`'s state was saved: itself or a tied alias (None: not
+    saved, e.g. a parameter that never had a gradient)."""
+    for candidate in (name, *(aliases or {}).get(name, ())):
+        if candidate in stored:
+            return candidate
+    return None
+
+
+def _own_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
+    by_id = {id(p): name for name, p in unwrap(model).named_parameters()}
+    return {by_id[id(p)] for g in optimizer.param_groups for p in g["params"]}
 
 
 def save_sharded(
     model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, world: World
 ) -> None:
     """Every rank writes its shards of model and optimizer state into `directory` (DCP)."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        optim = optimizer_state(model, optimizer, world)  # whole tensors, gathered on rank 0
-    else:
-        optim = _merge_group_names(get_optimizer_state_dict(model, optimizer))
+    optim = _merge_group_names(get_optimizer_state_dict(model, optimizer))
     dcp.save({"model": get_model_state_dict(model), "optim": optim}, checkpoint_id=str(directory))
 
 
@@ -107,7 +103,7 @@ def _merge_group_names(optim: dict) -> dict:
     """Param groups list the names of every rank's parameters.
 
     DCP stores a non-tensor value such as `param_groups` once, as if replicated; pipeline
-    stages each hold different parameters, so their lists are merged first.
+    stages and ZeRO-1 owners each hold different parameters, so their lists are merged.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return optim
@@ -119,20 +115,25 @@ def _merge_group_names(optim: dict) -> dict:
     return optim
 
 
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Load a DCP checkpoint written under any layout into this one."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        full = read_full(directory)
-        load_model_state(model, full["model"])
-        load_optimizer_state(model, optimizer, full["optim"])
-        return
+def load_sharded(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    *,
+    aliases: dict[str, list[str]] | None = None,
+) -> None:
+    """Load a DCP checkpoint written under any layout into this one; `aliases` as for
+    `load_optimizer_state`."""
     # The templates say which shard of each tensor this rank needs; DCP fills them in.
     state = {
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
     names = [list(g["params"]) for g in state["optim"]["param_groups"]]  # load is in place
+    renamed = _rename_to_stored(state["optim"]["state"], directory, aliases)
     dcp.load(state, checkpoint_id=str(directory))
+    for own, stored in renamed.items():
+        state["optim"]["state"][own] = state["optim"]["state"].pop(stored)
     # Hyperparameters come from the checkpoint, parameter names from this layout (a tied
     # weight saved by two pipeline stages under two names is one parameter here).
     for group, own in zip(state["optim"]["param_groups"], names, strict=True):
@@ -141,8 +142,26 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
+def _rename_to_stored(
+    optim_state: dict, directory: Path, aliases: dict[str, list[str]] | None
+) -> dict[str, str]:
+    """Key each template entry by the name its state was saved under (a tied alias when
+    the writer held the parameter under another name); returns {own name: stored name}."""
+    if not aliases:
+        return {}
+    keys = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    stored = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in keys if k.startswith("optim.state.")}
+    renamed = {}
+    for name in list(optim_state):
+        found = _stored_name(name, stored, aliases)
+        if found is not None and found != name:
+            optim_state[found] = optim_state.pop(name)
+            renamed[name] = found
+    return renamed
+
+
 def read_full(directory: Path) -> dict:
-    """The whole state of a DCP checkpoint on this process (conversion, ZeRO-1 loading)."""
+    """The whole state of a DCP checkpoint on this process (conversion, inspection)."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     return _load_state_dict_from_keys(checkpoint_id=str(directory))

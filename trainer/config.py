@@ -42,6 +42,10 @@ class OptimConfig:
     foreach: bool | None = None
     """Multi-tensor (foreach) implementation; None picks it on CUDA and the per-tensor loop
     on CPU, where it is faster. Both give the same result."""
+    fused_lamb: bool = False
+    """With optim.name=lamb and parallel.engine=deepspeed on CUDA: DeepSpeed's FusedLamb
+    kernel instead of Loom's LAMB. Under ZeRO it takes one trust ratio per flat partition
+    (clamped to [0.01, 10]), not per tensor, so it is an opt-in, not the exact LAMB."""
     grad_clip: float = 1.0
     """Clip the global gradient L2 norm to this; 0 disables clipping."""
     warmup_steps: int = 20
@@ -224,6 +228,11 @@ def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
     if seq_len > job.model.max_seq_len:
         raise ValueError(
             f"data.seq_len={seq_len} exceeds model.max_seq_len={job.model.max_seq_len}"
+        )
+    if job.optim.fused_lamb and (job.optim.name != "lamb" or job.parallel.engine != "deepspeed"):
+        raise ValueError(
+            f"optim.fused_lamb=true needs optim.name=lamb and parallel.engine=deepspeed, got "
+            f"optim.name={job.optim.name!r}, parallel.engine={job.parallel.engine!r}"
         )
     if job.optim.decay_steps is not None and job.optim.decay_steps < job.optim.warmup_steps:
         raise ValueError(

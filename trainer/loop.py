@@ -28,8 +28,13 @@ from models import build_model, flops_per_token, param_counts
 from models.flops import known_peak_flops
 from parallel import dist
 from parallel.deepspeed_engine import build_client_optimizer, build_ds_config, build_engine
-from parallel.parallelize import no_grad_sync, parallelize, shard_optimizer, unwrap
-from parallel.pipeline import build_pipeline
+from parallel.parallelize import (
+    no_grad_sync,
+    parallelize,
+    parallelize_pipeline,
+    replica_sync,
+    unwrap,
+)
 from parallel.state import (
     load_model_state,
     load_optimizer_state,
@@ -118,7 +123,7 @@ def open_data(job: JobConfig, world: dist.World) -> Data:
 def build_deepspeed(model, job: JobConfig, world: dist.World):
     """The model under DeepSpeed ZeRO with Loom's optimizer as client (exact LAMB)."""
     p, t = job.parallel, job.trainer
-    optimizer = build_client_optimizer(model, job.optim)
+    optimizer = build_client_optimizer(model, job.optim, fused_lamb=job.optim.fused_lamb)
     config = build_ds_config(
         zero=p.zero,
         offload=p.offload,
@@ -136,17 +141,15 @@ def build_deepspeed(model, job: JobConfig, world: dist.World):
 
 def build_pipe(model, job: JobConfig, world: dist.World, *, accumulation: int):
     """This rank's pipeline stages; micro-batches default to the accumulation steps."""
-    p = job.parallel
     if job.precision.dtype == "fp16":
         raise ValueError("precision.dtype=fp16 with parallel.pp > 1 is not available; use bf16")
-    return build_pipeline(
-        model.to(world.device),
-        job.model,
-        pp_mesh=world.mesh["pp"],
-        device=world.device,
-        schedule=p.pp_schedule,
-        n_microbatches=p.pp_microbatches or accumulation,
-        virtual_stages=p.virtual_stages,
+    return parallelize_pipeline(
+        model,
+        job.parallel,
+        world=world,
+        model_cfg=job.model,
+        precision=job.precision.dtype,
+        n_microbatches=job.parallel.pp_microbatches or accumulation,
         forward_context=lambda: autocast(job.precision, world.device),
     )
 
@@ -198,19 +201,27 @@ class Trainer:
         self.counts = param_counts(model)  # before sharding hides full shapes
         self.ds = None  # the DeepSpeed engine, when parallel.engine=deepspeed
         self.pipe = None  # the pipeline runner, when parallel.pp > 1
+        self.replicas = None  # gradient averaging / ZeRO-1 where DDP and FSDP2 do not
         if job.parallel.engine == "deepspeed":
             self.ds = build_deepspeed(model, job, world)
             self.model = self.optimizer = self.ds
-        elif job.parallel.pp > 1:
-            self.pipe = build_pipe(model, job, world, accumulation=self.accumulation)
-            self.model = model  # pruned to this rank's stages, original parameter names
-            self.optimizer = build_optimizer(model, job.optim)
         else:
-            self.model = parallelize(
-                model, job.parallel, world=world, model_cfg=job.model, precision=job.precision.dtype
-            )
-            optimizer = build_optimizer(unwrap(self.model), job.optim)
-            self.optimizer = shard_optimizer(optimizer, job.parallel, world=world)
+            if job.parallel.pp > 1:
+                self.pipe = build_pipe(model, job, world, accumulation=self.accumulation)
+                self.model = model  # pruned to this rank's stages, original parameter names
+            else:
+                self.model = parallelize(
+                    model,
+                    job.parallel,
+                    world=world,
+                    model_cfg=job.model,
+                    precision=job.precision.dtype,
+                )
+            params = [p for p in unwrap(self.model).parameters() if p.requires_grad]
+            self.replicas = replica_sync(params, job.parallel, world=world)
+            self.optimizer = build_optimizer(unwrap(self.model), job.optim)
+            if self.replicas is not None:
+                self.replicas.shard_optimizer(self.optimizer)
         self.params = [p for p in unwrap(self.model).parameters() if p.requires_grad]
         self.schedule = LRSchedule(job.optim, max_steps=self.t.max_steps)
         self.scaler = LossScaler(job.precision)
@@ -256,14 +267,15 @@ class Trainer:
         if path is None:
             return 0
         state = self.ckpt.load(path)
+        aliases = self.pipe.aliases if self.pipe is not None else None
         if self.ds is not None:
             full = state if "model" in state else read_full(path / "dcp")
             self.ds.load_full_states(full["model"], full["optim"])
         elif "model" in state:  # single-file form
             load_model_state(self.model, state["model"])
-            load_optimizer_state(self.model, self.optimizer, state["optim"])
+            load_optimizer_state(self.model, self.optimizer, state["optim"], aliases=aliases)
         else:
-            load_sharded(self.model, self.optimizer, path / "dcp")
+            load_sharded(self.model, self.optimizer, path / "dcp", aliases=aliases)
         self.data.loader.load_state_dict(state["trainer"]["loader"])
         self.scaler.load_state_dict(state["trainer"]["scaler"])
         set_rng_state(state["rng"])
@@ -323,18 +335,24 @@ class Trainer:
         when fp16 overflowed and the step was skipped)."""
         if self.ds is not None:  # it clipped and stepped at the last micro-batch
             return self.ds.grad_norm()
-        if self.pipe is not None:  # gradients live on several pipeline ranks
-            grad_norm = float(self.pipe.clip_grad_norm_(self.job.optim.grad_clip or math.inf))
-            self.optimizer.step()
-            self.pipe.zero_grad()
-            return grad_norm
-        finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
+        if self.replicas is not None:
+            self.replicas.reduce_gradients()
         max_norm = self.job.optim.grad_clip or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if finite else None
+        if self.pipe is not None:  # gradients live on several pipeline ranks
+            grad_norm = float(self.pipe.clip_grad_norm_(max_norm))
+            finite = True  # fp16 (the only loss scaling) is refused with pipelines
+        else:
+            finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm) if finite else None
+            grad_norm = None if norm is None else float(norm)
         if finite:
             self.optimizer.step()
+            if self.replicas is not None:
+                self.replicas.broadcast_parameters()
         self.scaler.update(finite)
-        self.optimizer.zero_grad(set_to_none=True)
+        # Every gradient, not only the optimizer's: under ZeRO-1 it holds a subset.
+        for p in self.params:
+            p.grad = None
         return grad_norm
 
     def _loss_context(self):

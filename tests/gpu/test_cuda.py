@@ -34,3 +34,21 @@ def test_training_on_cuda_reports_mfu(train_cli, tmp_path, dtype):
     records = read_metrics(tmp_path)
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["mfu"] is not None and 0 < records[-1]["mfu"] < 1
+
+
+def test_deepspeed_fused_lamb_trains(train_cli, tmp_path):
+    """The opt-in FusedLamb kernel (per-partition trust ratio) trains under DeepSpeed ZeRO-2."""
+    pytest.importorskip("deepspeed")
+    train_cli(
+        "trainer.device=cuda",
+        "optim=lamb",
+        "optim.fused_lamb=true",
+        "parallel.engine=deepspeed",
+        "parallel.zero=2",
+        "trainer.max_steps=40",
+        "trainer.eval_every=0",
+        f"trainer.out_dir={tmp_path}",
+        nproc=1,
+    )
+    records = read_metrics(tmp_path)
+    assert records[-1]["loss"] < records[0]["loss"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from trainer.config import JobConfig, load_job_config, validate_job
@@ -94,16 +95,19 @@ def test_config_yaml_lists_every_schema_field():
     assert _leaf_keys(cfg) == _leaf_keys(schema)
 
 
-def test_layouts_not_built_yet_are_refused_by_name():
-    job = compose_job("parallel.tp=2", "parallel.pp=2", "parallel.dp=1")
-    validate_job(job, world_size=4)  # a valid layout (dry runs may describe it) ...
-    with pytest.raises(ValueError, match=r"parallel.pp=2"):
-        job.parallel.check_available(world_size=4)  # ... that training refuses for now
-    compose_job("parallel.pp=2").parallel.check_available(world_size=2)
-    tp_ddp = compose_job("parallel.tp=2")
-    with pytest.raises(ValueError, match=r"parallel.tp=2 .* parallel.zero=2 or 3"):
-        tp_ddp.parallel.check_available(world_size=4)
-    compose_job("parallel.tp=2", "parallel.zero=3").parallel.check_available(world_size=4)
+def test_every_native_composition_is_available_and_the_rest_refused_by_name():
+    for overrides, world in [
+        (("parallel.tp=2", "parallel.pp=2", "parallel.zero=1"), 8),
+        (("parallel.pp=2", "parallel.zero=3"), 4),
+        (("parallel.tp=2",), 4),  # TP with DDP-style data parallelism
+    ]:
+        job = compose_job(*overrides)
+        validate_job(job, world_size=world)
+        job.parallel.check_available(world_size=world)
+    with pytest.raises(ValueError, match=r"parallel.sp=true needs parallel.tp > 1"):
+        compose_job("parallel.sp=true").parallel.check_available(world_size=2)
+    with pytest.raises(ValueError, match=r"parallel.offload=cpu needs parallel.engine=deepspeed"):
+        compose_job("parallel.offload=cpu").parallel.check_available(world_size=2)
 
 
 def test_explicit_dp_must_match_world():
@@ -111,3 +115,23 @@ def test_explicit_dp_must_match_world():
     assert job.parallel.world_size_for_plan(1) == 2
     with pytest.raises(ValueError, match=r"parallel.dp=2 .* world size 4"):
         validate_job(job, world_size=4)
+
+
+def test_fused_lamb_is_a_deepspeed_lamb_opt_in():
+    ok = compose_job("optim=lamb", "optim.fused_lamb=true", "parallel.engine=deepspeed")
+    validate_job(ok)
+    for overrides in [
+        ("optim.fused_lamb=true", "parallel.engine=deepspeed"),  # adamw
+        ("optim=lamb", "optim.fused_lamb=true"),  # native engine
+    ]:
+        with pytest.raises(ValueError, match=r"optim.fused_lamb=true needs optim.name=lamb"):
+            validate_job(compose_job(*overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_fused_lamb_without_cuda_names_the_field():
+    from parallel.deepspeed_engine import build_client_optimizer
+
+    job = compose_job("optim=lamb", "optim.fused_lamb=true", "parallel.engine=deepspeed")
+    with pytest.raises(ValueError, match=r"optim.fused_lamb=true: .* no CUDA device"):
+        build_client_optimizer(torch.nn.Linear(2, 2), job.optim, fused_lamb=True)
