@@ -602,22 +602,24 @@ def _read_rows(shards: Sequence[ShardViews], source, element: np.ndarray, *, mix
     first = shards[which[0]] if which else shards[0]
     if len(distinct) <= 1:
         return first.rows[element].view(first.row_type).astype(np.int64)
+    width = first.row_type.shape[0]
+    if 4 * len(distinct) <= len(which):
+        # Many rows of a few shards: each shard's rows are read with one fancy index and
+        # widened straight into their places in the output (no staging copy).
+        out = np.empty((len(which), width), dtype=np.int64)
+        for s in distinct:
+            sel = np.flatnonzero(source == s)
+            out[sel] = shards[s].rows[element[sel]].view(shards[s].row_type)
+        return out
     if mixed and len({shards[s].row_type for s in distinct}) > 1:
-        out = np.empty((len(which), first.row_type.shape[0]), dtype=np.int64)
+        out = np.empty((len(which), width), dtype=np.int64)
         for i, (s, e) in enumerate(zip(which, element.tolist(), strict=True)):
             out[i] = shards[s].rows[e : e + 1].view(shards[s].row_type)
         return out
-    if 4 * len(distinct) <= len(which):
-        # Many rows of a few shards: one fancy-indexed copy per shard into a staging array.
-        rows = np.empty(len(which), dtype=first.rows.dtype)
-        for s in distinct:
-            sel = np.flatnonzero(source == s)
-            rows[sel] = shards[s].rows[element[sel]]
-    else:
-        # Random rows of a corpus of many shards mostly come from distinct shards: joining a
-        # slice per row costs less than grouping them.
-        pairs = zip(which, element.tolist(), strict=True)
-        rows = np.concatenate([shards[s].rows[e : e + 1] for s, e in pairs])
+    # Random rows of a corpus of many shards mostly come from distinct shards: joining a
+    # slice per row costs less than grouping them.
+    pairs = zip(which, element.tolist(), strict=True)
+    rows = np.concatenate([shards[s].rows[e : e + 1] for s, e in pairs])
     return rows.view(first.row_type).astype(np.int64)
 
 
