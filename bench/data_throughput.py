@@ -50,7 +50,9 @@ several shards cost about 1 us more each (see dataset._read_rows).
 
 Default (--seq-len 2048: 2048-token training samples are rows of 2049, split over 2 shards),
 idle 2-core machine, median of 7: loom loader 696 M tokens/s = 1.76x the memmap loader;
-loom gather 1327 = 0.89x memmap rows and 1.65x memmap frombuffer (Megatron's path).
+loom gather 1327 = 0.89x memmap rows and 1.65x memmap frombuffer (Megatron's path). A later
+idle run: loader 736 = 1.83x, gather 1302 = 0.85x memmap rows and 1.58x frombuffer; run to
+run, the gather pair moves by about 0.05 on this machine.
 """
 
 from __future__ import annotations

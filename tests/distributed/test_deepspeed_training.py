@@ -3,6 +3,8 @@ native process, and checkpoints move between the engines."""
 
 from __future__ import annotations
 
+import ctypes.util
+
 import pytest
 
 from parallel.deepspeed_engine import deepspeed_available
@@ -70,3 +72,31 @@ def test_deepspeed_refuses_model_parallel_layouts(train_cli, tmp_path):
         check=False,
     )
     assert proc.returncode != 0 and "parallel.tp=2" in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(
+    ctypes.util.find_library("aio") is None,
+    reason="NVMe offload needs libaio (apt install libaio-dev); DeepSpeed builds its async_io op",
+)
+def test_deepspeed_nvme_offload_matches_native_single_process(train_cli, tmp_path):
+    """ZeRO-3 with optimizer states swapped to disk between steps (AdamW: exact LAMB needs
+    the partitions in memory and refuses NVMe by name). The first run builds DeepSpeed's
+    async_io op, which takes minutes; it is cached afterwards."""
+    adamw = [o.replace("optim=lamb", "optim=adamw") for o in TINY] + ["trainer.max_steps=6"]
+    train_cli(*adamw, f"trainer.out_dir={tmp_path / 'one'}")
+    swap = tmp_path / "nvme"
+    train_cli(
+        *adamw,
+        "parallel.engine=deepspeed",
+        "parallel.zero=3",
+        "parallel.offload=nvme",
+        f"parallel.nvme_path={swap}",
+        f"trainer.out_dir={tmp_path / 'ds'}",
+        nproc=2,
+        timeout=1800,
+    )
+    assert_same_losses(tmp_path / "one", tmp_path / "ds")
+    assert sorted(p.name for p in (swap / "zero_stage_3" / "optimizer").iterdir()) == [
+        "rank0",
+        "rank1",
+    ]
