@@ -7,7 +7,7 @@ Megatron's own DDP does: after the last backward of a step, every gradient is av
 over the data-parallel ranks in a few flat buckets (a DTensor's local shard stands for
 it, since all replicas shard it alike).
 
-ZeRO-1 (any layout with ZeRO-0/1 data parallelism, plain DDP included): each rank owns
+ZeRO-1 (`parallel.zero=1`, under DDP or beside TP/PP): each rank owns
 whole tensors, assigned greedily by size; the optimizer keeps state for its own only,
 and after its step every owner broadcasts its tensors to the other replicas. Whole
 tensors keep LAMB's per-tensor trust ratio local, and each rank's checkpoint holds the
@@ -35,14 +35,18 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive runs of same-dtype tensors of at most BUCKET_NUMEL elements each."""
-    by_dtype: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[]])
+    """Consecutive runs of same-dtype tensors of at most BUCKET_NUMEL elements each (a larger
+    tensor makes a bucket of its own)."""
+    runs: dict[tuple, list[list[torch.Tensor]]] = defaultdict(list)
+    sizes: dict[tuple, int] = defaultdict(int)
     for t in tensors:
-        runs = by_dtype[(t.dtype, t.device)]
-        if runs[-1] and sum(x.numel() for x in runs[-1]) + t.numel() > BUCKET_NUMEL:
-            runs.append([])
-        runs[-1].append(t)
-    return [run for runs in by_dtype.values() for run in runs if run]
+        key = (t.dtype, t.device)
+        if not runs[key] or sizes[key] + t.numel() > BUCKET_NUMEL:
+            runs[key].append([])
+            sizes[key] = 0
+        runs[key][-1].append(t)
+        sizes[key] += t.numel()
+    return [run for kind in runs.values() for run in kind]
 
 
 def _copy_back(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:

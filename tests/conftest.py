@@ -86,6 +86,24 @@ def train_cli(loom_cache):
     return run
 
 
+def final_weights(run_dir: Path) -> dict:
+    """The model state of a run's last checkpoint, whole, by parameter name."""
+    from parallel.state import read_full
+
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return read_full(ckpt / "dcp")["model"]
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """Two runs ended with the same parameters (rtol 1e-5, atol 1e-6), by name."""
+    import torch
+
+    wa, wb = final_weights(run_a), final_weights(run_b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def assert_same_losses(run_a: Path, run_b: Path, *, tol: float = 1e-5) -> None:
     """Two runs logged the same steps with train and validation losses within `tol`."""
     a, b = read_metrics(run_a), read_metrics(run_b)

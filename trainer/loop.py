@@ -201,28 +201,24 @@ class Trainer:
         self.counts = param_counts(model)  # before sharding hides full shapes
         self.ds = None  # the DeepSpeed engine, when parallel.engine=deepspeed
         self.pipe = None  # the pipeline runner, when parallel.pp > 1
-        self.replicas = None  # gradient averaging / ZeRO-1 where DDP and FSDP2 do not
         if job.parallel.engine == "deepspeed":
             self.ds = build_deepspeed(model, job, world)
             self.model = self.optimizer = self.ds
+        elif job.parallel.pp > 1:
+            self.pipe = build_pipe(model, job, world, accumulation=self.accumulation)
+            self.model = model  # pruned to this rank's stages, original parameter names
         else:
-            if job.parallel.pp > 1:
-                self.pipe = build_pipe(model, job, world, accumulation=self.accumulation)
-                self.model = model  # pruned to this rank's stages, original parameter names
-            else:
-                self.model = parallelize(
-                    model,
-                    job.parallel,
-                    world=world,
-                    model_cfg=job.model,
-                    precision=job.precision.dtype,
-                )
-            params = [p for p in unwrap(self.model).parameters() if p.requires_grad]
-            self.replicas = replica_sync(params, job.parallel, world=world)
+            self.model = parallelize(
+                model, job.parallel, world=world, model_cfg=job.model, precision=job.precision.dtype
+            )
+        self.params = [p for p in unwrap(self.model).parameters() if p.requires_grad]
+        # Gradient averaging / ZeRO-1 where DDP and FSDP2 do not keep the replicas equal.
+        self.replicas = None
+        if self.ds is None:
             self.optimizer = build_optimizer(unwrap(self.model), job.optim)
+            self.replicas = replica_sync(self.params, job.parallel, world=world)
             if self.replicas is not None:
                 self.replicas.shard_optimizer(self.optimizer)
-        self.params = [p for p in unwrap(self.model).parameters() if p.requires_grad]
         self.schedule = LRSchedule(job.optim, max_steps=self.t.max_steps)
         self.scaler = LossScaler(job.precision)
         # Dropout streams differ per data-parallel rank; weights above did not.

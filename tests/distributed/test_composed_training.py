@@ -4,26 +4,9 @@ between them match one process: loss per step within 1e-5, parameters after the 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from parallel.state import read_full
-from tests.conftest import assert_same_losses
-
-TINY = [
-    "model.n_layer=4",
-    "model.d_model=64",
-    "model.n_head=2",
-    "model.max_seq_len=64",
-    "trainer.global_batch_size=8",
-    "trainer.micro_batch_size=2",
-    "trainer.log_every=1",
-    "trainer.eval_every=3",
-    "trainer.eval_samples=6",
-    "optim=lamb",
-    "optim.warmup_steps=2",
-    "optim.decay_steps=6",
-    "trainer.save_every=3",
-]
+from tests.conftest import assert_same_losses, assert_same_weights
+from tests.distributed.test_pp_training import TINY
 
 _REFERENCES: dict[str, object] = {}
 
@@ -35,18 +18,6 @@ def reference(train_cli, tmp_path_factory, model: str):
         train_cli(f"+model={model}", *TINY, "trainer.max_steps=6", f"trainer.out_dir={out}")
         _REFERENCES[model] = out
     return _REFERENCES[model]
-
-
-def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    return read_full(ckpt / "dcp")["model"]
-
-
-def assert_same_weights(run_a, run_b) -> None:
-    wa, wb = final_weights(run_a), final_weights(run_b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(

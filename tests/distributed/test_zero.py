@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from parallel.state import read_full
-from tests.conftest import read_metrics
+from tests.conftest import assert_same_weights, read_metrics
 
 TINY = [
     "model.n_layer=2",
@@ -20,11 +18,6 @@ TINY = [
     "optim=lamb",
     "optim.warmup_steps=2",
 ]
-
-
-def final_weights(run_dir) -> dict:
-    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    return read_full(ckpt / "dcp")["model"]
 
 
 def run_pair(train_cli, tmp_path, *extra):
@@ -41,10 +34,7 @@ def test_lamb_under_zero_matches_single_process(train_cli, tmp_path, zero):
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5, (zero, x["step"], x["loss"], y["loss"])
-    wa, wb = final_weights(one), final_weights(two)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(one, two)
 
 
 @pytest.mark.parametrize(
