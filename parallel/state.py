@@ -26,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from parallel.dist import World
 from parallel.parallelize import unwrap
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -91,9 +90,7 @@ def _own_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
     return {by_id[id(p)] for g in optimizer.param_groups for p in g["params"]}
 
 
-def save_sharded(
-    model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, world: World
-) -> None:
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Every rank writes its shards of model and optimizer state into `directory` (DCP)."""
     optim = _merge_group_names(get_optimizer_state_dict(model, optimizer))
     dcp.save({"model": get_model_state_dict(model), "optim": optim}, checkpoint_id=str(directory))

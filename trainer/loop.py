@@ -286,7 +286,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
         }
         shared = {"trainer.pt": trainer_state}
-        sharded = lambda d: save_sharded(self.model, self.optimizer, d, self.world)  # noqa: E731
+        sharded = lambda d: save_sharded(self.model, self.optimizer, d)  # noqa: E731
         if self.ds is not None:  # DeepSpeed keeps its own partitions: save the full states
             shared.update(
                 {"model.pt": self.ds.full_model_state(), "optim.pt": self.ds.full_optimizer_state()}
