@@ -29,14 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.log import get_logger
+from common.errors import CheckpointError
+from common.log import get_logger
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 log = get_logger("loom.checkpoint")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that is incomplete, truncated or fails its checksums."""
 
 
 def _sha256(path: Path) -> str:

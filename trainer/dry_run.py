@@ -20,7 +20,7 @@ import torch
 
 from models import build_model, flops_per_token, param_counts
 from trainer.config import JobConfig
-from trainer.log import log_rank0
+from common.log import log_rank0
 
 _GIB = 1024**3
 

@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from trainer.log import get_logger
+from common.log import get_logger
 
 log = get_logger("loom.metrics")
 

@@ -34,7 +34,9 @@ def log_rank0(msg: str, *args: object, logger: logging.Logger | None = None) -> 
 
 
 def warn_once(msg: str, *, logger: logging.Logger | None = None) -> None:
-    """Warn the first time this exact message is seen in the process."""
-    if msg not in _warned:
+    """Warn once per job: on rank 0, the first time this exact message is seen. Every rank
+    usually reaches the same warning; one line says it (a rank-specific problem is logged
+    with `get_logger().warning` instead)."""
+    if rank() == 0 and msg not in _warned:
         _warned.add(msg)
         (logger or get_logger()).warning("warning: %s", msg)
