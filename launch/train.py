@@ -19,10 +19,10 @@ if str(ROOT) not in sys.path:  # runnable from a plain checkout too
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from common.log import get_logger, log_rank0, setup_logging  # noqa: E402
 from parallel.dist import init_world, shutdown, world_size_from_env  # noqa: E402
 from trainer.config import JobConfig, load_job_config, register_configs, validate_job  # noqa: E402
 from trainer.dry_run import dry_run  # noqa: E402
-from common.log import get_logger, log_rank0, setup_logging  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 
 log = get_logger("loom")

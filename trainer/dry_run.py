@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from common.log import log_rank0
 from models import build_model, flops_per_token, param_counts
 from trainer.config import JobConfig
-from common.log import log_rank0
 
 _GIB = 1024**3
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from common.log import get_logger, log_rank0, warn_once
 from data_pipeline.dataset import PackedDataset
 from data_pipeline.loader import Loader, build_loader
 from data_pipeline.objectives import (
@@ -45,7 +46,6 @@ from parallel.state import (
 from parallel.tensor_parallel import loss_parallel_context, summed_losses_tp
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.config import JobConfig, to_yaml
-from common.log import get_logger, log_rank0, warn_once
 from trainer.loss import summed_losses, target_counts, task_name
 from trainer.metrics import MetricsLogger, Throughput
 from trainer.optim import build_optimizer
