@@ -46,7 +46,7 @@ S=2049 runs used --rows-per-shard 66560 to keep one shard). Rows of 2048 uint16 
 4096 bytes: each lies on one page of the flat file but straddles two in the Arrow body, whose
 buffers are 64-byte aligned (the same copy from the flat file shifted by 64 bytes takes ~8%
 longer); with S=2049 neither layout is aligned and the tokens-only paths are level. Rows of
-several shards cost about 1 us more each (see dataset._read_rows).
+several shards cost about 1 us more each (see rows.read_rows).
 
 Default (--seq-len 2048: 2048-token training samples are rows of 2049, split over 2 shards),
 idle 2-core machine, median of 7: loom loader 696 M tokens/s = 1.76x the memmap loader;

@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.dataset import MicroBatchPlan, PackedDataset, RowArrays, sample_order
+from common.errors import ConfigError, DataError
+from data_pipeline.dataset import PackedDataset, sample_order
+from data_pipeline.micro_batch import MicroBatchPlan
+from data_pipeline.rows import RowArrays
 
 DEFAULT_BLOCK_SIZE = 1000
 # A block this long takes seconds to build; a weight needing more is almost certainly a typo.
@@ -75,11 +78,11 @@ class BlendSchedule:
 def _normalise(weights: Sequence[float]) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.size == 0:
-        raise ValueError("a blend needs at least one source (data.sources is empty)")
+        raise ConfigError("a blend needs at least one source (data.sources is empty)")
     bad = ~np.isfinite(w) | (w <= 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"blend weight {i} = {float(w[i])!r} must be a positive finite number")
+        raise ConfigError(f"blend weight {i} = {float(w[i])!r} must be a positive finite number")
     return w / w.sum()
 
 
@@ -102,7 +105,7 @@ def _block_size_for(weights: np.ndarray, block_size: int) -> int:
     while _quotas(weights, block_size * times).min() < 1:
         times += 1
     if block_size * times > MAX_BLOCK_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"blend weight share {float(weights.min()):.3g} is too small: every source must get "
             f"a sample within {MAX_BLOCK_SIZE} samples"
         )
@@ -126,23 +129,23 @@ def _interleave(weights: np.ndarray, quota: np.ndarray) -> np.ndarray:
 def check_blendable(datasets: Sequence[PackedDataset]) -> None:
     """Sources must be non-empty, distinct, and share seq_len and tokenizer identity."""
     if not datasets:
-        raise ValueError("a blend needs at least one source (data.sources is empty)")
+        raise ConfigError("a blend needs at least one source (data.sources is empty)")
     first = datasets[0]
     seen: dict[tuple[Path, str], int] = {}
     for i, ds in enumerate(datasets):
         if len(ds) == 0:
-            raise ValueError(f"split {ds.split!r} of {ds.path} has no rows")
+            raise DataError(f"split {ds.split!r} of {ds.path} has no rows")
         key = (ds.path.resolve(), ds.split)
         if key in seen:
-            raise ValueError(f"source {ds.path} appears twice in the blend ({seen[key]} and {i})")
+            raise ConfigError(f"source {ds.path} appears twice in the blend ({seen[key]} and {i})")
         seen[key] = i
         if ds.seq_len != first.seq_len:
-            raise ValueError(
+            raise DataError(
                 f"sources {first.path} and {ds.path} were prepared with different seq_len "
                 f"({first.seq_len} and {ds.seq_len}); blended sources must share it"
             )
         if _tokenizer_identity(ds) != _tokenizer_identity(first):
-            raise ValueError(
+            raise DataError(
                 f"sources {first.path} and {ds.path} use different tokenizers "
                 f"({_tokenizer_identity(first)} and {_tokenizer_identity(ds)}); "
                 "blended sources must share one"
@@ -173,7 +176,7 @@ class BlendedSamples:
             raise ValueError(f"{len(datasets)} sources but {len(weights)} blend weights")
         for ds, w in zip(datasets, weights, strict=True):
             if not (isinstance(w, numbers.Real) and math.isfinite(w) and w > 0):
-                raise ValueError(f"blend weight {w!r} of source {ds.path} must be positive")
+                raise ConfigError(f"blend weight {w!r} of source {ds.path} must be positive")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r} must be a non-negative integer")
         self.datasets = list(datasets)

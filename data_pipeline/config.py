@@ -1,10 +1,64 @@
-"""Schema of the `data` config group, with one sub-schema per objective family."""
+"""Schema of the `data` config group, with one sub-schema per objective family.
+
+`DataConfig.validate()` rejects, before any work starts, every value no run can use, with a
+`common.errors.ConfigError` naming the field and value. Each objective's sub-config checks its
+own fields (`MlmConfig.validate()` ...), and `DataConfig.check_objective` the constraints
+between the fields and an objective at a sequence length; the objectives call the same checks
+when they are built, so a config that was never validated is refused the same way.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 
+from common.errors import ConfigError
+from data_pipeline.tokenizers import check_spec
+
 OBJECTIVES = ("clm", "mlm", "mlm_nsp", "mlm_sop", "span_corruption", "glm_blank")
+MLM_UNITS = ("token", "word", "span")
+# Objectives whose inputs keep the documents of a packed row apart (data.document_attention):
+# the others cut segments at document boundaries already (the pair tasks, which need attention
+# between their two segments) or rearrange the row (span corruption, blank infilling).
+DOCUMENT_ATTENTION_OBJECTIVES = ("clm", "mlm")
+# Shortest seq_len that holds one sample: mlm needs [CLS] x [SEP], the pair tasks
+# [CLS] a [SEP] b [SEP], span corruption a kept token, a sentinel and <eos>, blank infilling
+# a token and a span of two around its mask.
+MIN_SEQ_LEN = {"clm": 1, "mlm": 3, "mlm_nsp": 5, "mlm_sop": 5, "span_corruption": 3, "glm_blank": 4}
+# Shares that add up to 1 on paper may exceed it by a rounding error in floating point.
+_SHARE_SLACK = 1e-9
+
+
+def check_seq_len(objective: str, seq_len: int) -> None:
+    """ConfigError if samples of `seq_len` tokens are too short for `objective`."""
+    need = MIN_SEQ_LEN.get(objective, 1)
+    if seq_len < need:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is too short for data.objective={objective} (needs >= {need})"
+        )
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name}={value!r} must be a number")
+    return float(value)
+
+
+def _in_interval(name: str, value, *, closed_low: bool = False, closed_high: bool = False):
+    """ConfigError unless value lies in the unit interval with the given ends."""
+    v = _real(name, value)
+    low_ok = v >= 0.0 if closed_low else v > 0.0
+    high_ok = v <= 1.0 if closed_high else v < 1.0
+    if not (low_ok and high_ok):
+        interval = f"{'[' if closed_low else '('}0, 1{']' if closed_high else ')'}"
+        raise ConfigError(f"{name}={value!r} must be in {interval}")
+
+
+def _positive_int(name: str, value, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
 @dataclass(kw_only=True)
@@ -36,6 +90,21 @@ class MlmConfig:
     pair_swap_prob: float = 0.5
     """mlm_nsp / mlm_sop: share of pairs that are negative (random next / swapped order)."""
 
+    def validate(self) -> None:
+        """ConfigError naming the data.mlm field of any impossible value."""
+        if self.unit not in MLM_UNITS:
+            raise ConfigError(f"data.mlm.unit={self.unit!r} is unknown; choose one of {MLM_UNITS}")
+        _in_interval("data.mlm.mask_prob", self.mask_prob)
+        for key in ("replace_with_mask", "replace_with_random", "pair_swap_prob"):
+            _in_interval(f"data.mlm.{key}", getattr(self, key), closed_low=True, closed_high=True)
+        if self.replace_with_mask + self.replace_with_random > 1.0:
+            raise ConfigError(
+                f"data.mlm.replace_with_mask + data.mlm.replace_with_random = "
+                f"{self.replace_with_mask + self.replace_with_random} exceeds 1"
+            )
+        _in_interval("data.mlm.span_p", self.span_p, closed_high=True)
+        _positive_int("data.mlm.span_max", self.span_max)
+
 
 @dataclass(kw_only=True)
 class SpanCorruptionConfig:
@@ -45,6 +114,13 @@ class SpanCorruptionConfig:
     """Share of input tokens that are corrupted."""
     mean_span: float = 3.0
     """Mean corrupted span length, in tokens."""
+
+    def validate(self) -> None:
+        """ConfigError naming the data.span_corruption field of any impossible value (whether
+        the kept tokens can separate the spans depends on the window: see span_corruption)."""
+        _in_interval("data.span_corruption.noise_density", self.noise_density)
+        if not _real("data.span_corruption.mean_span", self.mean_span) >= 1.0:
+            raise ConfigError(f"data.span_corruption.mean_span={self.mean_span!r} must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -64,6 +140,29 @@ class GlmConfig:
     gmask_max_ratio: float = 1.0
     """[gMASK] task: longest generated span as a share of the sample."""
 
+    def validate(self) -> None:
+        """ConfigError naming the data.glm field of any impossible value."""
+        _in_interval("data.glm.mask_ratio", self.mask_ratio)
+        lam = _real("data.glm.poisson_lambda", self.poisson_lambda)
+        if not (lam > 0 and math.isfinite(lam)):
+            raise ConfigError(
+                f"data.glm.poisson_lambda={self.poisson_lambda!r} must be a finite number > 0"
+            )
+        for key in ("sentence_prob", "gmask_prob"):
+            _in_interval(f"data.glm.{key}", getattr(self, key), closed_low=True, closed_high=True)
+        if self.sentence_prob + self.gmask_prob > 1.0 + _SHARE_SLACK:
+            raise ConfigError(
+                f"data.glm.sentence_prob + data.glm.gmask_prob = "
+                f"{self.sentence_prob + self.gmask_prob} must be <= 1"
+            )
+        low = _real("data.glm.gmask_min_ratio", self.gmask_min_ratio)
+        high = _real("data.glm.gmask_max_ratio", self.gmask_max_ratio)
+        if not 0.0 < low <= high <= 1.0:
+            raise ConfigError(
+                f"need 0 < data.glm.gmask_min_ratio={self.gmask_min_ratio} <= "
+                f"data.glm.gmask_max_ratio={self.gmask_max_ratio} <= 1"
+            )
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -82,7 +181,8 @@ class DataConfig:
     cache_dir: str | None = None
     """Where the built-in corpus is prepared; None means $LOOM_CACHE or ~/.cache/loom."""
     val_fraction: float = 0.05
-    """Share of documents held out for evaluation when preparing the built-in corpus."""
+    """Share of documents held out for evaluation when preparing the built-in corpus; 0
+    prepares it without a validation split (then set trainer.eval_every=0)."""
     objective: str | None = None
     """Pretraining objective applied to each batch; None takes model.objective. One of
     clm | mlm | mlm_nsp | mlm_sop | span_corruption | glm_blank."""
@@ -95,23 +195,61 @@ class DataConfig:
     glm: GlmConfig = field(default_factory=GlmConfig)
 
     def validate(self) -> None:
-        if self.seq_len is not None and self.seq_len <= 1:
-            raise ValueError(f"data.seq_len={self.seq_len} must be > 1 (or null)")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        if self.objective is not None and self.objective not in OBJECTIVES:
-            raise ValueError(
-                f"data.objective={self.objective!r} is unknown; choose one of {OBJECTIVES}"
+        """ConfigError naming the field and value of anything that cannot run."""
+        if self.seq_len is not None:
+            _positive_int("data.seq_len", self.seq_len, minimum=2)
+        self._validate_corpus()
+        _in_interval("data.val_fraction", self.val_fraction, closed_low=True)
+        if self.objective is not None:
+            self.check_objective(self.objective, seq_len=self.seq_len)
+        if not isinstance(self.document_attention, bool):
+            raise ConfigError(f"data.document_attention={self.document_attention!r} must be a bool")
+        _positive_int("data.num_workers", self.num_workers, minimum=0)
+        self.mlm.validate()
+        self.span_corruption.validate()
+        self.glm.validate()
+
+    def check_objective(self, name: str, *, seq_len: int | None = None) -> None:
+        """The constraints between these fields and objective `name` (data.objective, or
+        model.objective when that is None) with samples of `seq_len` tokens (when known)."""
+        if name not in OBJECTIVES:
+            raise ConfigError(f"data.objective={name!r} is unknown; choose one of {OBJECTIVES}")
+        if self.document_attention and name not in DOCUMENT_ATTENTION_OBJECTIVES:
+            raise ConfigError(
+                f"data.document_attention=true is not supported by data.objective={name} "
+                f"(it applies to {' and '.join(DOCUMENT_ATTENTION_OBJECTIVES)}); "
+                "set data.document_attention=false"
             )
-        if not self.tokenizer:
-            raise ValueError("data.tokenizer must not be empty")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
-        if self.sources is not None:
-            if self.path is not None:
-                raise ValueError("set data.path or data.sources, not both")
-            if not self.sources:
-                raise ValueError("data.sources is empty")
-            for i, source in enumerate(self.sources):
-                if not source.weight > 0:
-                    raise ValueError(f"data.sources[{i}].weight={source.weight} must be > 0")
+        if seq_len is not None:
+            check_seq_len(name, seq_len)
+
+    def _validate_corpus(self) -> None:
+        """data.path, data.sources, data.tokenizer and data.cache_dir."""
+        if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
+            raise ConfigError(f"data.path={self.path!r} must be a directory (or null)")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ConfigError(f"data.cache_dir={self.cache_dir!r} must be a directory (or null)")
+        check_spec(self.tokenizer)
+        if self.sources is None:
+            return
+        if self.path is not None:
+            raise ConfigError("set data.path or data.sources, not both")
+        if not self.sources:
+            raise ConfigError("data.sources is empty")
+        seen: dict[str, int] = {}
+        for i, source in enumerate(self.sources):
+            path, weight = source.path, source.weight
+            if not isinstance(path, str) or not path.strip():
+                raise ConfigError(f"data.sources[{i}].path={path!r} must be a directory")
+            w = _real(f"data.sources[{i}].weight", weight)
+            if not (w > 0 and math.isfinite(w)):
+                raise ConfigError(
+                    f"data.sources[{i}].weight={weight!r} must be a finite number > 0"
+                )
+            key = os.path.normpath(os.path.expanduser(path))
+            if key in seen:
+                raise ConfigError(
+                    f"data.sources[{i}].path={path!r} repeats data.sources[{seen[key]}]; "
+                    "list each corpus once"
+                )
+            seen[key] = i

@@ -1,4 +1,4 @@
-"""Reading prepared corpora: random access to packed rows, integrity checks, global order.
+"""Reading one split of a prepared corpus: random access to packed rows, integrity checks.
 
 Legend: n = rows gathered, S = sample_len (seq_len + 1 tokens per row), R = rows of one
 record batch.
@@ -10,17 +10,18 @@ its buffers inside the mapped file are recorded, and so is where each of its row
 and the token element where the row starts). From then on reading n rows costs what a flat
 memmap reader pays: one lookup of where they lie, one fancy-indexed copy of whole rows (a
 memcpy each) out of the mapped bytes and one cast to int64; no Arrow objects, and no per-row
-Python unless the rows come from several shards (see _read_rows). `Table.take` is avoided on
-purpose: on a multi-batch memory-mapped column it copies every chunk on every call. For
-training, `MicroBatchPlan` does the rest of the per-row work (placement, first-touch checks,
-document and sentence starts as mask keys) for many samples in one vectorised pass, so that
-each micro-batch is a copy, a cast and one scatter.
+Python unless the rows come from several shards (see rows.read_rows). `Table.take` is avoided
+on purpose: on a multi-batch memory-mapped column it copies every chunk on every call. For
+training, `micro_batch.MicroBatchPlan` does the rest of the per-row work (placement, first-touch
+checks, document and sentence starts as mask keys) for many samples in one vectorised pass,
+through `PackedDataset.place` and `PackedDataset.shard_views`.
 
 Integrity is checked in layers: at open, the manifest against each shard's size, schema and
 record-batch count (and, with `verify_checksums`, sha256 plus everything below for every
 record batch); the first time a record batch is touched in a process, its row count, all of
 its token ids and all of its offsets, in one vectorised pass, before any of its rows is used.
-So a bad row is reported (by shard and row) whichever sample is drawn first.
+So a bad row is reported (by shard and row) whichever sample is drawn first. Every problem
+with the data raises `common.errors.DataError` naming the file (and shard and row).
 
 The order in which one corpus is visited is a pure function of (seed, epoch): see
 `sample_order`. Blending and the DP-sharded loader live in blend.py and loader.py.
@@ -28,10 +29,8 @@ The order in which one corpus is visited is a pure function of (seed, epoch): se
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,27 +40,37 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from data_pipeline.prepare import MANIFEST_FILE, sha256_file, shard_schema
+from common.errors import DataError
+from data_pipeline.corpus_format import (
+    DOC_COLUMN,
+    MANIFEST_FILE,
+    SENT_COLUMN,
+    TOKENS_COLUMN,
+    MissingCorpusFileError,
+    expected_schema,
+    read_manifest,
+    sha256_file,
+    split_entry,
+)
+from data_pipeline.rows import RowArrays, ShardViews, flat_view, list_keys, map_shard, read_rows
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 
-# Manifest schema versions this reader understands: 1 has document offsets only, 2 adds the
-# `sent_offsets` column (sentence starts). With version 1, document starts are the only
-# sentence starts.
-SCHEMA_VERSIONS = (1, 2)
-TOKENS_COLUMN, DOC_COLUMN, SENT_COLUMN = "tokens", "doc_offsets", "sent_offsets"
-_REQUIRED_FIELDS = (
-    "tokenizer", "vocab_size", "seq_len", "sample_len", "dtype", "rows_per_batch", "splits"
-)  # fmt: skip
 # Columns of PackedDataset._at: where a record batch's buffers start in its shard's mapped
 # file, in elements of the shard's token view (_TOK) or int32 view (the list columns).
 _TOK, _DOC_OFF, _DOC_VAL, _SENT_OFF, _SENT_VAL = range(5)
-_NO_ITEMS = np.zeros(0, dtype=np.int64)
 _INT64 = np.dtype(np.int64)
-Batch = dict[str, torch.Tensor]
+
+
+class RowPlaces(NamedTuple):
+    """Where some rows of a split lie in its shards (see `PackedDataset.place`)."""
+
+    shard: np.ndarray  # [n]: index into PackedDataset.shard_views
+    element: np.ndarray  # int64 [n]: token element of that shard's views where the row starts
+    lists: np.ndarray  # int64 [4, n]: where its boundary lists lie in the shard's int32 view
 
 
 class PackedDataset:
-    """The rows of one split of a prepared corpus (see data_pipeline/prepare.py)."""
+    """The rows of one split of a prepared corpus (its format: corpus_format.py)."""
 
     def __init__(self, path: str | Path, split: str = "train", *, verify_checksums: bool = False):
         """Open `split` of the corpus in `path`. With `verify_checksums`, also check every
@@ -70,14 +79,10 @@ class PackedDataset:
         self.path = Path(path)
         self._manifest = read_manifest(self.path)
         where = self.path / MANIFEST_FILE
-        splits = self._manifest["splits"]
-        if split not in splits:
-            raise ValueError(f"{where}: no split {split!r} (the manifest has {sorted(splits)})")
         self.split = split
-        self._entry = splits[split]
-        _check_split_entry(self._entry, where=f"{where}, split {split!r}")
+        self._entry = split_entry(self._manifest, split, directory=self.path)
         self._dtype = np.dtype(self._manifest["dtype"])
-        # Viewed as this type, n opaque rows (see _row_windows) are [n, S] tokens in one call.
+        # Viewed as this type, n opaque rows (see rows.row_windows) are [n, S] tokens at once.
         self._row_type = np.dtype((self._dtype, (self.sample_len,)))
         self._rpb = int(self._manifest["rows_per_batch"])
         self._schema = expected_schema(
@@ -111,21 +116,21 @@ class PackedDataset:
     def _open_shard(self, shard: dict, verify_checksums: bool) -> None:
         file = self.path / shard["file"]
         if not file.is_file():
-            raise FileNotFoundError(f"shard {file} listed in the manifest is missing")
+            raise MissingCorpusFileError(f"shard {file} listed in the manifest is missing")
         size = os.path.getsize(file)
         if size != shard["bytes"]:
-            raise ValueError(
+            raise DataError(
                 f"shard {file} has {size} bytes, the manifest says {shard['bytes']} "
                 "(truncated or replaced?)"
             )
         if verify_checksums and sha256_file(file) != shard["sha256"]:
-            raise ValueError(f"shard {file}: sha256 does not match the manifest (corrupted?)")
+            raise DataError(f"shard {file}: sha256 does not match the manifest (corrupted?)")
         try:
-            whole, arrow_base, reader = _map_shard(file)
+            whole, arrow_base, reader = map_shard(file)
         except (pa.ArrowException, OSError, ValueError) as err:
-            raise ValueError(f"shard {file} is not a readable Arrow IPC file: {err}") from None
+            raise DataError(f"shard {file} is not a readable Arrow IPC file: {err}") from None
         if not reader.schema.equals(self._schema):
-            raise ValueError(
+            raise DataError(
                 f"shard {file}: schema ({_describe(reader.schema)}) does not match the manifest "
                 f"(schema_version {self._manifest['schema_version']} expects "
                 f"{_describe(self._schema)})"
@@ -134,14 +139,7 @@ class PackedDataset:
         self._readers.append(reader)
         self._arrow_base.append(arrow_base)
         self._whole.append(whole)
-        self._views.append(
-            ShardViews(
-                rows=_row_windows(whole, self._dtype, self.sample_len),
-                row_type=self._row_type,
-                tokens=whole[: size - size % self._dtype.itemsize].view(self._dtype),
-                int32=whole[: size - size % 4].view(np.int32),
-            )
-        )
+        self._views.append(ShardViews.of(whole, self._dtype, self.sample_len))
 
     def _check_layout(self, reader, shard: dict, file: Path) -> None:
         # Only the footer here: reading each record batch's header would make Arrow advise
@@ -149,7 +147,7 @@ class PackedDataset:
         # are checked when a batch is first touched, before any of its rows is used.
         nbatches, want_batches = reader.num_record_batches, -(-shard["rows"] // self._rpb)
         if nbatches != want_batches:
-            raise ValueError(
+            raise DataError(
                 f"shard {file}: {nbatches} record batches, but {shard['rows']} rows at "
                 f"{self._rpb} rows per batch need {want_batches}"
             )
@@ -159,12 +157,12 @@ class PackedDataset:
         rows = [shard["rows"] for shard in shards]
         for i, r in enumerate(rows[:-1]):
             if r % self._rpb:
-                raise ValueError(
+                raise DataError(
                     f"{where}: shard {shards[i]['file']} has {r} rows, not a multiple of "
                     f"rows_per_batch={self._rpb}, but it is not the split's last shard"
                 )
         if sum(rows) != self._entry["rows"]:
-            raise ValueError(
+            raise DataError(
                 f"{where}: lists {self._entry['rows']} rows but its shards add up to {sum(rows)}"
             )
         per_shard = [-(-r // self._rpb) for r in rows]
@@ -250,11 +248,11 @@ class PackedDataset:
             if self.has_sentences:
                 lists[SENT_COLUMN] = _list_views(record.column(SENT_COLUMN))
         except (pa.ArrowException, OSError) as err:
-            raise ValueError(f"shard {file}: record batch {local} is unreadable: {err}") from None
+            raise DataError(f"shard {file}: record batch {local} is unreadable: {err}") from None
         shard_rows = int(self._shard_start[shard + 1] - self._shard_start[shard])
         want = min(self._rpb, shard_rows - local * self._rpb)
         if record.num_rows != want:
-            raise ValueError(
+            raise DataError(
                 f"shard {file}: record batch {local} has {record.num_rows} rows, expected "
                 f"{want} (the shard does not match the manifest)"
             )
@@ -268,7 +266,7 @@ class PackedDataset:
         # same in ours.
         delta = array.ctypes.data - self._arrow_base[shard]
         if delta % array.itemsize or not 0 <= delta <= self._whole[shard].nbytes - array.nbytes:
-            raise ValueError(
+            raise DataError(
                 f"shard {self.path / self._names[shard]}: record batch {local} is not a "
                 "zero-copy, aligned view of the file (compressed or foreign shard?)"
             )
@@ -304,7 +302,7 @@ class PackedDataset:
         shard = int(self._batch_shard[batch])
         local = int(self._batch_local[batch]) * self._rpb + row_in_batch
         global_row = int(self._shard_start[shard]) + local
-        raise ValueError(
+        raise DataError(
             f"shard {self.path / self._names[shard]}, row {local} (row {global_row} of split "
             f"{self.split!r}): {problem}"
         )
@@ -385,7 +383,7 @@ class PackedDataset:
     def _lists(self, rows: np.ndarray) -> np.ndarray:
         """[4, n]: where the boundary lists of checked `rows` lie in their shard's int32 view:
         the element of each document list's first offset, the element its values count from,
-        and the same two for the sentence list (see _list_keys). A corpus without sentence
+        and the same two for the sentence list (see rows.list_keys). A corpus without sentence
         lists gives its document lists again: document starts are sentence starts too."""
         batches, offsets = np.divmod(rows, self._rpb)
         at = self._at[:, batches]
@@ -395,22 +393,33 @@ class PackedDataset:
         at[_SENT_OFF] += offsets
         return at[_DOC_OFF:]
 
+    @property
+    def shard_views(self) -> tuple[ShardViews, ...]:
+        """Read-only views of every shard, in manifest order (`RowPlaces.shard` indexes them)."""
+        return tuple(self._views)
+
+    def place(self, indices: Sequence[int] | np.ndarray) -> RowPlaces:
+        """Where rows `indices` lie (negative ones count from the end), every record batch
+        among them checked first: for readers that copy rows out of `shard_views` themselves."""
+        rows = self._rows(indices)
+        return RowPlaces(self._row_shard[rows], self._row_start[rows], self._lists(rows))
+
     def gather_into(self, rows: Sequence[int] | np.ndarray, out: RowArrays, at: np.ndarray) -> None:
         """Write rows `rows` into positions `at` of `out`: their tokens, and their document
         and sentence starts marked True (out's masks must be clear at those positions)."""
         rows = self._rows(rows)
         got = self._copy_rows(rows)
         if out.tokens.dtype == self._dtype:
-            _flat_view(out.tokens).view(got.dtype)[at] = got
+            flat_view(out.tokens).view(got.dtype)[at] = got
         else:  # a blend of uint16 and int32 corpora: widen on the way
             out.tokens[at] = got.view(self._row_type)
-        doc_start, sent_start = _flat_view(out.doc_start), _flat_view(out.sent_start)
+        doc_start, sent_start = flat_view(out.doc_start), flat_view(out.sent_start)
         lists = self._lists(rows)
         base = np.asarray(at, dtype=np.int64) * self.sample_len
         for shard, sel in self._by_shard(self._batch_shard[rows // self._rpb]):
             flat = self._views[shard].int32
-            doc, _ = _list_keys(flat, lists[0, sel], lists[1, sel], base[sel])
-            sent, _ = _list_keys(flat, lists[2, sel], lists[3, sel], base[sel])
+            doc, _ = list_keys(flat, lists[0, sel], lists[1, sel], base[sel])
+            sent, _ = list_keys(flat, lists[2, sel], lists[3, sel], base[sel])
             # A document start is a sentence start too.
             doc_start[doc] = sent_start[doc] = sent_start[sent] = True
 
@@ -426,7 +435,7 @@ class PackedDataset:
         if len(self._views) == 1:
             shard = self._views[0]
             return torch.from_numpy(shard.rows[starts].view(shard.row_type).astype(np.int64))
-        return torch.from_numpy(_read_rows(self._views, self._row_shard[rows], starts))
+        return torch.from_numpy(read_rows(self._views, self._row_shard[rows], starts))
 
     def gather_arrays(self, rows: Sequence[int] | np.ndarray) -> RowArrays:
         """Rows and their boundaries as numpy arrays (tokens in the stored dtype)."""
@@ -443,213 +452,6 @@ class PackedDataset:
         return self.gather_arrays(rows).batch()
 
 
-class RowArrays(NamedTuple):
-    """Gathered rows as numpy arrays. Tokens keep the stored dtype, so a reader that reads
-    many rows into a reused buffer widens each batch to int64 only when it hands it out
-    (small, cache-warm allocations: large transient ones cost page faults on every call)."""
-
-    tokens: np.ndarray  # [n, S], uint16 or int32
-    starts: np.ndarray  # [2, n, S] bool: document starts, then sentence starts (a superset)
-
-    @property
-    def doc_start(self) -> np.ndarray:
-        return self.starts[0]
-
-    @property
-    def sent_start(self) -> np.ndarray:
-        return self.starts[1]
-
-    @classmethod
-    def empty(cls, n: int, S: int, dtype: np.dtype) -> RowArrays:
-        """Room for n rows, with clear masks."""
-        return cls(np.empty((n, S), dtype=dtype), np.zeros((2, n, S), dtype=bool))
-
-    def head(self, n: int) -> RowArrays:
-        """The first n rows, masks cleared, for reuse as a buffer."""
-        starts = self.starts[:, :n]
-        starts[...] = False
-        return RowArrays(self.tokens[:n], starts)
-
-    def batch(self, lo: int = 0, hi: int | None = None, *, copy: bool = False) -> Batch:
-        """Rows [lo, hi) as {"tokens": int64, "doc_start", "sent_start"} tensors; with
-        `copy` the masks are copies, so this buffer can be reused."""
-        starts = self.starts[:, lo:hi]
-        if copy:
-            starts = starts.copy()
-        return {
-            "tokens": torch.from_numpy(self.tokens[lo:hi].astype(np.int64)),
-            "doc_start": torch.from_numpy(starts[0]),
-            "sent_start": torch.from_numpy(starts[1]),
-        }
-
-
-class MicroBatchPlan:
-    """Rows planned for reading as micro-batches of `micro_batch_size` rows.
-
-    Planning does the per-row work once for many micro-batches: it checks every record batch
-    the rows touch, looks up where each row's tokens lie and turns their document and sentence
-    starts into mask keys grouped by micro-batch. Each micro-batch is then a fancy-indexed copy
-    of its rows, one cast to int64 and one scatter into a fresh mask.
-    """
-
-    def __init__(
-        self,
-        parts: Sequence[tuple[PackedDataset, np.ndarray, np.ndarray | None]],
-        *,
-        size: int,
-        micro_batch_size: int,
-        sample_ids: np.ndarray | None = None,
-    ) -> None:
-        """`parts`: (dataset, its rows, their positions among the `size` planned rows, or
-        None for 0..len-1); every position is covered once. `sample_ids`, when given, are
-        handed out with each micro-batch."""
-        if not parts or size < 1 or micro_batch_size < 1 or size % micro_batch_size:
-            raise ValueError(
-                f"{size} planned rows do not split into micro-batches of {micro_batch_size}"
-            )
-        self.micro_batch_size, self.size = micro_batch_size, size
-        self.sample_len = parts[0][0].sample_len
-        self._ids = sample_ids
-        self._sources: list[ShardViews] = []  # every shard of the corpora among the parts
-        self._element = np.empty(size, dtype=np.int64)  # where each row's tokens start
-        self._source = np.empty(size, dtype=np.int64)
-        lists = np.empty((4, size), dtype=np.int64)  # see PackedDataset._lists
-        for ds, rows, at in parts:
-            rows = ds._rows(rows)
-            where = slice(None) if at is None else at
-            self._element[where] = ds._row_start[rows]
-            self._source[where] = len(self._sources) + ds._row_shard[rows]
-            lists[:, where] = ds._lists(rows)
-            self._sources += ds._views
-        # One source (a shard of a corpus) for all rows: the common case skips the grouping.
-        first = int(self._source[0])
-        one = len(self._sources) == 1 or bool((self._source == first).all())
-        self._only = first if one else None
-        self._mixed = len({shard.row_type for shard in self._sources}) > 1
-        self._plan_masks(lists)
-
-    def _plan_masks(self, lists: np.ndarray) -> None:
-        """Keys of the True entries of each micro-batch's [2, micro, S] mask, grouped by
-        micro-batch: micro-batch m's are keys[bounds[m]:bounds[m + 1]]."""
-        mb, count = self.micro_batch_size, self.size // self.micro_batch_size
-        # Document lists go to both planes, sentence lists to the second. The lists are taken
-        # in (micro-batch, plane, row) order, so that their items come out grouped.
-        lists = lists[[0, 1, 0, 1, 2, 3]].reshape(3, 2, count, mb).transpose(1, 2, 0, 3)
-        first, values = lists.reshape(2, -1)
-        base = _mask_bases(count, mb, self.sample_len)
-        if self._only is not None:
-            keys, ends = _list_keys(self._sources[self._only].int32, first, values, base)
-            self._bounds = [0, *ends[3 * mb - 1 :: 3 * mb].tolist()]  # Python ints: cheap
-            self._keys = keys
-            return
-        source = np.repeat(self._source.reshape(count, 1, mb), 3, axis=1).reshape(-1)
-        micro = np.repeat(np.arange(count), 3 * mb)
-        pieces, micros = [], []
-        for s in np.unique(source).tolist():
-            sel = np.flatnonzero(source == s)
-            got, ends = _list_keys(self._sources[s].int32, first[sel], values[sel], base[sel])
-            pieces.append(got)
-            micros.append(np.repeat(micro[sel], np.diff(ends, prepend=0)))
-        micro = np.concatenate(micros)
-        self._keys = np.concatenate(pieces)[np.argsort(micro, kind="stable")]
-        self._bounds = [0, *np.cumsum(np.bincount(micro, minlength=count)).tolist()]
-
-    def __len__(self) -> int:
-        """Number of micro-batches."""
-        return self.size // self.micro_batch_size
-
-    def _tokens(self, lo: int, hi: int) -> np.ndarray:
-        """int64 [hi - lo, S] tokens of planned rows [lo, hi)."""
-        if self._only is None:
-            source, element = self._source[lo:hi], self._element[lo:hi]
-            return _read_rows(self._sources, source, element, mixed=self._mixed)
-        shard = self._sources[self._only]
-        return shard.rows[self._element[lo:hi]].view(shard.row_type).astype(np.int64)
-
-    def micro_batch(self, m: int) -> Batch:
-        """Micro-batch m: {"sample_ids" (if planned with them), "tokens" int64 [micro, S],
-        "doc_start", "sent_start" bool [micro, S]}; fresh arrays, owned by the caller."""
-        if not 0 <= m < len(self._bounds) - 1:
-            raise IndexError(f"micro-batch {m} of a plan of {len(self._bounds) - 1}")
-        mb = self.micro_batch_size
-        lo = m * mb
-        flat = np.zeros(2 * mb * self.sample_len, dtype=bool)
-        flat[self._keys[self._bounds[m] : self._bounds[m + 1]]] = True
-        starts = flat.reshape(2, mb, self.sample_len)
-        batch = {}
-        if self._ids is not None:
-            batch["sample_ids"] = torch.from_numpy(self._ids[lo : lo + mb])
-        batch["tokens"] = torch.from_numpy(self._tokens(lo, lo + mb))
-        batch["doc_start"] = torch.from_numpy(starts[0])
-        batch["sent_start"] = torch.from_numpy(starts[1])
-        return batch
-
-
-class ShardViews(NamedTuple):
-    """Read-only numpy views of one memory-mapped shard file."""
-
-    rows: np.ndarray  # item i: the S tokens from token element i, opaque (see _row_windows)
-    row_type: np.dtype  # viewed as this, n opaque rows are [n, S] tokens
-    tokens: np.ndarray  # the file as tokens (uint16 or int32)
-    int32: np.ndarray  # the file as int32: the boundary lists
-
-
-def _read_rows(shards: Sequence[ShardViews], source, element: np.ndarray, *, mixed=False):
-    """int64 [n, S] tokens of the rows at token elements `element` of shards `source`;
-    `mixed`: the shards may differ in token type (a blend of uint16 and int32 corpora)."""
-    which = source.tolist()
-    distinct = set(which)
-    first = shards[which[0]] if which else shards[0]
-    if len(distinct) <= 1:
-        return first.rows[element].view(first.row_type).astype(np.int64)
-    width = first.row_type.shape[0]
-    if 4 * len(distinct) <= len(which):
-        # Many rows of a few shards: each shard's rows are read with one fancy index and
-        # widened straight into their places in the output (no staging copy).
-        out = np.empty((len(which), width), dtype=np.int64)
-        for s in distinct:
-            sel = np.flatnonzero(source == s)
-            out[sel] = shards[s].rows[element[sel]].view(shards[s].row_type)
-        return out
-    if mixed and len({shards[s].row_type for s in distinct}) > 1:
-        out = np.empty((len(which), width), dtype=np.int64)
-        for i, (s, e) in enumerate(zip(which, element.tolist(), strict=True)):
-            out[i] = shards[s].rows[e : e + 1].view(shards[s].row_type)
-        return out
-    # Random rows of a corpus of many shards mostly come from distinct shards: joining a
-    # slice per row costs less than grouping them.
-    pairs = zip(which, element.tolist(), strict=True)
-    rows = np.concatenate([shards[s].rows[e : e + 1] for s, e in pairs])
-    return rows.view(first.row_type).astype(np.int64)
-
-
-def _map_shard(file: Path) -> tuple[np.ndarray, int, pa.ipc.RecordBatchFileReader]:
-    """(the file as a read-only uint8 array, where Arrow's mapping of it starts, its reader).
-
-    Rows are read through a mapping of our own: Arrow advises the kernel to read ahead
-    whatever it hands out (the whole file, for a buffer of all of it), while training reads
-    rows at random. Arrow's reader serves the metadata and the first-touch checks.
-    """
-    with open(file, "rb") as f:
-        ours = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(ours, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-        ours.madvise(mmap.MADV_RANDOM)  # read-ahead would fetch neighbours never used
-    arrow_map = pa.memory_map(str(file), "r")
-    arrow_base = arrow_map.read_buffer(1).address  # position 0: where the mapping starts
-    reader = pa.ipc.open_file(arrow_map)
-    return np.frombuffer(ours, dtype=np.uint8), arrow_base, reader
-
-
-def _row_windows(whole: np.ndarray, dtype: np.dtype, S: int) -> np.ndarray:
-    """Read-only view of a mapped file in which item i is the S tokens that start at element
-    i, as one opaque S * itemsize-byte item: any row of any record batch is one item, and
-    fancy indexing copies each with a single memcpy (a [positions, S] strided view would copy
-    token by token)."""
-    count = max(len(whole) // dtype.itemsize - S + 1, 0)
-    row = np.dtype((np.void, S * dtype.itemsize))
-    return np.ndarray((count,), dtype=row, buffer=whole, strides=(dtype.itemsize,))
-
-
 # A numpy reduction costs microseconds; for a handful of rows Python is faster.
 def _all(flags: np.ndarray) -> bool:
     return all(flags.tolist()) if len(flags) <= 64 else bool(flags.all())
@@ -657,38 +459,6 @@ def _all(flags: np.ndarray) -> bool:
 
 def _max(values: np.ndarray) -> int:
     return max(values.tolist()) if len(values) <= 64 else int(values.max())
-
-
-def _flat_view(array: np.ndarray) -> np.ndarray:
-    """`array` as 1-D, a view (writes through)."""
-    if not array.flags.c_contiguous:
-        raise ValueError(f"expected a C-contiguous buffer, got strides {array.strides}")
-    return array.reshape(-1)
-
-
-def _list_keys(flat: np.ndarray, first: np.ndarray, values: np.ndarray, base: np.ndarray):
-    """(base[j] + value for every value of list j, in list order; how many values lists
-    0..j hold) of several int32 lists stored in `flat`: list j's offsets are flat[first[j]]
-    and flat[first[j] + 1], counted from element values[j]."""
-    lo = flat[first]
-    counts = flat[first + 1] - lo
-    ends = np.cumsum(counts)
-    total = int(ends[-1]) if len(ends) else 0
-    if total == 0:
-        return _NO_ITEMS, ends
-    at = np.repeat(values + lo - (ends - counts), counts) + np.arange(total)
-    return np.repeat(base, counts) + flat[at], ends
-
-
-@functools.lru_cache(maxsize=16)
-def _mask_bases(count: int, micro: int, S: int) -> np.ndarray:
-    """Where each list of MicroBatchPlan._plan_masks lands in its micro-batch's flat
-    [2, micro, S] mask, for lists in (micro-batch, plane list, row) order; the plane lists are
-    documents (plane 0), documents and sentences (plane 1). Read-only, shared."""
-    plane = np.asarray([0, 1, 1], dtype=np.int64)[:, None] * (micro * S)
-    bases = np.tile((plane + S * np.arange(micro)).reshape(-1), count)
-    bases.flags.writeable = False
-    return bases
 
 
 def _list_views(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -701,64 +471,6 @@ def _describe(schema: pa.Schema) -> str:
     return ", ".join(f"{field.name}: {field.type}" for field in schema)
 
 
-def expected_schema(dtype: np.dtype, sample_len: int, *, schema_version: int) -> pa.Schema:
-    """The shard schema a manifest of `schema_version` promises (prepare.shard_schema is the
-    definition; version 1 shards lack the sentence column)."""
-    schema = shard_schema(dtype, sample_len)
-    at = schema.get_field_index(SENT_COLUMN)
-    if schema_version == 1:
-        schema = schema.remove(at)
-    return schema
-
-
-def read_manifest(directory: str | Path) -> dict:
-    """`directory`/manifest.json, checked; any schema version in SCHEMA_VERSIONS."""
-    path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {directory} is not a corpus written by launch/prepare_data.py"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    version = manifest.get("schema_version")
-    if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
-        raise ValueError(
-            f"{path}: schema_version={version!r}, this reader understands "
-            f"{' or '.join(map(str, SCHEMA_VERSIONS))}; prepare the corpus again"
-        )
-    for key in _REQUIRED_FIELDS:
-        if key not in manifest:
-            raise ValueError(f"{path}: missing field {key!r}")
-    for key in ("vocab_size", "seq_len", "rows_per_batch"):
-        value = manifest.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{path}: field {key!r}={value!r} must be a positive integer")
-    if not isinstance(manifest.get("splits"), dict):
-        raise ValueError(f"{path}: field 'splits' is missing or not an object")
-    if manifest["dtype"] not in ("uint16", "int32"):
-        raise ValueError(f"{path}: field 'dtype'={manifest['dtype']!r} must be uint16 or int32")
-    if manifest["sample_len"] != manifest["seq_len"] + 1:
-        raise ValueError(f"{path}: sample_len must equal seq_len + 1")
-    return manifest
-
-
-def _check_split_entry(entry, *, where: str) -> None:
-    if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
-        raise ValueError(f"{where}: expected an object with a 'shards' list")
-    if not isinstance(entry.get("rows"), int):
-        raise ValueError(f"{where}: field 'rows' is missing or not an integer")
-    for i, shard in enumerate(entry["shards"]):
-        for key, kind in (("file", str), ("rows", int), ("bytes", int), ("sha256", str)):
-            if not isinstance(shard, dict) or not isinstance(shard.get(key), kind):
-                raise ValueError(
-                    f"{where}, shard {i}: field {key!r} is missing or not {kind.__name__}"
-                )
-
-
 def sample_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
     """The order rows are visited in during `epoch`: a permutation of range(n), a pure
     function of (seed, epoch)."""
@@ -766,13 +478,3 @@ def sample_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
         raise ValueError(f"sample_order needs n, seed, epoch >= 0 (got {n}, {seed}, {epoch})")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
     return rng.permutation(n)
-
-
-def __getattr__(name: str):
-    # The single-source loader moved to loader.py (which imports this module); it stays
-    # importable from here for existing callers.
-    if name == "DistributedBatchIterator":
-        from data_pipeline.loader import DistributedBatchIterator
-
-        return DistributedBatchIterator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,8 +24,11 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from common.errors import CheckpointError, ConfigError
 from data_pipeline.blend import DEFAULT_BLOCK_SIZE, BlendedSamples
-from data_pipeline.dataset import Batch, MicroBatchPlan, PackedDataset
+from data_pipeline.dataset import PackedDataset
+from data_pipeline.micro_batch import MicroBatchPlan
+from data_pipeline.rows import Batch
 from data_pipeline.tokenizers import Tokenizer
 
 Transform = Callable[[Batch], Batch]
@@ -33,6 +36,11 @@ _PREFETCH_PER_WORKER = 2
 # Without workers, this rank's samples for the next few steps are planned in one call of about
 # this many samples: the per-call numpy overhead then costs little per sample.
 READ_AHEAD_SAMPLES = 1024
+
+
+class LoaderStateError(CheckpointError, ValueError):
+    """A saved data loader state that this loader cannot resume from (other data, blend or
+    seed, or a state without the fields `Loader.state_dict` writes)."""
 
 
 class RankMicroBatches(Dataset):
@@ -104,7 +112,7 @@ class Loader:
     ) -> None:
         _check_sizes(global_batch_size, micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers={num_workers!r} must be a non-negative integer")
+            raise ConfigError(f"data.num_workers={num_workers!r} must be a non-negative integer")
         self.samples = samples
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -239,37 +247,18 @@ class Loader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if "fingerprint" not in state and "dataset_fingerprint" in state:
-            state = _from_single_source_state(state, self.samples)
         for key in ("consumed_samples", "seed", "fingerprint"):
             if key not in state:
-                raise ValueError(f"data loader state has no {key!r} (keys: {sorted(state)})")
+                raise LoaderStateError(f"data loader state has no {key!r} (keys: {sorted(state)})")
         if state["fingerprint"] != self.samples.fingerprint:
-            raise ValueError(_fingerprint_change(state["fingerprint"], self.samples))
+            raise LoaderStateError(_fingerprint_change(state["fingerprint"], self.samples))
         if state["seed"] != self.seed:
-            raise ValueError(
+            raise LoaderStateError(
                 f"the data loader state was saved with seed={state['seed']}, this loader uses "
                 f"seed={self.seed}; resuming would visit samples in a different order"
             )
         self._consumed = _check_consumed(state["consumed_samples"])
         self.close()  # prefetched batches belong to the old position
-
-
-def _from_single_source_state(state: dict, samples: BlendedSamples) -> dict:
-    """Accept the state of the earlier single-corpus iterator ("dataset_fingerprint")."""
-    if len(samples.datasets) != 1:
-        raise ValueError(
-            "the data loader state was saved from a single corpus; this loader blends "
-            f"{len(samples.datasets)} sources"
-        )
-    ds = samples.datasets[0]
-    if state["dataset_fingerprint"] != ds.fingerprint:
-        raise ValueError(
-            f"the data changed since this state was saved: split {ds.split!r} of {ds.path} has "
-            f"fingerprint {ds.fingerprint}, the state was saved with {state['dataset_fingerprint']}"
-        )
-    rest = {k: v for k, v in state.items() if k != "dataset_fingerprint"}
-    return {**rest, "fingerprint": samples.fingerprint}
 
 
 def _fingerprint_change(saved, samples: BlendedSamples) -> str:
@@ -293,12 +282,12 @@ def _check_sizes(global_batch_size: int, micro_batch_size: int, *, dp_rank: int,
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
     if global_batch_size < 1 or micro_batch_size < 1:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} and micro_batch_size={micro_batch_size} "
             "must be positive"
         )
     if global_batch_size % (micro_batch_size * dp_size):
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} must be divisible by micro_batch_size * "
             f"dp_size = {micro_batch_size} * {dp_size} = {micro_batch_size * dp_size}"
         )
@@ -318,18 +307,18 @@ def _source_pairs(sources) -> list[tuple[str, float]]:
             path, weight = src, 1.0
         elif isinstance(src, dict):
             if "path" not in src:
-                raise ValueError(f"data.sources[{i}] has no 'path' (keys: {sorted(src)})")
+                raise ConfigError(f"data.sources[{i}] has no 'path' (keys: {sorted(src)})")
             path, weight = src["path"], src.get("weight", 1.0)
         elif hasattr(src, "path"):
             path, weight = src.path, getattr(src, "weight", 1.0)
         elif isinstance(src, Sequence) and len(src) == 2:
             path, weight = src
         else:
-            raise ValueError(f"data.sources[{i}]={src!r}: expected (path, weight)")
+            raise ConfigError(f"data.sources[{i}]={src!r}: expected (path, weight)")
         try:
             pairs.append((str(path), float(weight)))
         except (TypeError, ValueError):
-            raise ValueError(f"data.sources[{i}].weight={weight!r} is not a number") from None
+            raise ConfigError(f"data.sources[{i}].weight={weight!r} is not a number") from None
     return pairs
 
 
@@ -351,7 +340,7 @@ def build_loader(
     `transform` (a picklable objective) runs on each micro-batch, in the workers if any."""
     pairs = _source_pairs(sources)
     if not pairs:
-        raise ValueError("data.sources is empty: the loader needs at least one corpus")
+        raise ConfigError("data.sources is empty: the loader needs at least one corpus")
     datasets = [PackedDataset(p, split, verify_checksums=verify_checksums) for p, _ in pairs]
     samples = BlendedSamples(
         datasets, [w for _, w in pairs], seed=seed, block_size=blend_block_size
@@ -365,35 +354,3 @@ def build_loader(
         num_workers=num_workers,
         transform=transform,
     )
-
-
-class DistributedBatchIterator(Loader):
-    """The single-corpus loader (kept for existing callers; prefer `build_loader`)."""
-
-    def __init__(
-        self,
-        dataset: PackedDataset,
-        *,
-        global_batch_size: int,
-        micro_batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        seed: int,
-        consumed_samples: int = 0,
-        num_workers: int = 0,
-        transform: Transform | None = None,
-    ) -> None:
-        super().__init__(
-            BlendedSamples([dataset], [1.0], seed=seed),
-            global_batch_size=global_batch_size,
-            micro_batch_size=micro_batch_size,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            num_workers=num_workers,
-            transform=transform,
-            consumed_samples=consumed_samples,
-        )
-
-    @property
-    def dataset(self) -> PackedDataset:
-        return self.datasets[0]

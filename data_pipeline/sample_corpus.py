@@ -16,7 +16,8 @@ import os
 import platform
 from pathlib import Path
 
-from data_pipeline.prepare import MANIFEST_FILE, CorpusExistsError, prepare_corpus
+from data_pipeline.corpus_format import MANIFEST_FILE
+from data_pipeline.prepare import CorpusExistsError, prepare_corpus
 
 # Bump when the document list, its formatting or the prepared format changes (2: shards gained
 # sent_offsets, manifest schema_version 2), so cached corpora are rebuilt.

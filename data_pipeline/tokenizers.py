@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import ConfigError, DataError
+from data_pipeline.corpus_format import MissingCorpusFileError
+
 # The order is part of the on-disk format (it fixes the special ids of the byte and trained
 # tokenizers): append new tokens at the end, never reorder.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -351,8 +354,7 @@ def build_tokenizer(spec: str, *, train_texts: Iterable[str] | None = None) -> T
     bpe, wordpiece and unigram are trained on `train_texts`; training is deterministic (same
     texts -> same vocabulary and ids).
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"data.tokenizer / --tokenizer={spec!r} is empty; {SPEC_HELP}")
+    check_spec(spec)
     spec = spec.strip()
     if spec == "byte":
         return ByteTokenizer()
@@ -373,16 +375,26 @@ def build_tokenizer(spec: str, *, train_texts: Iterable[str] | None = None) -> T
     return _train_wordpiece(train_texts, vocab_size)
 
 
+def check_spec(spec: str) -> None:
+    """ConfigError unless `spec` has the form of a tokenizer spec (see SPEC_HELP); a named
+    file is looked for only when the tokenizer is built."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"data.tokenizer / --tokenizer={spec!r} is empty; {SPEC_HELP}")
+    spec = spec.strip()
+    if spec != "byte" and not spec.endswith((".json", ".model")):
+        _parse_trained_spec(spec)
+
+
 def _parse_trained_spec(spec: str) -> tuple[str, int]:
     kind, sep, size_text = spec.partition(":")
     if not sep or kind not in TRAINED_KINDS:
-        raise ValueError(
+        raise ConfigError(
             f"data.tokenizer / --tokenizer={spec!r} is not a tokenizer spec; {SPEC_HELP}"
         )
     try:
         vocab_size = int(size_text)
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"data.tokenizer / --tokenizer={spec!r}: vocabulary size {size_text!r} "
             "is not an integer"
         ) from None
@@ -390,7 +402,7 @@ def _parse_trained_spec(spec: str) -> tuple[str, int]:
     # which it always keeps (its vocabulary exceeds VOCAB when they alone are more).
     minimum = len(SPECIAL_TOKENS) + 1 if kind == "wordpiece" else 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise ValueError(
+        raise ConfigError(
             f"data.tokenizer / --tokenizer={spec!r}: vocabulary size must be >= {minimum} "
             f"(the {len(SPECIAL_TOKENS)} reserved special tokens plus an alphabet)"
         )
@@ -412,24 +424,24 @@ def load_tokenizer(entry: dict, base_dir: str | Path) -> Tokenizer:
         where = "the built-in byte tokenizer"
     elif kind in (*TRAINED_KINDS, "file", "sentencepiece"):
         if not entry.get("file"):
-            raise ValueError(f"manifest tokenizer entry of kind {kind!r} names no 'file'")
+            raise DataError(f"manifest tokenizer entry of kind {kind!r} names no 'file'")
         path = Path(base_dir) / entry["file"]
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} named by the manifest is missing")
+            raise MissingCorpusFileError(f"tokenizer file {path} named by the manifest is missing")
         if kind == "sentencepiece":
             tokenizer = SentencePieceTokenizer.from_file(path)
         else:
             tokenizer = _load_hf_file(path, kind=kind)
         where = str(path)
     else:
-        raise ValueError(
+        raise DataError(
             f"manifest tokenizer.kind={kind!r} is unknown "
             "(byte | bpe | wordpiece | unigram | file | sentencepiece)"
         )
     found = tokenizer.identity()
     for key in ("vocab_size", "sha256"):
         if key in entry and entry[key] != found[key]:
-            raise ValueError(
+            raise DataError(
                 f"tokenizer {where} does not match the manifest: {key} is {found[key]!r}, "
                 f"the manifest pins {entry[key]!r}"
             )

@@ -7,12 +7,18 @@
 Inputs: .txt (one document per file, or per line with --split-lines), .jsonl (the string field
 --text-key of each line), .parquet (the string column --text-key), directories and globs.
 --workers N tokenises in N processes (the output is the same for every N); a progress line goes
-to stderr unless --quiet. Train with `data.path=corpora/web`.
+to stderr unless --quiet. Train with `data.path=corpora/web`. --val-fraction 0 holds no documents
+out: the corpus has no validation split, and trains with `trainer.eval_every=0`.
+
+A bad argument or input is reported as one line on stderr (exit code 2 for Loom's own error
+types, 1 for a file that cannot be read, an existing output or unusable input text); set
+LOOM_DEBUG=1 to see the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,13 +27,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from data_pipeline.prepare import (  # noqa: E402  (needs the repo root on sys.path)
-    BAD_UTF8_POLICIES,
-    DEFAULT_ROWS_PER_BATCH,
-    TOKEN_DTYPES,
-    prepare_corpus,
-    read_documents,
-)
+# These imports need the repo root on sys.path.
+from common.errors import LoomError  # noqa: E402
+from data_pipeline.corpus_format import TOKEN_DTYPES  # noqa: E402
+from data_pipeline.documents import BAD_UTF8_POLICIES, read_documents  # noqa: E402
+from data_pipeline.prepare import DEFAULT_ROWS_PER_BATCH, prepare_corpus  # noqa: E402
+
+# Failures a user causes and fixes, reported as one line (any other exception is a bug).
+ANTICIPATED = (LoomError, ValueError, TypeError, OSError, RuntimeError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seq-len", type=int, required=True, help="tokens per training sample")
     parser.add_argument(
-        "--val-fraction", type=float, default=0.05, help="share of documents held out (%(default)s)"
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of documents held out for validation; 0: no validation split (%(default)s)",
     )
     parser.add_argument(
         "--seed", type=int, default=1234, help="seed of the train/val split (%(default)s)"
@@ -88,32 +98,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        documents = read_documents(
-            args.input,
-            text_key=args.text_key,
-            split_lines=args.split_lines,
-            on_bad_utf8=args.on_bad_utf8,
-        )
-        manifest = prepare_corpus(
-            documents,
-            args.output,
-            tokenizer_spec=args.tokenizer,
-            seq_len=args.seq_len,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            overwrite=args.overwrite,
-            source_desc=" ".join(args.input),
-            rows_per_batch=args.rows_per_batch,
-            max_rows_per_shard=args.max_rows_per_shard,
-            dtype=args.dtype,
-            workers=args.workers,
-            progress=None if args.quiet else sys.stderr,
-        )
-    except (ValueError, TypeError, OSError, RuntimeError) as err:
-        print(f"prepare_data: error: {err}", file=sys.stderr)
-        return 1
-    seconds = time.perf_counter() - start
-    print(f"wrote {args.output} in {seconds:.1f} s")
+        manifest = prepare(args)
+    except ANTICIPATED as err:
+        if os.environ.get("LOOM_DEBUG") == "1":
+            raise
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"prepare_data: error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, LoomError) else 1
+    print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
+    report(manifest)
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Read the inputs and write the corpus; returns its manifest."""
+    documents = read_documents(
+        args.input,
+        text_key=args.text_key,
+        split_lines=args.split_lines,
+        on_bad_utf8=args.on_bad_utf8,
+    )
+    return prepare_corpus(
+        documents,
+        args.output,
+        tokenizer_spec=args.tokenizer,
+        seq_len=args.seq_len,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        source_desc=" ".join(args.input),
+        rows_per_batch=args.rows_per_batch,
+        max_rows_per_shard=args.max_rows_per_shard,
+        dtype=args.dtype,
+        workers=args.workers,
+        progress=None if args.quiet else sys.stderr,
+    )
+
+
+def report(manifest: dict) -> None:
+    """The summary printed after a corpus is written."""
     tok = manifest["tokenizer"]
     print(f"  tokenizer {tok['kind']} (vocab {manifest['vocab_size']}), {manifest['dtype']} tokens")
     for name, split in manifest["splits"].items():
@@ -122,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{split['rows']:>11,} rows of {manifest['sample_len']} "
             f"({len(split['shards'])} shards, {split['dropped_tokens']:,} tokens dropped)"
         )
+    if "val" not in manifest["splits"]:
+        print("  val  : none (--val-fraction 0); train with trainer.eval_every=0")
     print(
         f"  {manifest['documents']:,} documents, {manifest['sentences']:,} sentences "
         f"({manifest['sentence_splitter']} splitter)"
@@ -130,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  skipped {manifest['skipped_empty_documents']:,} empty documents")
     for path, count in manifest["skipped_bad_utf8"].items():
         print(f"  skipped {count:,} documents that are not valid UTF-8 in {path}")
-    return 0
 
 
 if __name__ == "__main__":

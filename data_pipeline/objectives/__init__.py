@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from common.errors import ConfigError
 from data_pipeline.config import DataConfig
 
 IGNORE_INDEX = -100
@@ -49,12 +50,12 @@ def sample_rng(seed: int, sample_id: int, *, salt: int = 0) -> np.random.Generat
 
 def _factory(name: str):
     if name not in _REGISTRY:
-        raise ValueError(f"data.objective={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
+        raise ConfigError(f"data.objective={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
     module, cls = _REGISTRY[name].split(":")
     try:
         return getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError):
-        raise ValueError(f"data.objective={name!r} is not available in this version") from None
+        raise ConfigError(f"data.objective={name!r} is not available in this version") from None
 
 
 def row_length(name: str, *, cfg: DataConfig, seq_len: int) -> int:
@@ -72,15 +73,6 @@ def row_length(name: str, *, cfg: DataConfig, seq_len: int) -> int:
 def build_objective(name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int) -> Objective:
     """The batch transform named by data.objective (or model.objective)."""
     return _factory(name)(name, cfg=cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed)
-
-
-def refuse_document_attention(cfg: DataConfig, name: str) -> None:
-    """For objectives whose inputs do not keep packed documents apart yet."""
-    if cfg.document_attention:
-        raise ValueError(
-            f"data.document_attention=true is not supported by data.objective={name} "
-            "(it applies to clm and mlm); set data.document_attention=false"
-        )
 
 
 def split_batch(batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:

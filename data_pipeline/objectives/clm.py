@@ -49,6 +49,7 @@ class CausalLM:
     """data.objective=clm."""
 
     def __init__(self, name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int):
+        cfg.check_objective(name, seq_len=seq_len)
         self.document_attention = cfg.document_attention
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

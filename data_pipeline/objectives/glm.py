@@ -40,8 +40,8 @@ import math
 import numpy as np
 import torch
 
-from data_pipeline.config import DataConfig, GlmConfig
-from data_pipeline.objectives import IGNORE_INDEX, refuse_document_attention, sample_rng
+from data_pipeline.config import DataConfig
+from data_pipeline.objectives import IGNORE_INDEX, sample_rng
 
 __all__ = ["MAX_SPAN", "SALT", "BlankInfilling", "assemble", "span_length_probs"]
 
@@ -151,34 +151,12 @@ def _place_spans(
     return np.asarray(starts, np.int64)[order], np.asarray(lens, np.int64)[order]
 
 
-def _check_glm_config(g: GlmConfig, seq_len: int) -> None:
-    if not 0.0 < g.mask_ratio < 1.0:
-        raise ValueError(f"data.glm.mask_ratio={g.mask_ratio} must be in (0, 1)")
-    if not g.poisson_lambda > 0:
-        raise ValueError(f"data.glm.poisson_lambda={g.poisson_lambda} must be > 0")
-    for key in ("sentence_prob", "gmask_prob"):
-        if not 0.0 <= getattr(g, key) <= 1.0:
-            raise ValueError(f"data.glm.{key}={getattr(g, key)} must be in [0, 1]")
-    if g.sentence_prob + g.gmask_prob > 1.0 + 1e-9:
-        raise ValueError(
-            f"data.glm.sentence_prob + data.glm.gmask_prob = "
-            f"{g.sentence_prob + g.gmask_prob} must be <= 1"
-        )
-    if not 0.0 < g.gmask_min_ratio <= g.gmask_max_ratio <= 1.0:
-        raise ValueError(
-            f"need 0 < data.glm.gmask_min_ratio={g.gmask_min_ratio} <= "
-            f"data.glm.gmask_max_ratio={g.gmask_max_ratio} <= 1"
-        )
-    if seq_len < 4:
-        raise ValueError(f"seq_len={seq_len} is too short for glm_blank (needs >= 4)")
-
-
 class BlankInfilling:
     """data.objective=glm_blank; options in data.glm (see the module docstring)."""
 
     def __init__(self, name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int):
-        refuse_document_attention(cfg, name)
-        _check_glm_config(cfg.glm, seq_len)
+        cfg.glm.validate()
+        cfg.check_objective(name, seq_len=seq_len)
         missing = [t for t in _TOKENS if t not in tokenizer.special_tokens]
         if missing:
             raise ValueError(f"tokenizer {tokenizer.kind!r} lacks the GLM tokens {missing}")

@@ -69,7 +69,6 @@ __all__ = [
 ]
 
 NAMES = ("mlm", "mlm_nsp", "mlm_sop")
-UNITS = ("token", "word", "span")
 # Independent streams per sample, so changing the masking leaves the pairs as they were.
 _PAIR_SALT = 1
 _MASK_SALT = 2
@@ -248,21 +247,13 @@ class MaskedLM:
     def __init__(self, name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int):
         if name not in NAMES:
             raise ValueError(f"data.objective={name!r} is not a masked-LM task; use one of {NAMES}")
-        _validate(cfg.mlm)
+        cfg.mlm.validate()
+        cfg.check_objective(name, seq_len=seq_len)
         self.name = name
         self.mlm = cfg.mlm
         self.seq_len = seq_len
         self.seed = seed
         self.pairs = name != "mlm"
-        min_len = 5 if self.pairs else 3
-        if seq_len < min_len:
-            raise ValueError(f"data.seq_len={seq_len} is too short for {name} (needs >= {min_len})")
-        if self.pairs and cfg.document_attention:
-            raise ValueError(
-                f"data.document_attention is not supported by data.objective={name}: its "
-                "segments are already cut at document boundaries, and the pair task needs "
-                "attention between them"
-            )
         self.document_attention = cfg.document_attention
         special = tokenizer.special_tokens
         try:
@@ -416,23 +407,3 @@ def _optional(batch: dict[str, torch.Tensor], key: str, shape: tuple[int, int]) 
     if value.shape != shape:
         raise ValueError(f"batch[{key!r}] has shape {value.shape}, expected {shape}")
     return value
-
-
-def _validate(mlm) -> None:
-    """Raise ValueError naming the data.mlm field of any impossible value."""
-    if mlm.unit not in UNITS:
-        raise ValueError(f"data.mlm.unit={mlm.unit!r} is unknown; choose one of {UNITS}")
-    if not 0.0 < mlm.mask_prob < 1.0:
-        raise ValueError(f"data.mlm.mask_prob={mlm.mask_prob} must be in (0, 1)")
-    for key in ("replace_with_mask", "replace_with_random", "pair_swap_prob"):
-        if not 0.0 <= getattr(mlm, key) <= 1.0:
-            raise ValueError(f"data.mlm.{key}={getattr(mlm, key)} must be in [0, 1]")
-    if mlm.replace_with_mask + mlm.replace_with_random > 1.0:
-        raise ValueError(
-            f"data.mlm.replace_with_mask + data.mlm.replace_with_random = "
-            f"{mlm.replace_with_mask + mlm.replace_with_random} exceeds 1"
-        )
-    if not 0.0 < mlm.span_p <= 1.0:
-        raise ValueError(f"data.mlm.span_p={mlm.span_p} must be in (0, 1]")
-    if mlm.span_max < 1:
-        raise ValueError(f"data.mlm.span_max={mlm.span_max} must be >= 1")

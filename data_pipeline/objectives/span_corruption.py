@@ -40,19 +40,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.config import DataConfig
-from data_pipeline.objectives import refuse_document_attention, sample_rng
+from common.errors import ConfigError
+from data_pipeline.config import DataConfig, SpanCorruptionConfig, check_seq_len
+from data_pipeline.objectives import sample_rng
 
 __all__ = ["SpanCorruption", "corrupt_spans", "noise_mask", "span_counts", "t5_lengths"]
 
 _SENTINEL = "<extra_id_{}>"
-
-
-def _check_options(noise_density: float, mean_span: float) -> None:
-    if not 0.0 < noise_density < 1.0:
-        raise ValueError(f"data.span_corruption.noise_density={noise_density} must be in (0, 1)")
-    if not mean_span >= 1.0:
-        raise ValueError(f"data.span_corruption.mean_span={mean_span} must be >= 1")
 
 
 def span_counts(raw_len: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -66,7 +60,7 @@ def span_counts(raw_len: int, noise_density: float, mean_span: float) -> tuple[i
     num_noise = min(max(round(raw_len * noise_density), 1), raw_len - 1)
     num_spans = max(round(num_noise / mean_span), 1)
     if raw_len - num_noise < num_spans:
-        raise ValueError(
+        raise ConfigError(
             f"data.span_corruption.noise_density={noise_density} with mean_span={mean_span} "
             f"leaves {raw_len - num_noise} kept tokens for {num_spans} spans in a window of "
             f"{raw_len}; lower noise_density or raise mean_span"
@@ -89,9 +83,8 @@ def t5_lengths(
     its noise_density == 0.5 adjustment, which would break exactness). t5_lengths(512) is
     (568, 114).
     """
-    _check_options(noise_density, mean_span)
-    if seq_len < 3:
-        raise ValueError(f"span corruption needs seq_len >= 3, got {seq_len}")
+    SpanCorruptionConfig(noise_density=noise_density, mean_span=mean_span).validate()
+    check_seq_len("span_corruption", seq_len)
     raw_len = seq_len - 1  # its input is at most seq_len, since spans never outnumber noise
     while _encoded_lengths(raw_len + 1, noise_density, mean_span)[0] <= seq_len:
         raw_len += 1
@@ -163,7 +156,7 @@ class SpanCorruption:
         return t5_lengths(seq_len, opts.noise_density, opts.mean_span)[0]
 
     def __init__(self, name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int):
-        refuse_document_attention(cfg, name)
+        cfg.check_objective(name, seq_len=seq_len)
         opts = cfg.span_corruption
         self.noise_density, self.mean_span = opts.noise_density, opts.mean_span
         self.seq_len, self.seed = seq_len, seed
@@ -181,7 +174,7 @@ class SpanCorruption:
     def _check_sentinels(self, raw_len: int) -> None:
         _, num_spans = span_counts(raw_len, self.noise_density, self.mean_span)
         if num_spans > len(self.sentinels):
-            raise ValueError(
+            raise ConfigError(
                 f"span corruption of {raw_len} tokens needs {num_spans} sentinels but the "
                 f"tokenizer has {len(self.sentinels)} (<extra_id_0> ... in special_tokens); "
                 "lower data.seq_len or data.span_corruption.noise_density, or raise mean_span"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from data_pipeline.blend import BlendedSamples, BlendSchedule, check_blendable
-from data_pipeline.dataset import PackedDataset, RowArrays, sample_order
+from data_pipeline.dataset import PackedDataset, sample_order
+from data_pipeline.rows import RowArrays
 from tests.unit.test_dataset import as_mask, edit_manifest, hand_made, prepare, write_corpus
 
 WEIGHT_SETS = [

@@ -1,5 +1,5 @@
-"""Reading packed corpora: random access, boundaries, integrity checks, global order, and the
-single-corpus DistributedBatchIterator kept for existing callers."""
+"""Reading packed corpora: random access, boundaries, integrity checks, micro-batch plans,
+global order, and the loader over a single corpus."""
 
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data_pipeline.dataset import (
-    DistributedBatchIterator,
-    MicroBatchPlan,
-    PackedDataset,
-    expected_schema,
-    sample_order,
-)
-from data_pipeline.prepare import prepare_corpus, sha256_file
+from data_pipeline.blend import BlendedSamples
+from data_pipeline.corpus_format import expected_schema, sha256_file
+from data_pipeline.dataset import PackedDataset, sample_order
+from data_pipeline.loader import Loader
+from data_pipeline.micro_batch import MicroBatchPlan
+from data_pipeline.prepare import prepare_corpus
 from data_pipeline.tokenizers import ByteTokenizer
 
 BYTE = ByteTokenizer()
@@ -470,17 +468,16 @@ def test_sample_order_is_a_deterministic_permutation():
     assert not np.array_equal(a, sample_order(1000, seed=6, epoch=3))
 
 
-# -- the single-corpus iterator (a thin Loader) -----------------------------------------------
+# -- the loader over a single corpus ----------------------------------------------------------
 
 
 def loader(ds, *, dp_rank=0, dp_size=1, gb=8, mb=2, seed=17, consumed=0):
-    return DistributedBatchIterator(
-        ds,
+    return Loader(
+        BlendedSamples([ds], [1.0], seed=seed),
         global_batch_size=gb,
         micro_batch_size=mb,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        seed=seed,
         consumed_samples=consumed,
     )
 
@@ -516,7 +513,7 @@ def test_an_epoch_visits_every_row_once(small):
     ld = loader(ds, gb=1, mb=1)
     seen = torch.cat([ld.next_batch()[0]["tokens"] for _ in range(n)])
     assert torch.equal(seen, ds.gather(sample_order(n, seed=17, epoch=0)))
-    assert ld.epoch == 1 and ld.dataset is ds
+    assert ld.epoch == 1 and ld.datasets[0] is ds
 
 
 def test_resume_at_another_dp_size_continues_the_same_stream(small):
@@ -556,15 +553,11 @@ def test_state_from_other_data_or_seed_is_refused(small, corpus):
         loader(PackedDataset(small)).load_state_dict({"seed": 17, "fingerprint": "x"})
 
 
-def test_state_of_the_earlier_iterator_is_accepted(small):
+def test_state_without_a_fingerprint_is_refused(small):
     ds = PackedDataset(small)
-    legacy = {"consumed_samples": 24, "seed": 17, "dataset_fingerprint": ds.fingerprint}
-    ld = loader(ds)
-    ld.load_state_dict(legacy)
-    assert ld.consumed_samples == 24
-    assert torch.equal(tokens_of(ld.next_batch()), global_step([loader(ds, consumed=24)]))
-    with pytest.raises(ValueError, match="data changed"):
-        ld.load_state_dict({**legacy, "dataset_fingerprint": "0" * 32})
+    old = {"consumed_samples": 24, "seed": 17, "dataset_fingerprint": ds.fingerprint}
+    with pytest.raises(ValueError, match="data loader state has no 'fingerprint'"):
+        loader(ds).load_state_dict(old)
 
 
 def test_batch_sizes_are_validated(small):

@@ -14,16 +14,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from data_pipeline import encoding as encoding_mod
 from data_pipeline import prepare as prepare_mod
 from data_pipeline import sample_corpus
+from data_pipeline.corpus_format import shard_schema, token_dtype
+from data_pipeline.documents import read_documents, split_sentences
 from data_pipeline.prepare import (
     CorpusExistsError,
     ProgressPrinter,
     prepare_corpus,
-    read_documents,
-    shard_schema,
-    split_sentences,
-    token_dtype,
     validation_score,
 )
 from data_pipeline.tokenizers import ByteTokenizer
@@ -255,7 +254,7 @@ def test_sent_offsets_follow_the_sentences_across_batches_and_shards(tmp_path):
 
 
 def test_worker_count_does_not_change_the_output(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_mod, "_CHUNK_DOCS", 16)  # many chunks in flight at once
+    monkeypatch.setattr(encoding_mod, "_CHUNK_DOCS", 16)  # many chunks in flight at once
     docs = make_docs(300, seed=9)
     docs[7] = "spelled specials: [MASK] <eos> [sMASK]. Next sentence!"
     docs[8] = "   "

@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import prepare as prepare_mod
-from data_pipeline.prepare import prepare_corpus, read_documents
+from data_pipeline import documents as documents_mod
+from data_pipeline.documents import read_documents
+from data_pipeline.prepare import prepare_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = [f"document {i}. It has two sentences!" for i in range(30)]
@@ -81,7 +82,7 @@ def test_file_without_read_permission_is_named(tmp_path, cli, capsys, monkeypatc
                 raise PermissionError(errno.EACCES, "Permission denied", str(file))
             return real_open(file, *args, **kwargs)
 
-        monkeypatch.setattr(prepare_mod, "open", refusing_open, raising=False)
+        monkeypatch.setattr(documents_mod, "open", refusing_open, raising=False)
     code, _, err = run_cli(cli, capsys, [path], tmp_path / "out")
     assert code == 1 and "secret.jsonl cannot be read: Permission denied" in err
     assert nothing_left(tmp_path, "secret.jsonl")
