@@ -8,6 +8,11 @@ Sharded: dcp/ (torch.distributed.checkpoint, one shard set per rank of the savin
 Single-file: model.pt + optim.pt (full tensors keyed by parameter name, loadable with
 torch.load(weights_only=True)). Both carry trainer.pt and rng_rank*.pt unchanged, are
 written under a temporary name and sealed with checksums, and resume under any layout.
+
+The source is checked against its metadata.json first, as training does before it resumes.
+A missing, incomplete or damaged source, a source already in the asked-for form and an
+existing output are reported as one line on stderr with exit code 2 (LOOM_DEBUG=1 shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from common.errors import CheckpointError, LoomError  # noqa: E402
 from parallel.state import read_full, write_sharded_from_full  # noqa: E402
 from trainer.checkpoint import load_file, seal, verify  # noqa: E402
 
@@ -36,23 +43,27 @@ def _copy_small_files(src: Path, dst: Path) -> None:
 
 def convert(src: Path, dst: Path, *, to: str) -> Path:
     """Write the other form of checkpoint `src` to `dst` (which must not exist)."""
+    if not src.is_dir():
+        raise CheckpointError(f"{src} does not exist (expected a checkpoint directory step_N)")
     meta = verify(src)
     if dst.exists():
-        raise FileExistsError(f"{dst} exists; choose a new output directory")
+        raise CheckpointError(f"{dst} exists; choose a new output directory")
     sharded = (src / "dcp").is_dir()
     if (to == "single") != sharded:
-        raise ValueError(f"{src} is already {'sharded' if sharded else 'single-file'}")
+        raise CheckpointError(f"{src} is already {'sharded' if sharded else 'single-file'}")
     tmp = dst.with_name(f".tmp_{dst.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _copy_small_files(src, tmp)
-    if to == "single":
-        full = read_full(src / "dcp")
-        torch.save(full["model"], tmp / "model.pt")
-        torch.save(full["optim"], tmp / "optim.pt")
-    else:
-        state = {"model": load_file(src / "model.pt"), "optim": load_file(src / "optim.pt")}
-        write_sharded_from_full(state, tmp / "dcp")
+    with warnings.catch_warnings():  # DCP says it works in one process, which is the point
+        warnings.filterwarnings("ignore", "torch.distributed is", UserWarning)
+        if to == "single":
+            full = read_full(src / "dcp")
+            torch.save(full["model"], tmp / "model.pt")
+            torch.save(full["optim"], tmp / "optim.pt")
+        else:
+            state = {"model": load_file(src / "model.pt"), "optim": load_file(src / "optim.pt")}
+            write_sharded_from_full(state, tmp / "dcp")
     seal(tmp, step=int(meta["step"]))
     os.replace(tmp, dst)
     return dst
@@ -68,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = convert(args.source, args.output, to="single" if args.to_single else "sharded")
-    except (ValueError, FileExistsError, RuntimeError) as exc:
-        print(f"convert_checkpoint: error: {exc}", file=sys.stderr)
+    except LoomError as exc:
+        if os.environ.get("LOOM_DEBUG") == "1":
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the error's text holds
+        print(f"convert_checkpoint: error: {message}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -1,14 +1,22 @@
 """Conversion between Loom checkpoints and Hugging Face `transformers` models, by family.
 
 Each family module (`models.hf.gpt2`, `models.hf.bert`, `models.hf.t5`) defines
-`hf_config(cfg, *, vocab_size)`, `to_hf(state_dict, cfg)` and `from_hf(state_dict, cfg)`,
-and may define `build_hf_model(cfg, *, vocab_size)` (when the plain class of `hf_config`
-needs adjusting, e.g. an untied T5 head) and `loom_config(hf_config, *, name)` (the reverse
-of `hf_config`). Modules and `transformers` (a dev dependency) are imported on first use.
+`hf_config(cfg, *, vocab_size, token_ids=None)`, `to_hf(state_dict, cfg)`,
+`from_hf(state_dict, cfg)` and `TOKENS` (its tokenizer conventions, a
+`models.hf.common.TokenConventions`), and may define `build_hf_model(cfg, *, vocab_size,
+token_ids=None)` (when the plain class of `hf_config` needs adjusting, e.g. an untied T5 head)
+and `loom_config(hf_config, *, name)` (the reverse of `hf_config`). What the families share
+lives in `models.hf.common`; `models.hf.tokenizer` writes a run's tokenizer in the form
+`transformers` loads. Modules and `transformers` (a dev dependency) are imported on first use.
 
 Vocabulary rows, for every family: the HF model has `cfg.vocab_size` rows when that is set,
 else all the rows of the Loom checkpoint (padding included). `to_hf` drops Loom's padded rows
 beyond that; `from_hf` pads back to `cfg.padded_vocab_size(rows)`.
+
+`token_ids` maps Loom's reserved tokens (<eos>, <pad>, ...) to the ids of the run's tokenizer;
+with it the HF config carries the family's token ids (eos, pad, decoder start), without it
+the family's defaults. An unknown family, or a config or state dict the family cannot convert,
+raises `ConfigError` naming the field.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 
 import torch
 
+from common.errors import ConfigError
 from models.config import ModelConfig
 
 __all__ = [
@@ -29,6 +38,7 @@ __all__ = [
     "hf_model_class",
     "loom_config",
     "to_hf",
+    "token_conventions",
 ]
 
 # family -> (conversion module, transformers class)
@@ -46,9 +56,9 @@ _MODEL_TYPES = {"gpt2": "gpt", "bert": "bert", "t5": "t5"}
 
 def _entry(family: str) -> tuple[str, str]:
     if family in _NO_COUNTERPART:
-        raise ValueError(f"model.family={family!r}: {_NO_COUNTERPART[family]}")
+        raise ConfigError(f"model.family={family!r}: {_NO_COUNTERPART[family]}")
     if family not in _FAMILIES:
-        raise ValueError(
+        raise ConfigError(
             f"model.family={family!r} has no Hugging Face conversion; "
             f"choose one of {sorted(_FAMILIES)}"
         )
@@ -62,7 +72,7 @@ def _module(family: str) -> ModuleType:
     except ModuleNotFoundError as err:
         if err.name != name:
             raise
-        raise ValueError(f"model.family={family!r}: conversion module {name} is missing") from err
+        raise ConfigError(f"model.family={family!r}: conversion module {name} is missing") from err
 
 
 def hf_model_class(family: str) -> type:
@@ -72,17 +82,27 @@ def hf_model_class(family: str) -> type:
     return getattr(transformers, _entry(family)[1])
 
 
-def hf_config(family: str, cfg: ModelConfig, *, vocab_size: int) -> Any:
+def hf_config(
+    family: str, cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None
+) -> Any:
     """The `transformers` config of `cfg` with `vocab_size` vocabulary rows."""
-    return _module(family).hf_config(cfg, vocab_size=vocab_size)
+    return _module(family).hf_config(cfg, vocab_size=vocab_size, token_ids=token_ids)
 
 
-def build_hf_model(family: str, cfg: ModelConfig, *, vocab_size: int) -> torch.nn.Module:
+def build_hf_model(
+    family: str, cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None
+) -> torch.nn.Module:
     """A freshly initialised HF model of `cfg` (on the current default device, meta works)."""
     module = _module(family)
     if hasattr(module, "build_hf_model"):
-        return module.build_hf_model(cfg, vocab_size=vocab_size)
-    return hf_model_class(family)(module.hf_config(cfg, vocab_size=vocab_size))
+        return module.build_hf_model(cfg, vocab_size=vocab_size, token_ids=token_ids)
+    config = module.hf_config(cfg, vocab_size=vocab_size, token_ids=token_ids)
+    return hf_model_class(family)(config)
+
+
+def token_conventions(family: str) -> Any:
+    """The family's `TokenConventions`: tokenizer roles, added tokens, config token ids."""
+    return _module(family).TOKENS
 
 
 def to_hf(
@@ -103,7 +123,7 @@ def loom_config(family: str, hf_cfg: Any, *, name: str | None = None) -> ModelCo
     """Loom ModelConfig equivalent to an HF config, where the family module can derive it."""
     module = _module(family)
     if not hasattr(module, "loom_config"):
-        raise ValueError(
+        raise ConfigError(
             f"{module.__name__} cannot derive a Loom config from a Hugging Face one; "
             "pass the Loom model config explicitly"
         )
@@ -114,7 +134,7 @@ def family_of(hf_cfg: Any) -> str:
     """Loom family of an HF config, from its `model_type`."""
     model_type = getattr(hf_cfg, "model_type", None)
     if model_type not in _MODEL_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"Hugging Face model_type={model_type!r} has no Loom family; "
             f"supported: {sorted(_MODEL_TYPES)}"
         )

@@ -2,7 +2,7 @@
 
 Only the plain BERT architecture has an HF twin: post-LN, learned positions, LayerNorm with
 biases, biased linears, an ungated activation, token types, heads of width d_model // n_head,
-no ALBERT factorisation or sharing. Anything else raises ValueError naming the field.
+no ALBERT factorisation or sharing. Anything else raises ConfigError naming the field.
 
 The one non-trivial mapping is attention: Loom fuses q, k and v into one `qkv` projection
 whose output rows are laid out per head as (H, 3, K) (see models/blocks.py), while HF keeps
@@ -13,6 +13,11 @@ Vocabulary rows (as for every family, see models/hf/__init__.py): the HF model g
 `to_hf` drops the padded rows beyond it (of the embeddings, an untied decoder and the output
 bias); `from_hf` pads back to `cfg.padded_vocab_size(rows)` with zero rows.
 
+Tokens (`TOKENS`): Loom's MLM objectives feed [CLS] A [SEP] (B [SEP]) with token type 1 on
+B and its [SEP], so an exported tokenizer adds the same around a text or a pair, and names
+[MASK] as its mask token (what the fill-mask pipeline looks for). The HF config keeps
+pad_token_id None (see `hf_config`).
+
 Shape legend: H heads, K head size, D model width, V vocabulary rows.
 """
 
@@ -20,14 +25,38 @@ from __future__ import annotations
 
 import torch
 
+from common.errors import ConfigError
 from models.config import ModelConfig
+from models.hf.common import (
+    ACT_FROM_HF,
+    TokenConventions,
+    check_fields,
+    check_hf_rows,
+    check_keys,
+    check_vocab_size,
+    hf_rows,
+    pad_rows,
+    qkv_blocks_to_per_head,
+    qkv_per_head_to_blocks,
+    reject_unsupported,
+)
 
-__all__ = ["from_hf", "hf_config", "loom_config", "to_hf"]
+__all__ = ["TOKENS", "from_hf", "hf_config", "loom_config", "to_hf"]
 
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
-# "gelu_new" is HF's own spelling of the tanh approximation.
-_ACT_FROM_HF = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-_ACT_FROM_HF["relu"] = "relu"
+
+TOKENS = TokenConventions(
+    roles={
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "mask_token": "[MASK]",
+        "pad_token": "<pad>",
+        "unk_token": "[UNK]",
+    },
+    single=("[CLS]", "$A", "[SEP]"),
+    pair=("[CLS]", "$A", "[SEP]", "$B:1", "[SEP]:1"),
+    input_names=("input_ids", "token_type_ids", "attention_mask"),
+)
 
 # Loom key suffix of one block -> HF key suffix of one encoder layer (qkv is handled apart).
 _BLOCK_KEYS = {
@@ -67,7 +96,7 @@ _IGNORED_HF = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
 
 
 def _check_convertible(cfg: ModelConfig) -> None:
-    """Raise ValueError naming the first field BertForPreTraining cannot express."""
+    """Raise ConfigError naming the first field BertForPreTraining cannot express."""
     problems = {
         "family": (cfg.family == "bert", "only family=bert maps to BertForPreTraining"),
         "pre_ln": (not cfg.pre_ln, "BERT is post-LN"),
@@ -86,26 +115,23 @@ def _check_convertible(cfg: ModelConfig) -> None:
             "BERT heads are d_model // n_head wide",
         ),
     }
-    for key, (ok, why) in problems.items():
-        if not ok:
-            raise ValueError(
-                f"model.{key}={getattr(cfg, key)!r} cannot be converted to "
-                f"BertForPreTraining: {why}"
-            )
+    check_fields(cfg, problems, target="BertForPreTraining")
 
 
-def hf_config(cfg: ModelConfig, *, vocab_size: int, **overrides):
+def hf_config(
+    cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None, **overrides
+):
     """The `transformers.BertConfig` of `cfg` with `vocab_size` rows.
 
     `overrides` are further BertConfig arguments (e.g. attn_implementation="eager").
     `pad_token_id` defaults to None: HF never trains the embedding row of its padding id,
-    while every Loom row is trained (id 0 is a real token of the byte tokenizer).
+    while every Loom row is trained (id 0 is a real token of the byte tokenizer). For the
+    same reason `token_ids` (the run's tokenizer, Loom token -> id) sets nothing here.
     """
     from transformers import BertConfig
 
     _check_convertible(cfg)
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size={vocab_size} must be > 0")
+    check_vocab_size(vocab_size)
     fields = {
         "vocab_size": vocab_size,
         "hidden_size": cfg.d_model,
@@ -126,20 +152,18 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int, **overrides):
 
 
 def loom_config(hf_cfg, *, name: str = "bert_from_hf") -> ModelConfig:
-    """The Loom ModelConfig of an HF `BertConfig`; raises ValueError on what Loom lacks."""
+    """The Loom ModelConfig of an HF `BertConfig`; raises ConfigError on what Loom lacks."""
     unsupported = {
         "position_embedding_type": "absolute",
         "is_decoder": False,
         "add_cross_attention": False,
     }
-    for key, accepted in unsupported.items():
-        if getattr(hf_cfg, key, accepted) != accepted:
-            raise ValueError(f"BertConfig.{key}={getattr(hf_cfg, key)!r} has no Loom equivalent")
+    reject_unsupported(hf_cfg, unsupported, cls="BertConfig")
     act = hf_cfg.hidden_act
-    if act not in _ACT_FROM_HF:
-        raise ValueError(
+    if act not in ACT_FROM_HF:
+        raise ConfigError(
             f"BertConfig.hidden_act={act!r} has no Loom equivalent; "
-            f"supported: {sorted(_ACT_FROM_HF)}"
+            f"supported: {sorted(ACT_FROM_HF)}"
         )
     cfg = ModelConfig(
         name=name,
@@ -157,21 +181,11 @@ def loom_config(hf_cfg, *, name: str = "bert_from_hf") -> ModelConfig:
         tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", True)),
         init_std=float(hf_cfg.initializer_range),
         pre_ln=False,
-        activation=_ACT_FROM_HF[act],
+        activation=ACT_FROM_HF[act],
         type_vocab_size=hf_cfg.type_vocab_size,
     )
     cfg.validate()
     return cfg
-
-
-def _check_keys(got: set[str], expected: set[str], *, what: str) -> None:
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{what} does not match the config: missing {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}"
-        )
 
 
 def _loom_keys(cfg: ModelConfig) -> set[str]:
@@ -196,33 +210,24 @@ def to_hf(state_dict: dict, cfg: ModelConfig) -> dict:
     got = set(state_dict)
     if cfg.tie_embeddings:
         got.add("lm_head.weight")  # a tied head may be stored once, as wte
-    _check_keys(got, _loom_keys(cfg), what="Loom Bert state dict")
+    check_keys(got, _loom_keys(cfg), what="Loom Bert state dict")
     wte_VD = state_dict["wte.weight"]
-    rows = wte_VD.shape[0]
-    vocab = cfg.vocab_size if cfg.vocab_size is not None else rows
-    if vocab > rows:
-        raise ValueError(f"model.vocab_size={vocab} exceeds the checkpoint's {rows} embedding rows")
+    vocab = hf_rows(cfg, wte_VD.shape[0])
     head_VD = wte_VD if cfg.tie_embeddings else state_dict["lm_head.weight"]
     out = {hf: state_dict[loom] for loom, hf in _TOP_KEYS.items()}
     out[_WTE] = wte_VD[:vocab]
     out[_DECODER] = out[_WTE] if cfg.tie_embeddings else head_VD[:vocab]
     out[_OUT_BIAS] = state_dict["lm_head.bias"][:vocab]
     out["cls.predictions.decoder.bias"] = out[_OUT_BIAS]
-    h, k = cfg.n_head, cfg.d_model // cfg.n_head
     for i in range(cfg.n_layer):
         loom, hf = f"blocks.{i}.", f"bert.encoder.layer.{i}."
         for ours, theirs in _BLOCK_KEYS.items():
             out[hf + theirs] = state_dict[loom + ours]
-        w_H3KD = state_dict[loom + "attn.qkv.weight"].view(h, 3, k, -1)
-        b_H3K = state_dict[loom + "attn.qkv.bias"].view(h, 3, k)
-        for j, name in enumerate(_QKV_NAMES):
-            out[f"{hf}attention.self.{name}.weight"] = w_H3KD[:, j].reshape(h * k, -1)
-            out[f"{hf}attention.self.{name}.bias"] = b_H3K[:, j].reshape(h * k)
+        for p in ("weight", "bias"):
+            qkv = qkv_per_head_to_blocks(state_dict[f"{loom}attn.qkv.{p}"], cfg.n_head)
+            for name, x in zip(_QKV_NAMES, qkv.chunk(3), strict=True):
+                out[f"{hf}attention.self.{name}.{p}"] = x
     return out
-
-
-def _pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
 
 
 def from_hf(state_dict: dict, cfg: ModelConfig) -> dict:
@@ -235,25 +240,22 @@ def from_hf(state_dict: dict, cfg: ModelConfig) -> dict:
     sd = {k: v for k, v in state_dict.items() if k not in _IGNORED_HF}
     sd.pop("cls.predictions.decoder.bias", None)
     decoder = sd.pop(_DECODER, None)
-    _check_keys(set(sd), _hf_keys(cfg), what="Hugging Face BERT state dict")
+    check_keys(set(sd), _hf_keys(cfg), what="Hugging Face BERT state dict")
     if decoder is None and not cfg.tie_embeddings:
-        raise ValueError(f"model.tie_embeddings=false but the HF state dict has no {_DECODER}")
+        raise ConfigError(f"model.tie_embeddings=false but the HF state dict has no {_DECODER}")
     rows = sd[_WTE].shape[0]
-    if cfg.vocab_size is not None and cfg.vocab_size != rows:
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} but the HF model has {rows} rows")
-    pad = cfg.padded_vocab_size(rows) - rows
+    check_hf_rows(cfg, rows)
+    padded = cfg.padded_vocab_size(rows)
     out = {loom: sd[hf] for loom, hf in _TOP_KEYS.items()}
-    out["wte.weight"] = _pad_rows(sd[_WTE], pad)
-    out["lm_head.weight"] = out["wte.weight"] if cfg.tie_embeddings else _pad_rows(decoder, pad)
-    out["lm_head.bias"] = _pad_rows(sd[_OUT_BIAS], pad)
-    h, k = cfg.n_head, cfg.d_model // cfg.n_head
+    out["wte.weight"] = pad_rows(sd[_WTE], padded)
+    out["lm_head.weight"] = out["wte.weight"] if cfg.tie_embeddings else pad_rows(decoder, padded)
+    out["lm_head.bias"] = pad_rows(sd[_OUT_BIAS], padded)
     for i in range(cfg.n_layer):
         loom, hf = f"blocks.{i}.", f"bert.encoder.layer.{i}."
         for ours, theirs in _BLOCK_KEYS.items():
             out[loom + ours] = sd[hf + theirs]
         prefix = f"{hf}attention.self."
-        w_H3KD = torch.stack([sd[f"{prefix}{n}.weight"].view(h, k, -1) for n in _QKV_NAMES], 1)
-        b_H3K = torch.stack([sd[f"{prefix}{n}.bias"].view(h, k) for n in _QKV_NAMES], 1)
-        out[loom + "attn.qkv.weight"] = w_H3KD.reshape(3 * h * k, -1)
-        out[loom + "attn.qkv.bias"] = b_H3K.reshape(3 * h * k)
+        for p in ("weight", "bias"):
+            blocks = torch.cat([sd[f"{prefix}{n}.{p}"] for n in _QKV_NAMES])
+            out[f"{loom}attn.qkv.{p}"] = qkv_blocks_to_per_head(blocks, cfg.n_head)
     return out

@@ -12,9 +12,14 @@ of the checkpoint (padding included). `to_hf` drops the padded rows beyond it; `
 back to `cfg.padded_vocab_size(rows)` with zero rows (their logits are 0 until trained).
 
 Only what GPT-2 can express is converted: learned (or no) positions, LayerNorm with biases,
-biased linears, gelu_tanh / gelu / relu, and heads of width d_model // n_head. A Loom model
-with position=none is exported with an all-zero position table, which computes the same
-function.
+biased linears, gelu_tanh / gelu / relu, and heads of width d_model // n_head (anything else
+raises ConfigError naming the field). A Loom model with position=none is exported with an
+all-zero position table, which computes the same function.
+
+Tokens (`TOKENS`): the causal-LM objective packs documents separated by <eos> and adds
+nothing around a text, so an exported tokenizer adds nothing either; the HF config's
+eos_token_id and pad_token_id are the tokenizer's <eos> and <pad> when `hf_config` is given
+the token ids, so generation stops at <eos>.
 
 Shape legend: D = d_model, H = heads, K = head size, F = MLP inner size, V = vocabulary rows.
 """
@@ -25,24 +30,36 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from common.errors import ConfigError
 from models.config import ModelConfig
+from models.hf.common import (
+    ACT_FROM_HF,
+    TokenConventions,
+    check_fields,
+    check_hf_rows,
+    check_keys,
+    check_vocab_size,
+    hf_rows,
+    pad_rows,
+    qkv_blocks_to_per_head,
+    qkv_per_head_to_blocks,
+    reject_unsupported,
+)
 
 if TYPE_CHECKING:  # transformers is a dev dependency, imported only when converting
     from transformers import GPT2Config
 
-__all__ = ["HF_CLASS", "from_hf", "hf_config", "loom_config", "to_hf"]
+__all__ = ["HF_CLASS", "TOKENS", "from_hf", "hf_config", "loom_config", "to_hf"]
 
 HF_CLASS = "GPT2LMHeadModel"
 
 # Loom activation -> HF `activation_function`. gelu_new is GPT-2's own tanh approximation.
 _ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
-_ACT_FROM_HF = {
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "gelu": "gelu",
-    "relu": "relu",
-}
+
+TOKENS = TokenConventions(
+    roles={"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "[UNK]"},
+    config_ids={"eos_token_id": "<eos>", "pad_token_id": "<pad>"},
+)
 
 # Per-block parameters: Loom suffix, HF suffix, how the tensor is laid out on the HF side.
 #   copy: identical; t: Conv1D transpose; qkv_w / qkv_b: per-head <-> [q; k; v] (+ transpose).
@@ -70,7 +87,7 @@ _LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
-    """Raise ValueError naming the first field GPT-2 cannot express."""
+    """Raise ConfigError naming the first field GPT-2 cannot express."""
     problems = {
         "family": (cfg.family == "gpt", "only family=gpt maps to GPT2LMHeadModel"),
         "position": (cfg.position in ("learned", "none"), "GPT-2 has learned positions"),
@@ -83,20 +100,22 @@ def _check_exportable(cfg: ModelConfig) -> None:
             "GPT-2 heads are d_model // n_head wide",
         ),
     }
-    for key, (ok, why) in problems.items():
-        if not ok:
-            raise ValueError(
-                f"model.{key}={getattr(cfg, key)!r} cannot be converted to {HF_CLASS}: {why}"
-            )
+    check_fields(cfg, problems, target=HF_CLASS)
 
 
-def hf_config(cfg: ModelConfig, *, vocab_size: int) -> GPT2Config:
-    """`GPT2Config` of `cfg` with `vocab_size` rows (normally cfg.vocab_size or the rows)."""
+def hf_config(
+    cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None
+) -> GPT2Config:
+    """`GPT2Config` of `cfg` with `vocab_size` rows (normally cfg.vocab_size or the rows).
+
+    `token_ids` (Loom reserved token -> id of the run's tokenizer) sets eos_token_id and
+    pad_token_id; without it they are None.
+    """
     from transformers import GPT2Config
 
     _check_exportable(cfg)
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size={vocab_size} must be > 0")
+    check_vocab_size(vocab_size)
+    ids = {"eos_token_id": None, "pad_token_id": None, **TOKENS.config_token_ids(token_ids)}
     return GPT2Config(
         vocab_size=vocab_size,
         n_positions=cfg.max_seq_len,
@@ -112,27 +131,25 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int) -> GPT2Config:
         initializer_range=cfg.init_std,
         tie_word_embeddings=cfg.tie_embeddings,
         # GPT2Config defaults to GPT-2's own <|endoftext|> id (50256), which means nothing
-        # for a Loom tokenizer; the exported folder carries no tokenizer either.
+        # for a Loom tokenizer.
         bos_token_id=None,
-        eos_token_id=None,
+        **ids,
     )
 
 
 def loom_config(hf_cfg: GPT2Config, *, name: str = "gpt2_from_hf") -> ModelConfig:
-    """The Loom ModelConfig of an HF `GPT2Config`; raises ValueError on what Loom lacks."""
+    """The Loom ModelConfig of an HF `GPT2Config`; raises ConfigError on what Loom lacks."""
     unsupported = {
         "add_cross_attention": False,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
     }
-    for key, accepted in unsupported.items():
-        if getattr(hf_cfg, key, accepted) != accepted:
-            raise ValueError(f"GPT2Config.{key}={getattr(hf_cfg, key)!r} has no Loom equivalent")
+    reject_unsupported(hf_cfg, unsupported, cls="GPT2Config")
     act = hf_cfg.activation_function
-    if act not in _ACT_FROM_HF:
-        raise ValueError(
+    if act not in ACT_FROM_HF:
+        raise ConfigError(
             f"GPT2Config.activation_function={act!r} has no Loom equivalent; "
-            f"supported: {sorted(_ACT_FROM_HF)}"
+            f"supported: {sorted(ACT_FROM_HF)}"
         )
     cfg = ModelConfig(
         name=name,
@@ -148,27 +165,17 @@ def loom_config(hf_cfg: GPT2Config, *, name: str = "gpt2_from_hf") -> ModelConfi
         layer_norm_eps=float(hf_cfg.layer_norm_epsilon),
         tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", True)),
         init_std=float(hf_cfg.initializer_range),
-        activation=_ACT_FROM_HF[act],
+        activation=ACT_FROM_HF[act],
     )
     cfg.validate()
     return cfg
 
 
-def _per_head_to_blocks(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows (H, 3, K) -> (3, H, K): Loom's fused qkv layout to HF's [q; k; v]."""
-    return w.reshape(n_head, 3, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-
-def _blocks_to_per_head(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows (3, H, K) -> (H, 3, K): the inverse of `_per_head_to_blocks`."""
-    return w.reshape(3, n_head, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-
 def _to_hf_tensor(x: torch.Tensor, kind: str, n_head: int) -> torch.Tensor:
     if kind == "qkv_w":
-        return _per_head_to_blocks(x, n_head).t().contiguous()
+        return qkv_per_head_to_blocks(x, n_head).t().contiguous()
     if kind == "qkv_b":
-        return _per_head_to_blocks(x, n_head).contiguous()
+        return qkv_per_head_to_blocks(x, n_head).contiguous()
     if kind == "t":
         return x.t().contiguous()
     return x
@@ -176,29 +183,12 @@ def _to_hf_tensor(x: torch.Tensor, kind: str, n_head: int) -> torch.Tensor:
 
 def _from_hf_tensor(x: torch.Tensor, kind: str, n_head: int) -> torch.Tensor:
     if kind == "qkv_w":
-        return _blocks_to_per_head(x.t(), n_head).contiguous()
+        return qkv_blocks_to_per_head(x.t(), n_head).contiguous()
     if kind == "qkv_b":
-        return _blocks_to_per_head(x, n_head).contiguous()
+        return qkv_blocks_to_per_head(x, n_head).contiguous()
     if kind == "t":
         return x.t().contiguous()
     return x
-
-
-def _check_keys(got: set[str], expected: set[str], *, what: str) -> None:
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{what} does not match the config: missing {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}"
-        )
-
-
-def _hf_rows(cfg: ModelConfig, rows: int) -> int:
-    vocab = cfg.vocab_size if cfg.vocab_size is not None else rows
-    if vocab > rows:
-        raise ValueError(f"model.vocab_size={vocab} exceeds the checkpoint's {rows} embedding rows")
-    return vocab
 
 
 def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -211,10 +201,10 @@ def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     got = set(state_dict)
     if "lm_head.weight" not in got and cfg.tie_embeddings:
         got.add("lm_head.weight")  # a tied head may be stored once, as wte
-    _check_keys(got, expected, what="Loom GPT state dict")
+    check_keys(got, expected, what="Loom GPT state dict")
 
     wte_VD = state_dict["wte.weight"]
-    vocab = _hf_rows(cfg, wte_VD.shape[0])
+    vocab = hf_rows(cfg, wte_VD.shape[0])
     head_VD = wte_VD if cfg.tie_embeddings else state_dict["lm_head.weight"]
     out = {"transformer.wte.weight": wte_VD[:vocab], "lm_head.weight": head_VD[:vocab]}
     for loom, hf in _TOP_MAP:
@@ -254,28 +244,26 @@ def from_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     expected |= {hf for _, hf in _TOP_MAP}
     expected |= {f"transformer.h.{i}.{hf}" for i in range(cfg.n_layer) for _, hf, _ in _BLOCK_MAP}
     got = set(sd) - {"lm_head.weight"}
-    _check_keys(got, expected, what="Hugging Face GPT-2 state dict")
+    check_keys(got, expected, what="Hugging Face GPT-2 state dict")
     if "lm_head.weight" not in sd and not cfg.tie_embeddings:
-        raise ValueError("model.tie_embeddings=false but the HF state dict has no lm_head.weight")
+        raise ConfigError("model.tie_embeddings=false but the HF state dict has no lm_head.weight")
 
     wte_VD = sd["transformer.wte.weight"]
     rows = wte_VD.shape[0]
-    if cfg.vocab_size is not None and cfg.vocab_size != rows:
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} but the HF model has {rows} rows")
-    pad = cfg.padded_vocab_size(rows) - rows
-    wte_VD = torch.cat([wte_VD, wte_VD.new_zeros(pad, wte_VD.shape[1])]) if pad else wte_VD
+    check_hf_rows(cfg, rows)
+    padded = cfg.padded_vocab_size(rows)
+    wte_VD = pad_rows(wte_VD, padded)
     out = {"wte.weight": wte_VD}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = wte_VD
     else:
-        head_VD = sd["lm_head.weight"]
-        out["lm_head.weight"] = torch.cat([head_VD, head_VD.new_zeros(pad, head_VD.shape[1])])
+        out["lm_head.weight"] = pad_rows(sd["lm_head.weight"], padded)
     for loom, hf in _TOP_MAP:
         out[loom] = sd[hf]
     if cfg.position == "none":
         wpe_TD = out.pop("wpe.weight")
         if torch.count_nonzero(wpe_TD):
-            raise ValueError("model.position=none but the HF position table is not all zeros")
+            raise ConfigError("model.position=none but the HF position table is not all zeros")
     for i in range(cfg.n_layer):
         for loom, hf, kind in _BLOCK_MAP:
             x = sd[f"transformer.h.{i}.{hf}"]

@@ -18,6 +18,13 @@ Tied and untied output heads: transformers 5 always ties `lm_head` to the embedd
 model therefore needs its head untied after construction; `build_hf_model` does that. (With
 transformers 5.23, `save_pretrained` then `from_pretrained` keeps the separate head, since the
 checkpoint stores both tensors.)
+
+Tokens (`TOKENS`): span corruption ends the encoder input and the targets with <eos> and starts
+the decoder with <pad>, so an exported tokenizer appends <eos> to a text, and the HF config's
+pad_token_id, eos_token_id and decoder_start_token_id are the tokenizer's <pad>, <eos> and
+<pad> when `hf_config` is given the token ids. The sentinels are Loom's <extra_id_N>.
+
+Configs Hugging Face T5 cannot express raise ConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.errors import ConfigError
 from models.config import ModelConfig
+from models.hf.common import TokenConventions, check_hf_rows, check_vocab_size, hf_rows, pad_rows
 
-__all__ = ["build_hf_model", "from_hf", "hf_config", "loom_config", "to_hf"]
+__all__ = ["TOKENS", "build_hf_model", "from_hf", "hf_config", "loom_config", "to_hf"]
 
 # Loom activation -> T5Config.feed_forward_proj ("gated-gelu" is the tanh GELU in HF).
 _FEED_FORWARD = {
@@ -44,34 +53,44 @@ _FEED_FORWARD_FROM_HF = {
     "gated-gelu_new": "gated_gelu",
 }
 _EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+TOKENS = TokenConventions(
+    roles={"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "[UNK]"},
+    single=("$A", "<eos>"),
+    pair=("$A", "<eos>", "$B:1", "<eos>:1"),
+    config_ids={
+        "pad_token_id": "<pad>",
+        "eos_token_id": "<eos>",
+        "decoder_start_token_id": "<pad>",
+    },
+)
 # Present in some Hugging Face checkpoints, never used by the model.
 _IGNORED_HF = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 
 def _check(cfg: ModelConfig) -> None:
     if cfg.family != "t5":
-        raise ValueError(f"model.family={cfg.family!r}: Hugging Face T5 interop needs family t5")
+        raise ConfigError(f"model.family={cfg.family!r}: Hugging Face T5 interop needs family t5")
     if cfg.activation not in _FEED_FORWARD:
-        raise ValueError(f"model.activation={cfg.activation!r} has no Hugging Face T5 equivalent")
+        raise ConfigError(f"model.activation={cfg.activation!r} has no Hugging Face T5 equivalent")
     if cfg.scale_logits != cfg.tie_embeddings:
         # Hugging Face derives the rescaling from tie_word_embeddings alone.
-        raise ValueError(
+        raise ConfigError(
             f"model.scale_logits={cfg.scale_logits} with model.tie_embeddings="
             f"{cfg.tie_embeddings} has no Hugging Face T5 equivalent; set them equal"
         )
 
 
-def hf_config(cfg: ModelConfig, *, vocab_size: int):
+def hf_config(cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None):
     """`transformers.T5Config` of the same architecture with `vocab_size` rows.
 
-    Token ids (pad 0, eos 1, decoder start = pad) keep T5Config's defaults, which are those
-    of T5's SentencePiece vocabulary; set them on the result for another tokenizer.
+    `token_ids` (Loom reserved token -> id of the run's tokenizer) sets the pad, eos and
+    decoder-start ids (see `TOKENS`); without it they keep T5Config's defaults (pad 0, eos 1,
+    decoder start = pad), which are those of T5's SentencePiece vocabulary.
     """
     from transformers import T5Config
 
     _check(cfg)
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size={vocab_size} must be > 0")
+    check_vocab_size(vocab_size)
     return T5Config(
         vocab_size=vocab_size,
         d_model=cfg.d_model,
@@ -87,18 +106,19 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int):
         initializer_factor=cfg.init_std,
         feed_forward_proj=_FEED_FORWARD[cfg.activation],
         tie_word_embeddings=cfg.tie_embeddings,
+        **TOKENS.config_token_ids(token_ids),
     )
 
 
 def loom_config(hf_cfg, *, name: str = "t5_from_hf") -> ModelConfig:
-    """The Loom ModelConfig of an HF `T5Config`; raises ValueError on what Loom lacks.
+    """The Loom ModelConfig of an HF `T5Config`; raises ConfigError on what Loom lacks.
 
     The v1.0 / v1.1 distinction is read from `scale_decoder_outputs` (transformers 5) or
     `tie_word_embeddings` (earlier versions). HF configs carry no input length: 512 is set.
     """
     proj = hf_cfg.feed_forward_proj
     if proj not in _FEED_FORWARD_FROM_HF:
-        raise ValueError(
+        raise ConfigError(
             f"T5Config.feed_forward_proj={proj!r} has no Loom equivalent; "
             f"supported: {sorted(_FEED_FORWARD_FROM_HF)}"
         )
@@ -131,14 +151,17 @@ def loom_config(hf_cfg, *, name: str = "t5_from_hf") -> ModelConfig:
     return cfg
 
 
-def build_hf_model(cfg: ModelConfig, *, vocab_size: int) -> nn.Module:
+def build_hf_model(
+    cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None
+) -> nn.Module:
     """`T5ForConditionalGeneration(hf_config(cfg))` with the output head untied when `cfg` is.
 
     Runs on the current default device (`with torch.device("meta"):` works).
     """
     from transformers import T5ForConditionalGeneration
 
-    model = T5ForConditionalGeneration(hf_config(cfg, vocab_size=vocab_size))
+    config = hf_config(cfg, vocab_size=vocab_size, token_ids=token_ids)
+    model = T5ForConditionalGeneration(config)
     if not cfg.tie_embeddings and model.lm_head.weight is model.shared.weight:
         head_VD = torch.empty_like(model.lm_head.weight)
         # Hugging Face's own draw for an untied T5 head: N(0, initializer_factor).
@@ -186,26 +209,14 @@ def _name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
 
 def _take(state: dict[str, torch.Tensor], key: str, *, side: str) -> torch.Tensor:
     if key not in state:
-        raise ValueError(f"{side} state dict has no {key!r}; does it match this model config?")
+        raise ConfigError(f"{side} state dict has no {key!r}; does it match this model config?")
     return state.pop(key)
 
 
 def _reject_leftovers(state: dict[str, torch.Tensor], *, side: str) -> None:
     if state:
         names = sorted(state)
-        raise ValueError(f"{side} state dict has {len(names)} unexpected keys, e.g. {names[:5]}")
-
-
-def _hf_rows(cfg: ModelConfig, rows: int) -> int:
-    vocab = cfg.vocab_size if cfg.vocab_size is not None else rows
-    if vocab > rows:
-        raise ValueError(f"model.vocab_size={vocab} exceeds the checkpoint's {rows} embedding rows")
-    return vocab
-
-
-def _pad_rows(x_VD: torch.Tensor, rows: int) -> torch.Tensor:
-    pad = rows - x_VD.shape[0]
-    return torch.cat([x_VD, x_VD.new_zeros(pad, x_VD.shape[1])]) if pad else x_VD
+        raise ConfigError(f"{side} state dict has {len(names)} unexpected keys, e.g. {names[:5]}")
 
 
 def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -216,11 +227,11 @@ def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     _check(cfg)
     state = dict(state_dict)
     shared_VD = _take(state, "shared.weight", side="Loom")
-    vocab = _hf_rows(cfg, shared_VD.shape[0])
+    vocab = hf_rows(cfg, shared_VD.shape[0])
     # A tied head appears in state_dict() as well; Hugging Face wants it under lm_head too.
     head_VD = state.pop("lm_head.weight", None)
     if head_VD is None and not cfg.tie_embeddings:
-        raise ValueError("Loom state dict has no 'lm_head.weight' but model.tie_embeddings=false")
+        raise ConfigError("Loom state dict has no 'lm_head.weight' but model.tie_embeddings=false")
     head_VD = shared_VD if cfg.tie_embeddings else head_VD
     shared_VD = shared_VD[:vocab]
     out = {"shared.weight": shared_VD, **{alias: shared_VD for alias in _EMBED_ALIASES}}
@@ -242,19 +253,18 @@ def from_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     aliases = [state.pop(alias) for alias in _EMBED_ALIASES if alias in state]
     shared_VD = state.pop("shared.weight", aliases[0] if aliases else None)
     if shared_VD is None:
-        raise ValueError("Hugging Face state dict has no 'shared.weight' (nor embed_tokens)")
+        raise ConfigError("Hugging Face state dict has no 'shared.weight' (nor embed_tokens)")
     rows = shared_VD.shape[0]
-    if cfg.vocab_size is not None and cfg.vocab_size != rows:
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} but the HF model has {rows} rows")
+    check_hf_rows(cfg, rows)
     padded = cfg.padded_vocab_size(rows)
     head_VD = state.pop("lm_head.weight", None)
-    out = {"shared.weight": _pad_rows(shared_VD, padded)}
+    out = {"shared.weight": pad_rows(shared_VD, padded)}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["shared.weight"]
     elif head_VD is None:
-        raise ValueError("Hugging Face state dict has no 'lm_head.weight' for an untied model")
+        raise ConfigError("Hugging Face state dict has no 'lm_head.weight' for an untied model")
     else:
-        out["lm_head.weight"] = _pad_rows(head_VD, padded)
+        out["lm_head.weight"] = pad_rows(head_VD, padded)
     for ours, theirs in _name_pairs(cfg):
         out[ours] = _take(state, theirs, side="Hugging Face")
     _reject_leftovers(state, side="Hugging Face")
