@@ -38,29 +38,7 @@ from models.blocks import (
 )
 from models.config import ModelConfig
 
-__all__ = ["Bert", "combine_masks", "flops_per_token"]
-
-# Fields of ModelConfig that belong to other families: Bert refuses a non-default value rather
-# than silently ignoring it. field -> (value Bert accepts, why it is refused).
-_UNSUPPORTED: dict[str, tuple[object, str]] = {
-    "n_decoder_layer": (None, "BERT is an encoder without a decoder stack"),
-    "scale_logits": (False, "logit scaling is T5's"),
-}
-_POSITIONS = ("learned", "rotary")
-
-
-def _check_supported(cfg: ModelConfig) -> None:
-    for key, (accepted, why) in _UNSUPPORTED.items():
-        if getattr(cfg, key) != accepted:
-            raise ValueError(
-                f"model.{key}={getattr(cfg, key)!r} is not supported by family=bert ({why}); "
-                f"set it to {accepted!r}"
-            )
-    if cfg.position not in _POSITIONS:
-        raise ValueError(
-            f"model.position={cfg.position!r} is not supported by family=bert; "
-            f"choose one of {_POSITIONS}"
-        )
+__all__ = ["Bert", "combine_masks"]
 
 
 def _head_activation(name: str) -> nn.Module:
@@ -77,14 +55,18 @@ def _head_activation(name: str) -> nn.Module:
 class Bert(TiedOutputMixin, nn.Module):
     """Encoder returning {"logits": (B, T, V) MLM logits, "nsp_logits": (B, 2)}.
 
-    The stages (`embed`, `encode`, `heads`) are separate methods so a pipeline stage can run a
-    slice. With `cfg.share_layers` the single block lives at `blocks.0` and runs `n_layer`
-    times; pipeline stages cannot split such a model by blocks.
+    With `cfg.share_layers` the single block lives at `blocks.0` and runs `n_layer` times;
+    pipeline stages cannot split such a model by blocks.
     """
+
+    # Pipeline split: the first stage holds the embeddings, the last the final norm and both
+    # heads; parameter-free modules (the rotary tables) run on every stage.
+    pipeline_first = ("wte", "wpe", "tte", "emb_ln", "emb_proj", "drop")
+    pipeline_last = ("ln_f", "mlm_dense", "mlm_act", "mlm_ln", "lm_head", "pooler", "nsp_head")
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
-        _check_supported(cfg)
+        cfg.validate()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.max_seq_len = cfg.max_seq_len
@@ -198,16 +180,24 @@ class Bert(TiedOutputMixin, nn.Module):
         (B, T), True (or 1) for real tokens and False (0) for padding, which no query may
         attend to. `position_ids` (B, T) overrides 0..T-1. `attn_mask` (boolean, broadcast to
         (B, 1, T, T), True = may attend), e.g. a document mask, further restricts attention.
+
+        A pipeline stage is this model with the modules of other stages set to None: without
+        the embeddings `input_ids` is the previous stage's hidden states (B, T, D), and
+        without the heads the hidden states are returned.
         """
-        input_ids_BT = input_ids
-        if input_ids_BT.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got {tuple(input_ids.shape)}")
-        x_BTD = self.embed(
-            input_ids_BT, token_type_ids_BT=token_type_ids, position_ids_BT=position_ids
-        )
-        mask = combine_masks(attention_mask, attn_mask, shape=tuple(input_ids_BT.shape))
+        if self.wte is None:
+            x_BTD = input_ids
+        else:
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"input_ids must be (batch, seq_len), got {tuple(input_ids.shape)}"
+                )
+            x_BTD = self.embed(
+                input_ids, token_type_ids_BT=token_type_ids, position_ids_BT=position_ids
+            )
+        mask = combine_masks(attention_mask, attn_mask, shape=tuple(input_ids.shape[:2]))
         x_BTD = self.encode(x_BTD, attn_mask=mask, position_ids_BT=position_ids)
-        return self.heads(x_BTD)
+        return x_BTD if self.lm_head is None else self.heads(x_BTD)
 
 
 def combine_masks(
@@ -245,25 +235,3 @@ def combine_masks(
     blind_B1T1 = ~allowed_B1TT.any(dim=-1, keepdim=True)
     eye_TT = torch.eye(t, dtype=torch.bool, device=allowed_B1TT.device)
     return allowed_B1TT | (blind_B1T1 & eye_TT)
-
-
-def flops_per_token(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token of a Bert, in the convention of
-    `models/flops.py`: 6 * N_matmul + 12 * n_layer * attention_width * seq_len.
-
-    N_matmul per token: every applied layer's projections (a shared ALBERT block counts
-    n_layer times: it runs n_layer times), the E -> D embedding projection when E != D, the
-    MLM head's transform (D x E) and decoder (V x E) over all positions, and the pooler and
-    NSP classifier, which run on one position per sequence, so their weights count
-    1 / seq_len per token.
-    """
-    d, e = cfg.d_model, cfg.embedding_size if cfg.embedding_size is not None else cfg.d_model
-    attn_width = cfg.n_head * cfg.head_dim
-    mlp_matrices = 3 if cfg.activation == "gated_gelu" else 2
-    per_layer = 4 * d * attn_width + mlp_matrices * d * cfg.ffn_size
-    n_matmul = cfg.n_layer * per_layer + d * e + vocab_size * e
-    if e != d:
-        n_matmul += e * d
-    n_matmul += (d * d + 2 * d) / seq_len
-    attention = 12 * cfg.n_layer * attn_width * seq_len
-    return float(6 * n_matmul + attention)

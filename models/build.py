@@ -6,9 +6,10 @@ import importlib
 
 from torch import nn
 
+from common.errors import ConfigError
 from models.config import ModelConfig
 
-__all__ = ["build_model", "param_counts"]
+__all__ = ["build_model", "check_pipeline_split", "model_class", "param_counts"]
 
 # family -> "module:Class", each built as Class(cfg, vocab_size=...); imported on use.
 _BUILDERS: dict[str, str] = {
@@ -19,22 +20,52 @@ _BUILDERS: dict[str, str] = {
 }
 
 
+def model_class(family: str) -> type[nn.Module]:
+    """The class of `family`'s model, imported on first use."""
+    builder = _BUILDERS.get(family)
+    if builder is None:
+        raise ConfigError(
+            f"model.family={family!r} has no builder; choose one of {sorted(_BUILDERS)}"
+        )
+    module, cls = builder.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def build_model(cfg: ModelConfig, *, vocab_size: int) -> nn.Module:
     """The model of `cfg.family` with `vocab_size` embedding rows (already padded by the caller).
 
     Runs on whatever default device is active, so `with torch.device("meta"):` builds a
     full-size model without allocating weights.
     """
-    builder = _BUILDERS.get(cfg.family)
-    if builder is None:
-        raise ValueError(
-            f"model.family={cfg.family!r} has no builder; choose one of {sorted(_BUILDERS)}"
-        )
-    cfg.validate()
+    cls = model_class(cfg.family)
     if vocab_size <= 0:
         raise ValueError(f"vocab_size={vocab_size} must be > 0")
-    module, cls = builder.split(":")
-    return getattr(importlib.import_module(module), cls)(cfg, vocab_size=vocab_size)
+    return cls(cfg, vocab_size=vocab_size)
+
+
+def check_pipeline_split(cfg: ModelConfig, *, pp: int, virtual_stages: int) -> None:
+    """ConfigError naming the fields unless the model splits into pp x virtual_stages stages.
+
+    A model class that can be pipelined names its first-stage and last-stage modules
+    (`pipeline_first`, `pipeline_last`); one that cannot says why (`pipeline_refusal`).
+    """
+    cls = model_class(cfg.family)
+    if getattr(cls, "pipeline_first", None) is None:
+        raise ConfigError(
+            f"model.family={cfg.family!r} cannot be pipelined ({cls.pipeline_refusal}); "
+            "set parallel.pp=1"
+        )
+    if cfg.share_layers:
+        raise ConfigError(
+            "model.share_layers=True (ALBERT) applies one block n_layer times, so its layers "
+            "cannot be split into pipeline stages; set parallel.pp=1 or model.share_layers=false"
+        )
+    stages = pp * virtual_stages
+    if cfg.n_layer % stages:
+        raise ConfigError(
+            f"model.n_layer={cfg.n_layer} is not divisible by parallel.pp={pp} x "
+            f"parallel.virtual_stages={virtual_stages} = {stages} pipeline stages"
+        )
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

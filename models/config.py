@@ -4,10 +4,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.errors import ConfigError
+
 FAMILIES = ("gpt", "bert", "t5", "glm")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "gated_gelu")
 POSITIONS = ("learned", "rotary", "relative", "none")
+
+# The fields a family does not use, or uses in one way only: any other value is refused
+# rather than silently ignored. family -> field -> (accepted values, why).
+FAMILY_FIELDS: dict[str, dict[str, tuple[tuple[object, ...], str]]] = {
+    "gpt": {
+        "type_vocab_size": ((0,), "token-type embeddings are BERT's"),
+        "embedding_size": ((None,), "factorised embeddings are ALBERT's"),
+        "share_layers": ((False,), "cross-layer sharing is ALBERT's"),
+        "n_decoder_layer": ((None,), "GPT has no separate decoder stack"),
+        "scale_logits": ((False,), "logit scaling is T5's"),
+        "pre_ln": ((True,), "GPT is pre-LN (a post-LN stack would need no final norm)"),
+        "position": (("learned", "rotary", "none"), "the relative bias is T5's"),
+    },
+    "bert": {
+        "n_decoder_layer": ((None,), "BERT is an encoder without a decoder stack"),
+        "scale_logits": ((False,), "logit scaling is T5's"),
+        "position": (("learned", "rotary"), "the relative bias is T5's"),
+    },
+    "glm": {
+        "activation": (("gelu_tanh",), "GLM's blocks use the tanh GELU"),
+        "norm": (("layernorm",), "GLM's blocks use LayerNorm"),
+        "position": (("learned",), "GLM's 2D positions are two learned tables"),
+        "type_vocab_size": ((0,), "token-type embeddings are BERT's"),
+        "embedding_size": ((None,), "factorised embeddings are ALBERT's"),
+        "share_layers": ((False,), "cross-layer sharing is ALBERT's"),
+        "n_decoder_layer": ((None,), "GLM has no separate decoder stack"),
+        "scale_logits": ((False,), "logit scaling is T5's"),
+    },
+    "t5": {
+        "norm": (("rmsnorm",), "T5 normalises with RMSNorm"),
+        "position": (("relative",), "T5 encodes positions with its relative bias"),
+        "bias": ((False,), "T5's layers have no biases"),
+        "pre_ln": ((True,), "T5's blocks are pre-norm"),
+    },
+}
 
 
 @dataclass(kw_only=True)
@@ -83,41 +120,71 @@ class ModelConfig:
         """Embedding rows actually allocated: the vocabulary rounded up to the multiple."""
         v = vocab_size if vocab_size is not None else self.vocab_size
         if v is None:
-            raise ValueError("model.vocab_size is unset and no tokenizer vocabulary was given")
+            raise ConfigError("model.vocab_size is unset and no tokenizer vocabulary was given")
         m = self.make_vocab_size_divisible_by
         return ((v + m - 1) // m) * m
 
     def validate(self) -> None:
         """Raise ValueError naming the field for any impossible value."""
         if self.family not in FAMILIES:
-            raise ValueError(f"model.family={self.family!r} is unknown; choose one of {FAMILIES}")
+            raise ConfigError(f"model.family={self.family!r} is unknown; choose one of {FAMILIES}")
         positive = ("n_layer", "d_model", "n_head", "max_seq_len", "make_vocab_size_divisible_by")
         for key in positive:
             if getattr(self, key) <= 0:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be > 0")
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be > 0")
         if self.vocab_size is not None and self.vocab_size <= 0:
-            raise ValueError(f"model.vocab_size={self.vocab_size} must be > 0 (or null)")
+            raise ConfigError(f"model.vocab_size={self.vocab_size} must be > 0 (or null)")
         if self.d_ff is not None and self.d_ff <= 0:
-            raise ValueError(f"model.d_ff={self.d_ff} must be > 0 (or null)")
+            raise ConfigError(f"model.d_ff={self.d_ff} must be > 0 (or null)")
         if self.d_kv is None and self.d_model % self.n_head:
-            raise ValueError(
+            raise ConfigError(
                 f"model.n_head={self.n_head} does not divide model.d_model={self.d_model}"
             )
         for key, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS)):
             if getattr(self, key) not in allowed:
-                raise ValueError(
+                raise ConfigError(
                     f"model.{key}={getattr(self, key)!r} is unknown; choose one of {allowed}"
                 )
         if self.position == "rotary" and self.head_dim % 2:
-            raise ValueError(f"model.position=rotary needs an even head size, got {self.head_dim}")
+            raise ConfigError(f"model.position=rotary needs an even head size, got {self.head_dim}")
         for key in ("type_vocab_size", "relative_buckets", "relative_max_distance"):
             if getattr(self, key) < 0:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be >= 0")
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0")
         for key in ("embedding_size", "n_decoder_layer", "d_kv"):
             value = getattr(self, key)
             if value is not None and value <= 0:
-                raise ValueError(f"model.{key}={value} must be > 0 (or null)")
+                raise ConfigError(f"model.{key}={value} must be > 0 (or null)")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
-            raise ValueError("model.layer_norm_eps and model.init_std must be > 0")
+            raise ConfigError("model.layer_norm_eps and model.init_std must be > 0")
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """The family's own constraints (FAMILY_FIELDS, and the two that are not a list)."""
+        for key, (accepted, why) in FAMILY_FIELDS[self.family].items():
+            value = getattr(self, key)
+            if value not in accepted:
+                wanted = (
+                    f"set it to {accepted[0]!r}"
+                    if len(accepted) == 1
+                    else (f"choose one of {accepted}")
+                )
+                raise ConfigError(
+                    f"model.{key}={value!r} is not supported by family={self.family} ({why}); "
+                    f"{wanted}"
+                )
+        if self.family == "glm" and self.n_head * self.head_dim != self.d_model:
+            raise ConfigError(
+                f"model.d_kv={self.d_kv} is not supported by family=glm: its attention is "
+                f"d_model={self.d_model} wide, so d_kv must be null or d_model / n_head"
+            )
+        # T5: each side needs exact buckets, and log-spaced ones need max_distance beyond them.
+        if self.family == "t5" and (
+            self.relative_buckets < 4 or self.relative_max_distance <= self.relative_buckets // 2
+        ):
+            raise ConfigError(
+                f"model.relative_buckets={self.relative_buckets} must be >= 4 and "
+                f"model.relative_max_distance={self.relative_max_distance} > "
+                "relative_buckets / 2"
+            )

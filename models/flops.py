@@ -23,10 +23,10 @@ Training FLOPs per token
 These terms are the GPT ones. Variants change only the weight count: a gated MLP
 (activation=gated_gelu) has three d_model x ffn_size matrices instead of two, and an explicit
 head size (d_kv) makes the attention width, in the projections and in the score term,
-n_head * head_dim rather than d_model. Rotary
-position embeddings add no matmul (their elementwise rotation is left out like the
-activations). Other families define `flops_per_token` in their own module
-(`models.<family>`), and `flops_per_token` here dispatches to it.
+n_head * head_dim rather than d_model. Rotary position embeddings add no matmul (their
+elementwise rotation is left out like the activations). GLM counts as a GPT of its shape
+(both position tables are lookups); BERT and T5 have their own counts below, each in the
+same convention. Every family's arithmetic lives in this module.
 
 Activation recomputation is not counted: MFU measures useful model FLOPs, not hardware
 FLOPs (PaLM, appendix B).
@@ -42,12 +42,20 @@ rate; ask for "tf32" explicitly when TF32 is enabled.
 
 from __future__ import annotations
 
-import importlib
 import re
 
 from models.config import ModelConfig
 
-__all__ = ["flops_per_token", "known_peak_flops", "matmul_params"]
+__all__ = [
+    "FAMILY_FLOPS",
+    "bert_flops",
+    "flops_per_token",
+    "gpt_flops",
+    "known_peak_flops",
+    "matmul_params",
+    "t5_flops",
+    "t5_matmul_params",
+]
 
 # Dense peaks in TFLOP/s: (name pattern, bf16, fp16, tf32, fp32); None where the data sheet
 # gives no such rate. Patterns match whole words of the lower-cased device name with "-" and
@@ -102,42 +110,101 @@ _DTYPE_ALIASES = {
 def matmul_params(cfg: ModelConfig, *, vocab_size: int) -> int:
     """Weights that enter a matmul per token in a GPT: the blocks' projections and the head."""
     attn_width = cfg.n_head * cfg.head_dim
-    mlp_matrices = 3 if cfg.activation == "gated_gelu" else 2
-    per_layer = 4 * cfg.d_model * attn_width + mlp_matrices * cfg.d_model * cfg.ffn_size
+    per_layer = 4 * cfg.d_model * attn_width + _mlp_matrices(cfg) * cfg.d_model * cfg.ffn_size
     return cfg.n_layer * per_layer + vocab_size * cfg.d_model
 
 
-def flops_per_token(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token; see the module docstring.
+def _mlp_matrices(cfg: ModelConfig) -> int:
+    return 3 if cfg.activation.startswith("gated_") else 2
+
+
+def _attention(cfg: ModelConfig, *, n_layer: int, keys: float) -> float:
+    """FLOPs per token of the two attention matmuls over `keys` keys in `n_layer` layers."""
+    return 12 * n_layer * cfg.n_head * cfg.head_dim * keys
+
+
+def gpt_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
+    """GPT, and GLM (whose `seq_len` is the whole row |A| + |B|: every row token is computed
+    though only Part B is scored, and the bidirectional Part A makes none of the score
+    matrix skippable)."""
+    return float(
+        6 * matmul_params(cfg, vocab_size=vocab_size)
+        + _attention(cfg, n_layer=cfg.n_layer, keys=seq_len)
+    )
+
+
+def bert_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
+    """BERT and ALBERT. N_matmul per token: every applied layer's projections (a shared
+    ALBERT block counts n_layer times: it runs n_layer times), the E -> D embedding
+    projection when E != D, the MLM head's transform (D x E) and decoder (V x E) over all
+    positions, and the pooler and NSP classifier, which run on one position per sequence,
+    so their weights count 1 / seq_len per token."""
+    d, e = cfg.d_model, cfg.embedding_size if cfg.embedding_size is not None else cfg.d_model
+    per_layer = 4 * d * cfg.n_head * cfg.head_dim + _mlp_matrices(cfg) * d * cfg.ffn_size
+    n_matmul = cfg.n_layer * per_layer + d * e + vocab_size * e
+    if e != d:
+        n_matmul += e * d
+    n_matmul += (d * d + 2 * d) / seq_len
+    return float(6 * n_matmul + _attention(cfg, n_layer=cfg.n_layer, keys=seq_len))
+
+
+def t5_matmul_params(cfg: ModelConfig, *, vocab_size: int) -> tuple[int, int, int]:
+    """T5's matmul weights by the tokens they see: (per encoder token, per decoder token,
+    head). The cross-attention k and v projections read the encoder output, so they count
+    per encoder token although they live in the decoder."""
+    d, inner, f = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.ffn_size
+    mlp = _mlp_matrices(cfg) * d * f
+    n_dec = _decoder_layers(cfg)
+    per_encoder_token = cfg.n_layer * (4 * d * inner + mlp) + n_dec * 2 * d * inner
+    per_decoder_token = n_dec * (4 * d * inner + 2 * d * inner + mlp)
+    return per_encoder_token, per_decoder_token, vocab_size * d
+
+
+def _decoder_layers(cfg: ModelConfig) -> int:
+    return cfg.n_decoder_layer if cfg.n_decoder_layer is not None else cfg.n_layer
+
+
+def t5_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int, target_len: int) -> float:
+    """T5, per *encoder input token*: a sample counts as its `seq_len` encoder tokens (what
+    the trainer's tokens/s counts), and the decoder's work on its `target_len` targets is
+    spread over them with r = target_len / seq_len. With N_enc, N_dec and N_out from
+    `t5_matmul_params` and HK = n_head * d_kv:
+
+        6 * (N_enc + r * (N_dec + N_out)) + 12 * HK * (n_layer * S + r * n_dec_layer * (T + S))
+
+    where S = seq_len and T = target_len: encoder self-attention spans S keys, decoder
+    self-attention T keys and cross-attention S keys."""
+    r = target_len / seq_len
+    n_enc, n_dec, n_out = t5_matmul_params(cfg, vocab_size=vocab_size)
+    attention = _attention(cfg, n_layer=cfg.n_layer, keys=seq_len) + r * _attention(
+        cfg, n_layer=_decoder_layers(cfg), keys=target_len + seq_len
+    )
+    return float(6 * (n_enc + r * (n_dec + n_out)) + attention)
+
+
+def flops_per_token(
+    cfg: ModelConfig, *, vocab_size: int, seq_len: int, target_len: int | None = None
+) -> float:
+    """Training (forward + backward) FLOPs per token of the family's model; see the module
+    docstring.
 
     `vocab_size` is the number of output rows actually computed (the padded vocabulary);
-    `seq_len` is the attention context length of the training sequences. Families other than
-    gpt are counted by `models.<family>.flops_per_token`, imported on first use.
+    `seq_len` is the attention context length of the training sequences; `target_len` is
+    the decoder length of an encoder-decoder sample (T5: the objective's target length,
+    which depends on its noise settings), unused by the other families.
     """
-    if cfg.family != "gpt":
-        return _family_flops(cfg, vocab_size=vocab_size, seq_len=seq_len)
-    n_matmul = matmul_params(cfg, vocab_size=vocab_size)
-    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-    return float(6 * n_matmul + attention)
-
-
-def _family_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
-    module_name = f"models.{cfg.family}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        raise ValueError(
-            f"model.family={cfg.family!r} has no FLOP count: module {module_name} is missing"
-        ) from err
-    count = getattr(module, "flops_per_token", None)
+    if cfg.family == "t5":
+        if target_len is None:
+            raise ValueError("model.family='t5' counts FLOPs per sample: give its target_len")
+        return t5_flops(cfg, vocab_size=vocab_size, seq_len=seq_len, target_len=target_len)
+    count = FAMILY_FLOPS.get(cfg.family)
     if count is None:
-        raise ValueError(
-            f"model.family={cfg.family!r} has no FLOP count: {module_name}.flops_per_token "
-            "is not defined"
-        )
-    return float(count(cfg, vocab_size=vocab_size, seq_len=seq_len))
+        raise ValueError(f"model.family={cfg.family!r} has no FLOP count in models/flops.py")
+    return count(cfg, vocab_size=vocab_size, seq_len=seq_len)
+
+
+# Families whose FLOPs depend only on (cfg, vocab_size, seq_len).
+FAMILY_FLOPS = {"gpt": gpt_flops, "glm": gpt_flops, "bert": bert_flops}
 
 
 def _normalise_dtype(dtype: str) -> str:

@@ -34,32 +34,8 @@ from models.blocks import (
     scale_residual_init_,
 )
 from models.config import ModelConfig
-from models.flops import matmul_params
 
-__all__ = ["GLM", "blank_infilling_mask", "flops_per_token"]
-
-# What models/blocks.py offers today; other values would be silently ignored, so refuse them.
-_SUPPORTED = {"activation": ("gelu_tanh",), "norm": ("layernorm",), "position": ("learned",)}
-
-
-def _check_config(cfg: ModelConfig) -> None:
-    for key, allowed in _SUPPORTED.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(
-                f"model.{key}={getattr(cfg, key)!r} is not supported by family glm; "
-                f"use one of {allowed}"
-            )
-    unsupported = {
-        "type_vocab_size": cfg.type_vocab_size != 0,
-        "embedding_size": cfg.embedding_size is not None,
-        "share_layers": cfg.share_layers,
-        "n_decoder_layer": cfg.n_decoder_layer is not None,
-        "d_kv": cfg.d_kv is not None and cfg.d_kv * cfg.n_head != cfg.d_model,
-        "scale_logits": cfg.scale_logits,
-    }
-    for key, bad in unsupported.items():
-        if bad:
-            raise ValueError(f"model.{key}={getattr(cfg, key)!r} is not supported by family glm")
+__all__ = ["GLM", "blank_infilling_mask"]
 
 
 def blank_infilling_mask(
@@ -79,13 +55,16 @@ class GLM(TiedOutputMixin, nn.Module):
     """Token + 2D position embeddings, `n_layer` blocks, final LayerNorm, tied output head.
 
     `forward` returns logits for every position; the objective puts labels only on Part B.
-    `embed`, the blocks and `head` are separate stages so a pipeline stage can run a slice;
-    every stage needs the same attention mask (`blank_infilling_mask(sep, T)`).
     """
+
+    # Pipeline split: the first stage holds the embeddings, the last the final norm and the
+    # head; every stage rebuilds the attention mask from `sep`.
+    pipeline_first = ("wte", "wpe", "wbpe", "drop")
+    pipeline_last = ("ln_f", "lm_head")
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
-        _check_config(cfg)
+        cfg.validate()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.max_seq_len = cfg.max_seq_len
@@ -146,31 +125,24 @@ class GLM(TiedOutputMixin, nn.Module):
         `position_ids` (int64 [B, 2, T]): row 0 positions in the corrupted text, row 1 block
         positions; None means 0..T-1 and all zeros. `sep` (int64 [B]): length of Part A of
         each row; None makes the whole row Part A (fully bidirectional).
+
+        A pipeline stage is this model with the modules of other stages set to None: without
+        the embeddings `input_ids` is the previous stage's hidden states (B, T, D), and
+        without the head the hidden states are returned.
         """
-        input_ids_BT, position_ids_B2T, sep_B = input_ids, position_ids, sep
-        x_BTD = self.embed(input_ids_BT, position_ids_B2T=position_ids_B2T)
+        position_ids_B2T, sep_B = position_ids, sep
+        # The whole sequence's length: the embeddings' output is sliced under sequence
+        # parallelism, while the mask covers every position.
+        b, t = input_ids.shape[:2]
+        if self.wte is None:
+            x_BTD = input_ids
+        else:
+            x_BTD = self.embed(input_ids, position_ids_B2T=position_ids_B2T)
         mask_B1TS = None
         if sep_B is not None:
-            if sep_B.shape != (input_ids_BT.shape[0],):
-                raise ValueError(
-                    f"sep must have shape [batch] = ({input_ids_BT.shape[0]},), "
-                    f"got {tuple(sep_B.shape)}"
-                )
-            mask_B1TS = blank_infilling_mask(sep_B, input_ids_BT.shape[1], device=x_BTD.device)
+            if sep_B.shape != (b,):
+                raise ValueError(f"sep must have shape [batch] = ({b},), got {tuple(sep_B.shape)}")
+            mask_B1TS = blank_infilling_mask(sep_B, t, device=x_BTD.device)
         for block in self.blocks.values():
             x_BTD = block(x_BTD, attn_mask=mask_B1TS)
-        return self.head(x_BTD)
-
-
-def flops_per_token(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs per input token: 6 * N_matmul + 12 * n_layer * d_model * seq_len.
-
-    The convention of `models.flops`: GLM's matmuls are those of a GPT of the same shape (both
-    position tables are lookups and cost nothing). `seq_len` is |A| + |B|, the whole row;
-    every row token is computed though only Part B tokens carry a loss, so divide by the
-    share of scored tokens to get FLOPs per target token. The bidirectional Part A makes
-    nothing of the score matrix skippable, so the full attention term is the honest count.
-    """
-    n_matmul = matmul_params(cfg, vocab_size=vocab_size)
-    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-    return float(6 * n_matmul + attention)
+        return x_BTD if self.lm_head is None else self.head(x_BTD)

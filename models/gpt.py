@@ -28,43 +28,23 @@ from models.config import ModelConfig
 
 __all__ = ["GPT"]
 
-# Fields of ModelConfig that belong to other families: GPT refuses a non-default value rather
-# than silently ignoring it. field -> (value GPT accepts, why it is refused).
-_UNSUPPORTED: dict[str, tuple[object, str]] = {
-    "type_vocab_size": (0, "token-type embeddings are BERT's"),
-    "embedding_size": (None, "factorised embeddings are ALBERT's"),
-    "share_layers": (False, "cross-layer sharing is ALBERT's"),
-    "n_decoder_layer": (None, "GPT has no separate decoder stack"),
-    "scale_logits": (False, "logit scaling is T5's"),
-    "pre_ln": (True, "GPT is pre-LN (a post-LN stack would need no final norm)"),
-}
-
-
-def _check_supported(cfg: ModelConfig) -> None:
-    for key, (accepted, why) in _UNSUPPORTED.items():
-        if getattr(cfg, key) != accepted:
-            raise ValueError(
-                f"model.{key}={getattr(cfg, key)!r} is not supported by family=gpt ({why}); "
-                f"set it to {accepted!r}"
-            )
-    if cfg.position == "relative":
-        raise ValueError(
-            "model.position='relative' is not supported by family=gpt; use learned, rotary or none"
-        )
-
 
 class GPT(TiedOutputMixin, nn.Module):
     """Token embeddings (+ learned positions), `n_layer` causal pre-LN blocks, final norm, head.
 
     `cfg.position`: learned adds a `wpe` table; rotary rotates queries and keys in every
     layer (`wpe` is absent); none uses no position signal beyond the causal mask. The forward
-    pass returns logits; the loss belongs to the trainer. The stages (`embed`, `rope`, the
-    blocks, `head`) are separate methods so a pipeline stage can run a slice.
+    pass returns logits; the loss belongs to the trainer.
     """
+
+    # Pipeline split: the first stage holds the embeddings, the last the final norm and the
+    # head; parameter-free modules (the rotary tables) run on every stage.
+    pipeline_first = ("wte", "wpe", "drop")
+    pipeline_last = ("ln_f", "lm_head")
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
-        _check_supported(cfg)
+        cfg.validate()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.max_seq_len = cfg.max_seq_len
@@ -104,13 +84,13 @@ class GPT(TiedOutputMixin, nn.Module):
         return self.drop(x_BTD)
 
     def rope(
-        self, input_ids_BT: torch.Tensor, *, position_ids_BT: torch.Tensor | None = None
+        self, t: int, *, device: torch.device, position_ids_BT: torch.Tensor | None = None
     ) -> Rope | None:
         """Rotary (cos, sin) tables shared by all layers, or None unless position=rotary."""
         if self.rotary is None:
             return None
         if position_ids_BT is None:
-            position_ids_BT = torch.arange(input_ids_BT.shape[-1], device=input_ids_BT.device)
+            position_ids_BT = torch.arange(t, device=device)
         return self.rotary(position_ids_BT)
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -129,15 +109,24 @@ class GPT(TiedOutputMixin, nn.Module):
         packed sequences) for learned and rotary positions; `attn_mask` (boolean, True = may
         attend, broadcast to (B, H, T, T)) further restricts attention and is combined with
         the causal mask.
+
+        A pipeline stage is this model with the modules of other stages set to None: without
+        the embeddings `input_ids` is the previous stage's hidden states (B, T, D), and
+        without the head the hidden states are returned.
         """
-        input_ids_BT, position_ids_BT = input_ids, position_ids
-        x_BTD = self.embed(input_ids_BT, position_ids_BT=position_ids_BT)
-        rope = self.rope(input_ids_BT, position_ids_BT=position_ids_BT)
+        position_ids_BT = position_ids
+        # The whole sequence's length: the embeddings' output is sliced under sequence
+        # parallelism, while the rotary tables and the mask cover every position.
+        t = input_ids.shape[1]
+        if self.wte is None:
+            x_BTD = input_ids
+        else:
+            x_BTD = self.embed(input_ids, position_ids_BT=position_ids_BT)
+        rope = self.rope(t, device=x_BTD.device, position_ids_BT=position_ids_BT)
         is_causal = attn_mask is None
         if attn_mask is not None:
             # Fold the causal constraint in once here rather than in every layer.
-            t = input_ids_BT.shape[-1]
             attn_mask = attn_mask & causal_mask(t, device=attn_mask.device)
         for block in self.blocks.values():
             x_BTD = block(x_BTD, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
-        return self.head(x_BTD)
+        return x_BTD if self.lm_head is None else self.head(x_BTD)

@@ -45,8 +45,6 @@ __all__ = [
     "T5Block",
     "T5MLP",
     "T5Stack",
-    "flops_per_token",
-    "matmul_params",
     "relative_position_bucket",
 ]
 
@@ -310,26 +308,6 @@ class T5Stack(nn.Module):
         return self.drop(self.ln_f(x_BTD))
 
 
-def _check_cfg(cfg: ModelConfig) -> None:
-    required = {"norm": "rmsnorm", "position": "relative", "bias": False, "pre_ln": True}
-    for key, value in required.items():
-        if getattr(cfg, key) != value:
-            raise ValueError(
-                f"model.{key}={getattr(cfg, key)!r} is not supported by T5; set {value!r}"
-            )
-    if cfg.activation not in _ACTIVATIONS:
-        raise ValueError(
-            f"model.activation={cfg.activation!r} is not supported by T5; "
-            f"choose one of {sorted(_ACTIVATIONS)}"
-        )
-    # Each side needs exact buckets, and log-spaced ones need max_distance beyond them.
-    if cfg.relative_buckets < 4 or cfg.relative_max_distance <= cfg.relative_buckets // 2:
-        raise ValueError(
-            f"model.relative_buckets={cfg.relative_buckets} must be >= 4 and "
-            f"model.relative_max_distance={cfg.relative_max_distance} > relative_buckets / 2"
-        )
-
-
 def _check_mask(name: str, mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
@@ -342,12 +320,16 @@ class T5(nn.Module):
     """Shared token embedding, encoder stack, decoder stack, output projection.
 
     The forward pass returns logits; the loss belongs to the trainer. `encode`, `decode` and
-    `head` are separate so callers (pipeline stages, generation) can run one part.
+    `head` are separate so callers (generation, scoring) can run one part.
     """
+
+    pipeline_refusal = (
+        "every decoder stage needs the encoder output and the decoder's cross-attention masks"
+    )
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
-        _check_cfg(cfg)
+        cfg.validate()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.shared = nn.Embedding(vocab_size, cfg.d_model)
@@ -458,50 +440,3 @@ class T5(nn.Module):
             decoder_attention_mask_BT=decoder_mask_BT,
         )
         return self.head(y_BTD)
-
-
-def matmul_params(cfg: ModelConfig, *, vocab_size: int) -> tuple[int, int, int]:
-    """Matmul weights by the tokens they see: (per encoder token, per decoder token, head).
-
-    The cross-attention k and v projections read the encoder output, so they count per
-    encoder token although they live in the decoder.
-    """
-    d, inner, f = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.ffn_size
-    mlp = (3 if cfg.activation.startswith("gated_") else 2) * d * f
-    n_dec = cfg.n_decoder_layer if cfg.n_decoder_layer is not None else cfg.n_layer
-    per_encoder_token = cfg.n_layer * (4 * d * inner + mlp) + n_dec * 2 * d * inner
-    per_decoder_token = n_dec * (4 * d * inner + 2 * d * inner + mlp)
-    return per_encoder_token, per_decoder_token, vocab_size * d
-
-
-def flops_per_token(
-    cfg: ModelConfig, *, vocab_size: int, seq_len: int, target_len: int | None = None
-) -> float:
-    """Training (forward + backward) FLOPs per *encoder input token*.
-
-    Convention: a T5 sample is counted as its `seq_len` encoder tokens (what the trainer's
-    tokens/s counts); the decoder's work on the `target_len` targets of that sample is
-    spread over them with the ratio r = target_len / seq_len. With N_enc and N_dec the matmul
-    weights seen per encoder and per decoder token (`matmul_params`; the output projection
-    belongs to the decoder side) and HK = n_head * d_kv, as in models/flops.py (6N rule plus
-    the two attention matmuls, causal half not subtracted):
-
-        6 * (N_enc + r * N_dec) + 12 * HK * (n_layer * S + r * n_decoder_layer * (T + S))
-
-    where S = seq_len and T = target_len: encoder self-attention spans S keys, decoder
-    self-attention T keys and cross-attention S keys. `target_len` defaults to the span
-    corruption target length for `seq_len` at T5's defaults (noise density 0.15, mean span
-    3: 114 targets for 512 inputs); pass the objective's own when it differs.
-    """
-    if target_len is None:
-        # Imported here: the model library does not otherwise depend on the data pipeline.
-        from data_pipeline.objectives.span_corruption import t5_lengths
-
-        _, target_len = t5_lengths(seq_len, noise_density=0.15, mean_span=3.0)
-    r = target_len / seq_len
-    n_enc, n_dec, n_out = matmul_params(cfg, vocab_size=vocab_size)
-    n_dec_layer = cfg.n_decoder_layer if cfg.n_decoder_layer is not None else cfg.n_layer
-    inner = cfg.n_head * cfg.head_dim
-    matmul = n_enc + r * (n_dec + n_out)
-    attention = 12 * inner * (cfg.n_layer * seq_len + r * n_dec_layer * (target_len + seq_len))
-    return float(6 * matmul + attention)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.errors import ConfigError
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble")
+OFFLOADS = ("none", "cpu", "nvme")
+
 
 @dataclass(kw_only=True)
 class ParallelConfig:
@@ -39,28 +45,28 @@ class ParallelConfig:
     def validate(self) -> None:
         for key in ("tp", "pp"):
             if getattr(self, key) < 1:
-                raise ValueError(f"parallel.{key}={getattr(self, key)} must be >= 1")
+                raise ConfigError(f"parallel.{key}={getattr(self, key)} must be >= 1")
         if self.dp == 0 or self.dp < -1:
-            raise ValueError(f"parallel.dp={self.dp} must be >= 1 (or -1 for automatic)")
+            raise ConfigError(f"parallel.dp={self.dp} must be >= 1 (or -1 for automatic)")
         if self.zero not in (0, 1, 2, 3):
-            raise ValueError(f"parallel.zero={self.zero} must be one of 0, 1, 2, 3")
+            raise ConfigError(f"parallel.zero={self.zero} must be one of 0, 1, 2, 3")
         if self.engine not in ("native", "deepspeed"):
-            raise ValueError(f"parallel.engine={self.engine!r} must be 'native' or 'deepspeed'")
+            raise ConfigError(f"parallel.engine={self.engine!r} must be 'native' or 'deepspeed'")
         if self.backend not in (None, "gloo", "nccl"):
-            raise ValueError(f"parallel.backend={self.backend!r} must be gloo, nccl or null")
-        if self.pp_schedule not in ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"):
-            raise ValueError(
+            raise ConfigError(f"parallel.backend={self.backend!r} must be gloo, nccl or null")
+        if self.pp_schedule not in SCHEDULES:
+            raise ConfigError(
                 f"parallel.pp_schedule={self.pp_schedule!r} must be gpipe, 1f1b, "
                 "interleaved_1f1b or zero_bubble"
             )
         if self.virtual_stages < 1 or (
             self.pp_microbatches is not None and self.pp_microbatches < 1
         ):
-            raise ValueError("parallel.virtual_stages and parallel.pp_microbatches must be >= 1")
-        if self.offload not in ("none", "cpu", "nvme"):
-            raise ValueError(f"parallel.offload={self.offload!r} must be none, cpu or nvme")
+            raise ConfigError("parallel.virtual_stages and parallel.pp_microbatches must be >= 1")
+        if self.offload not in OFFLOADS:
+            raise ConfigError(f"parallel.offload={self.offload!r} must be none, cpu or nvme")
         if self.activation_checkpointing not in ("none", "full", "selective"):
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.activation_checkpointing={self.activation_checkpointing!r} must be "
                 "none, full or selective"
             )
@@ -68,25 +74,70 @@ class ParallelConfig:
     def check_available(self, *, world_size: int) -> None:
         """Refuse layouts that cannot run (dry runs may still describe them)."""
         if self.sp and self.tp == 1:
-            raise ValueError("parallel.sp=true needs parallel.tp > 1")
+            raise ConfigError("parallel.sp=true needs parallel.tp > 1")
         if self.offload != "none" and self.engine != "deepspeed":
-            raise ValueError(f"parallel.offload={self.offload} needs parallel.engine=deepspeed")
+            raise ConfigError(f"parallel.offload={self.offload} needs parallel.engine=deepspeed")
         if self.engine == "deepspeed":
-            from parallel.deepspeed_engine import check_layout
-
             check_layout(self, world_size=world_size)
+
+    def pipeline_microbatches(
+        self, *, global_batch_size: int, micro_batch_size: int, dp_size: int
+    ) -> int:
+        """Microbatches per schedule step: pp_microbatches, or the accumulation steps."""
+        if self.pp_microbatches is not None:
+            return self.pp_microbatches
+        return global_batch_size // (micro_batch_size * dp_size)
+
+    def rows_per_call(self, *, global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
+        """Rows of each batch the trainer hands the engine: the micro-batch, or under a
+        pipeline the rank's whole share of the global batch (the schedule splits it)."""
+        if self.pp > 1:
+            return global_batch_size // dp_size
+        return micro_batch_size
+
+    def check_pipeline(self, *, global_batch_size: int, micro_batch_size: int, dp_size: int):
+        """Refuse, naming the fields, what torch's pipeline schedules would refuse later."""
+        if self.pp == 1:
+            return
+        n = self.pipeline_microbatches(
+            global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, dp_size=dp_size
+        )
+        rows = global_batch_size // dp_size
+        if rows % n:
+            raise ConfigError(
+                f"parallel.pp_microbatches={n} does not divide the {rows} rows each "
+                f"data-parallel rank gets of trainer.global_batch_size={global_batch_size}"
+            )
+        if self.pp_schedule not in MULTI_STAGE_SCHEDULES and self.virtual_stages != 1:
+            raise ConfigError(
+                f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank; set "
+                f"parallel.virtual_stages=1 (got {self.virtual_stages}) or use "
+                "interleaved_1f1b / zero_bubble"
+            )
+        if self.pp_schedule == "1f1b" and n < self.pp:
+            raise ConfigError(
+                f"parallel.pp_schedule=1f1b needs parallel.pp_microbatches={n} "
+                f">= parallel.pp={self.pp} (raise trainer.global_batch_size or lower "
+                "trainer.micro_batch_size)"
+            )
+        rounds = max(1, n // self.pp)
+        if self.pp_schedule in MULTI_STAGE_SCHEDULES and n % rounds:
+            raise ConfigError(
+                f"parallel.pp_schedule={self.pp_schedule} needs parallel.pp_microbatches={n} "
+                f"to be a multiple of {rounds} (rounds of parallel.pp={self.pp} microbatches)"
+            )
 
     def data_parallel_size(self, world_size: int) -> int:
         """Ranks per data-parallel replica group; fails if the degrees do not fit the world."""
         model_parallel = self.tp * self.pp
         if world_size % model_parallel:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.tp={self.tp} x parallel.pp={self.pp} does not divide "
                 f"the world size {world_size}"
             )
         dp = world_size // model_parallel
         if self.dp != -1 and self.dp != dp:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.dp={self.dp} x tp={self.tp} x pp={self.pp} = "
                 f"{self.dp * model_parallel} does not match the world size {world_size}"
             )
@@ -95,3 +146,21 @@ class ParallelConfig:
     def world_size_for_plan(self, launched: int) -> int:
         """World size a dry run describes: the explicit degrees, else the launched world."""
         return self.dp * self.tp * self.pp if self.dp != -1 else launched
+
+
+def check_layout(cfg: ParallelConfig, *, world_size: int) -> None:
+    """Refuse what the DeepSpeed engine does not run: it is data parallel only (ZeRO 1-3)."""
+    if cfg.engine != "deepspeed":
+        raise ConfigError(f"parallel.engine={cfg.engine!r}: check_layout is for 'deepspeed'")
+    others = [f"parallel.{k}={getattr(cfg, k)}" for k in ("tp", "pp") if getattr(cfg, k) != 1]
+    if others:
+        raise ConfigError(
+            f"{', '.join(others)} with parallel.engine=deepspeed: the DeepSpeed engine is data "
+            "parallel only; set parallel.tp=1 and parallel.pp=1, or use parallel.engine=native"
+        )
+    if cfg.zero not in (1, 2, 3):
+        raise ConfigError(
+            f"parallel.zero={cfg.zero} with parallel.engine=deepspeed: choose ZeRO stage 1, 2 "
+            "or 3 (plain DDP is parallel.engine=native, parallel.zero=0)"
+        )
+    cfg.data_parallel_size(world_size)

@@ -11,17 +11,19 @@ tensor per param group (stages 1/2) or sub-group (stage 3) holding only this ran
 of the concatenated parameters, so a plain LAMB would take one trust ratio per slice. From
 DeepSpeed's own bookkeeping (`_hp_mapping` for stages 1/2, `grad_position` for stage 3)
 `build_engine` derives where every original tensor lies in those slices, validates it,
-and installs it as Lamb flat layouts (trainer.optim.FlatLayout): the trust ratio then uses
-the norms of the original tensors, summed over ranks in one all-reduce per slice.
+and installs them on the optimizer (`set_flat_layouts`, parallel.flat_layout.FlatLayout): the
+trust ratio then uses the norms of the original tensors, summed over ranks in one
+all-reduce per slice.
 
 Checkpoints stay layout-independent: `full_model_state` / `full_optimizer_state` return
-the same full, name-keyed dicts as parallel/state.py, and `load_full_states` takes them,
-whatever engine or layout wrote them.
+the same full, name-keyed dicts as parallel/state.py, `save` writes them as a DCP
+checkpoint like every other engine's, and `load_full_states` takes them, whatever engine
+or layout wrote them.
 
-On CUDA, DeepSpeed's FusedLamb (`optim.fused_lamb=true`) is the
-faster choice, but under ZeRO it sees only the flat slices: its trust ratio is per slice,
-not per tensor, and it clamps the ratio to [0.01, 10]. Loom's exact Lamb (multi-tensor
-kernels on the GPU) is the default; FusedLamb is an explicit opt-in.
+On CUDA, DeepSpeed's FusedLamb (`optim.fused_lamb=true`, built by the trainer's optimizer
+factory) is the faster choice, but under ZeRO it sees only the flat slices: its trust
+ratio is per slice, not per tensor, and it clamps the ratio to [0.01, 10]. Loom's exact
+Lamb (multi-tensor kernels on the GPU) is the default; FusedLamb is an explicit opt-in.
 
 Importing this module needs neither deepspeed nor CUDA; building an engine needs deepspeed.
 """
@@ -33,20 +35,20 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
-from parallel.config import ParallelConfig
+from parallel.config import OFFLOADS, ParallelConfig
 from parallel.dist import World
-from trainer.optim import FlatLayout, Lamb, build_optimizer, param_groups
+from parallel.engine import Batch, Engine, MicroBatch, TrainingSpec, sum_micro_losses
+from parallel.flat_layout import FlatLayout
+from parallel.state import read_full
 
-if TYPE_CHECKING:
-    from trainer.config import OptimConfig
-
-OFFLOADS = ("none", "cpu", "nvme")
 # DeepSpeed's default bucket (5e8 elements) allocates 2 GB fp32 buffers; a bucket of a
 # quarter of the model keeps a few buckets in flight for overlap and never exceeds it.
 _MAX_BUCKET = 500_000_000
@@ -69,24 +71,6 @@ def _import_deepspeed() -> Any:
     import deepspeed
 
     return deepspeed
-
-
-def check_layout(cfg: ParallelConfig, *, world_size: int) -> None:
-    """Refuse what the DeepSpeed engine does not run: it is data parallel only (ZeRO 1-3)."""
-    if cfg.engine != "deepspeed":
-        raise ValueError(f"parallel.engine={cfg.engine!r}: check_layout is for 'deepspeed'")
-    others = [f"parallel.{k}={getattr(cfg, k)}" for k in ("tp", "pp") if getattr(cfg, k) != 1]
-    if others:
-        raise ValueError(
-            f"{', '.join(others)} with parallel.engine=deepspeed: the DeepSpeed engine is data "
-            "parallel only; set parallel.tp=1 and parallel.pp=1, or use parallel.engine=native"
-        )
-    if cfg.zero not in (1, 2, 3):
-        raise ValueError(
-            f"parallel.zero={cfg.zero} with parallel.engine=deepspeed: choose ZeRO stage 1, 2 "
-            "or 3 (plain DDP is parallel.engine=native, parallel.zero=0)"
-        )
-    cfg.data_parallel_size(world_size)
 
 
 def bucket_size(num_params: int) -> int:
@@ -181,36 +165,6 @@ def _zero_section(
             "pin_memory": pin_memory,
         }
     return section
-
-
-def build_client_optimizer(
-    model: nn.Module, cfg: OptimConfig, *, fused_lamb: bool = False
-) -> torch.optim.Optimizer:
-    """Loom's optimizer for `cfg`, or DeepSpeed's FusedLamb when asked (CUDA only).
-
-    FusedLamb under ZeRO takes one trust ratio per flat partition and clamps it to
-    [0.01, 10], so it does not reproduce Loom's LAMB; it is opt-in.
-    """
-    if not fused_lamb:
-        return build_optimizer(model, cfg)
-    if cfg.name != "lamb":
-        raise ValueError(f"fused LAMB was requested but optim.name={cfg.name!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(
-            "optim.fused_lamb=true: DeepSpeed's FusedLamb is a CUDA kernel and no CUDA device "
-            "is visible (set optim.fused_lamb=false for Loom's LAMB)"
-        )
-    from deepspeed.ops.lamb import FusedLamb
-
-    return FusedLamb(
-        param_groups(model, weight_decay=cfg.weight_decay),
-        lr=cfg.lr,
-        bias_correction=cfg.bias_correction,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=0.0,  # clipping is DeepSpeed's gradient_clipping
-    )
 
 
 def _skip_shm_comm_build() -> None:
@@ -361,13 +315,14 @@ def _chunks(numels: tuple[int, ...], limit: int) -> Iterator[list[int]]:
         yield chunk
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """A model under `deepspeed.initialize`, with Loom's step contract.
 
     Per micro-batch: `outputs = engine(**inputs)`, `engine.backward(weighted_loss)`,
-    `engine.step()`. DeepSpeed reduces, clips (`gradient_clipping`) and steps at the end
-    of each accumulation; `step` returns True there. `param_groups` are the client
-    optimizer's, so an LR schedule writing group["lr"] reaches the update.
+    `engine.micro_step()`. DeepSpeed reduces, clips (`gradient_clipping`) and steps at the
+    end of each accumulation; `micro_step` returns True there. `param_groups` are the client
+    optimizer's, so an LR schedule writing group["lr"] reaches the update. Built with a
+    `TrainingSpec` (`build_deepspeed_engine`), it is also an `Engine` the trainer drives.
     """
 
     def __init__(
@@ -377,17 +332,57 @@ class DeepSpeedEngine:
         optimizer: torch.optim.Optimizer,
         layouts: dict[Tensor, FlatLayout],
         world: World,
+        spec: TrainingSpec | None = None,
     ) -> None:
         self.engine = engine
         self.optimizer = optimizer
         self.layouts = layouts
         self.world = world
+        self.spec = spec
         self.zero_stage = int(engine.zero_optimization_stage())
         self._params = dict(engine.module.named_parameters())
         self._pieces = self._index_pieces()
         self._group_names = self._names_per_group()
 
-    # -- training -------------------------------------------------------------------
+    # -- the Engine interface ------------------------------------------------------------
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], weights: dict[str, float]
+    ) -> dict[str, Tensor]:
+        self.train()
+        totals, keys = None, sorted(micro_batches[0][1])
+        for inputs, labels in micro_batches:
+            sums = self._forward_loss(self.engine, inputs, labels)
+            self.backward(sum(sums[k] * weights[k] for k in sums))
+            self.micro_step()  # steps only at the end of the accumulation
+            totals = sum_micro_losses(totals, sums, keys)
+        return dict(zip(keys, totals.unbind(0), strict=True))
+
+    def _forward_loss(self, model: Callable, inputs: Batch, labels: Batch) -> dict:
+        inputs = {k: v.to(self.world.device, non_blocking=True) for k, v in inputs.items()}
+        with self.spec.forward_context():
+            outputs = model(**inputs)
+        return self.spec.loss_fn(outputs, labels)
+
+    def step(self) -> float | None:
+        """DeepSpeed clipped and stepped at the last micro-batch; the pre-clip norm."""
+        return self.grad_norm()
+
+    @torch.no_grad()
+    def evaluate(self, inputs: Batch, labels: Batch) -> dict[str, Tensor]:
+        self.module.eval()
+        return self._forward_loss(self.module, inputs, labels)
+
+    def save(self, directory: Path) -> None:
+        """The full states, gathered on every rank, written as one DCP checkpoint (each
+        replicated entry is written once)."""
+        state = {"model": self.full_model_state(), "optim": self.full_optimizer_state()}
+        dcp.save(state, checkpoint_id=str(directory))
+
+    def load(self, directory: Path, *, full: dict | None = None) -> None:
+        full = full if full is not None else read_full(directory)
+        self.load_full_states(full["model"], full["optim"])
+
+    # -- DeepSpeed's own steps -----------------------------------------------------------
     @property
     def module(self) -> nn.Module:
         """The plain model (with DeepSpeed's ZeRO-3 gather hooks): use it for evaluation."""
@@ -409,7 +404,7 @@ class DeepSpeedEngine:
         # The trainer's weights already include the 1 / accumulation factor.
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> bool:
+    def micro_step(self) -> bool:
         """Call after every micro-batch; True when it closed an accumulation (stepped)."""
         boundary = bool(self.engine.is_gradient_accumulation_boundary())
         self.engine.step()
@@ -631,7 +626,7 @@ def _check_engine_args(
             f"world_size={world.world_size}"
         )
     offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device")
-    if offload == "nvme" and isinstance(optimizer, Lamb) and exact_lamb:
+    if offload == "nvme" and hasattr(optimizer, "set_flat_layouts") and exact_lamb:
         raise ValueError(
             "parallel.offload=nvme with optim.name=lamb: NVMe offload keeps the optimizer "
             "partitions on disk between steps, where exact LAMB cannot see them; use "
@@ -642,7 +637,29 @@ def _check_engine_args(
         raise ValueError(f"the DeepSpeed engine trains every param; these are frozen: {frozen[:5]}")
 
 
-def build_engine(
+def build_deepspeed_engine(
+    model: nn.Module, cfg: ParallelConfig, *, world: World, spec: TrainingSpec
+) -> DeepSpeedEngine:
+    """The DeepSpeed engine of `cfg` around `model`, with the spec's optimizer as client."""
+    optimizer = spec.make_optimizer(model)
+    config = build_ds_config(
+        zero=cfg.zero,
+        offload=cfg.offload,
+        nvme_path=cfg.nvme_path,
+        global_batch_size=spec.global_batch_size,
+        micro_batch_size=spec.micro_batch_size,
+        dp_size=world.dp_size,
+        grad_clip=spec.grad_clip,
+        num_params=sum(x.numel() for x in model.parameters()),
+        precision=spec.precision,
+        pin_memory=world.device.type == "cuda",
+    )
+    engine = initialize_engine(model.to(world.device), optimizer, config, world=world)
+    engine.spec = spec
+    return engine
+
+
+def initialize_engine(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     ds_config: dict,
@@ -676,6 +693,6 @@ def build_engine(
     else:
         layouts = zero12_layouts(zopt, names)
     check_coverage(layouts)
-    if isinstance(optimizer, Lamb) and exact_lamb:
+    if hasattr(optimizer, "set_flat_layouts") and exact_lamb:
         optimizer.set_flat_layouts(layouts, reduce_fn=_reduce_layout)
     return DeepSpeedEngine(engine, optimizer=optimizer, layouts=layouts, world=world)

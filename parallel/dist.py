@@ -118,12 +118,3 @@ def all_ranks_agree(flag: bool, world: World) -> bool:
     value = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
-
-
-def broadcast_object(obj: object, world: World) -> object:
-    """Rank 0's value of a picklable object, on every rank."""
-    if not world.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

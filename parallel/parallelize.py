@@ -1,7 +1,11 @@
-"""Turn a plain single-device model into its distributed form, from config alone.
+"""Turn a plain single-device model into its engine for the configured layout, from config.
 
-Order (torchtitan's): tensor parallel, activation checkpointing, pipeline split, then
-data parallel outermost. Data parallelism by ZeRO stage:
+`build_engine` is the one entry point: it wraps the model and returns the `Engine`
+(parallel/engine.py) the trainer drives. Order: tensor parallel, activation
+checkpointing, then the pipeline split, then data parallel outermost (torchtitan applies
+the pipeline split first and TP, checkpointing and FSDP per stage; here TP comes before
+the split so that the tied embedding and head are re-tied once on the whole model, and a
+stage is a view of it). Data parallelism by ZeRO stage:
   0  replicated parameters, gradients all-reduced: DDP for a plain model, `ReplicaSync`
      beside TP or PP (DDP takes neither DTensor parameters nor pipeline stages).
   1  as 0, and each rank keeps the optimizer states of whole parameters it owns
@@ -15,20 +19,20 @@ sharded on its own, as torchtitan does, and the schedule drives FSDP's gradient 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from models.config import ModelConfig
 from parallel.activation import apply_activation_checkpointing
 from parallel.config import ParallelConfig
 from parallel.data_parallel import ReplicaSync
-from parallel.deepspeed_engine import DeepSpeedEngine
 from parallel.dist import World
-from parallel.pipeline import ContextFactory, PipelineRunner, build_pipeline
+from parallel.engine import Engine, TrainingSpec
+from parallel.native_engine import NativeEngine
+from parallel.pipeline import PipelineEngine, split_for_rank
+from parallel.state import unwrap
 from parallel.tensor_parallel import apply_tensor_parallel
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,6 +53,48 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def build_engine(
+    model: nn.Module,
+    cfg: ParallelConfig,
+    *,
+    world: World,
+    model_cfg: ModelConfig,
+    spec: TrainingSpec,
+) -> Engine:
+    """The engine of the configured layout around `model` (built on any device; moved here).
+
+    parallel.engine=deepspeed gives the DeepSpeed engine, parallel.pp > 1 the pipeline
+    engine, anything else the native one (one process, DDP, FSDP2, TP, ZeRO-1).
+    """
+    if cfg.engine == "deepspeed":
+        from parallel.deepspeed_engine import build_deepspeed_engine
+
+        return build_deepspeed_engine(model, cfg, world=world, spec=spec)
+    if cfg.pp > 1:
+        return _pipeline_engine(model, cfg, world=world, model_cfg=model_cfg, spec=spec)
+    model = parallelize(model, cfg, world=world, model_cfg=model_cfg, precision=spec.precision)
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]
+    return NativeEngine(
+        model,
+        spec=spec,
+        world=world,
+        replicas=replica_sync(params, cfg, world=world),
+        tensor_parallel=cfg.tp > 1,
+    )
+
+
+def _tensor_parallel_and_checkpointing(
+    model: nn.Module, cfg: ParallelConfig, *, world: World, model_cfg: ModelConfig
+) -> nn.Module:
+    model = model.to(world.device)
+    if cfg.tp > 1:
+        model = apply_tensor_parallel(
+            model, model_cfg, tp_mesh=world.mesh["tp"], sequence_parallel=cfg.sp
+        )
+    apply_activation_checkpointing(repeated_blocks(model), cfg.activation_checkpointing)
+    return model
+
+
 def parallelize(
     model: nn.Module,
     cfg: ParallelConfig,
@@ -57,13 +103,9 @@ def parallelize(
     model_cfg: ModelConfig,
     precision: str = "fp32",
 ) -> nn.Module:
-    """Wrap `model` for the configured layout; returns it unchanged on one process."""
-    model = model.to(world.device)
-    if cfg.tp > 1:
-        model = apply_tensor_parallel(
-            model, model_cfg, tp_mesh=world.mesh["tp"], sequence_parallel=cfg.sp
-        )
-    apply_activation_checkpointing(repeated_blocks(model), cfg.activation_checkpointing)
+    """Wrap `model` for the configured layout without pipelining; returns it unchanged on one
+    process."""
+    model = _tensor_parallel_and_checkpointing(model, cfg, world=world, model_cfg=model_cfg)
     if world.dp_size == 1:
         return model
     if cfg.zero >= 2:
@@ -76,39 +118,42 @@ def parallelize(
     return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
 
 
-def parallelize_pipeline(
+def _pipeline_engine(
     model: nn.Module,
     cfg: ParallelConfig,
     *,
     world: World,
     model_cfg: ModelConfig,
-    precision: str,
-    n_microbatches: int,
-    forward_context: ContextFactory | None = None,
-) -> PipelineRunner:
+    spec: TrainingSpec,
+) -> PipelineEngine:
     """TP, activation checkpointing, then this rank's pipeline stages, each sharded by FSDP2
     at ZeRO-2/3. `model` is pruned in place to the stages (its parameter names unchanged)."""
-    model = model.to(world.device)
-    if cfg.tp > 1:
-        model = apply_tensor_parallel(
-            model, model_cfg, tp_mesh=world.mesh["tp"], sequence_parallel=cfg.sp
-        )
-    apply_activation_checkpointing(repeated_blocks(model), cfg.activation_checkpointing)
-    runner = build_pipeline(
+    model = _tensor_parallel_and_checkpointing(model, cfg, world=world, model_cfg=model_cfg)
+    split = split_for_rank(
+        model, model_cfg, pp_mesh=world.mesh["pp"], virtual_stages=cfg.virtual_stages
+    )
+    for stage in split.stages:
+        stage.to(world.device)
+        if world.dp_size > 1 and cfg.zero >= 2:
+            _fully_shard(stage, world, reshard=cfg.zero == 3, precision=spec.precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return PipelineEngine(
         model,
-        model_cfg,
+        split.stages,
+        spec=spec,
+        world=world,
         pp_mesh=world.mesh["pp"],
-        device=world.device,
         schedule=cfg.pp_schedule,
-        n_microbatches=n_microbatches,
-        virtual_stages=cfg.virtual_stages,
-        forward_context=forward_context,
+        n_microbatches=cfg.pipeline_microbatches(
+            global_batch_size=spec.global_batch_size,
+            micro_batch_size=spec.micro_batch_size,
+            dp_size=world.dp_size,
+        ),
+        tied=split.tied,
+        aliases=split.aliases,
+        replicas=replica_sync(params, cfg, world=world),
         tensor_parallel=cfg.tp > 1,
     )
-    if world.dp_size > 1 and cfg.zero >= 2:
-        for stage in runner.modules:
-            _fully_shard(stage, world, reshard=cfg.zero == 3, precision=precision)
-    return runner
 
 
 def uses_ddp(cfg: ParallelConfig, world: World) -> bool:
@@ -141,19 +186,3 @@ def _fully_shard(model: nn.Module, world: World, *, reshard: bool, precision: st
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside any wrapper (for state dicts and parameter counts)."""
-    if isinstance(model, DistributedDataParallel | DeepSpeedEngine):
-        return model.module
-    return model
-
-
-def no_grad_sync(model: nn.Module, *, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient reduction on all but the last micro-batch of an accumulation."""
-    if isinstance(model, DistributedDataParallel) and not last_micro_batch:
-        return model.no_sync()
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(last_micro_batch)
-    return contextlib.nullcontext()

@@ -25,10 +25,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-
-from parallel.parallelize import unwrap
+from torch.nn.parallel import DistributedDataParallel
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (FSDP2 and tensor parallelism wrap in place)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def model_state(model: nn.Module) -> dict:

@@ -61,7 +61,6 @@ from torch.distributed.tensor.parallel import (
 )
 
 from models.config import ModelConfig
-from trainer.loss import summed_losses
 
 __all__ = [
     "TP_PLANS",
@@ -72,7 +71,6 @@ __all__ = [
     "glm_plan",
     "gpt_plan",
     "loss_parallel_context",
-    "summed_losses_tp",
     "t5_plan",
     "tp_plan",
 ]
@@ -372,10 +370,10 @@ def _check_sequence_lengths(tp: int) -> Callable:
         named = [("input_ids", a) for a in args[:1]] + list(kwargs.items())
         for name, value in named:
             tensor = isinstance(value, torch.Tensor) and name.endswith("input_ids")
-            if tensor and value.shape[-1] % tp:
+            if tensor and value.dim() > 1 and value.shape[1] % tp:
                 raise ValueError(
                     f"sequence parallelism (parallel.sp=true) needs sequence lengths "
-                    f"divisible by parallel.tp={tp}; {name} has length {value.shape[-1]}"
+                    f"divisible by parallel.tp={tp}; {name} has length {value.shape[1]}"
                 )
 
     return hook
@@ -423,18 +421,3 @@ def loss_parallel_context(enabled: bool) -> contextlib.AbstractContextManager:
     then one all-reduce of per-token max and sum); both forward and backward of the loss
     must run inside. A no-op context when `enabled` is False."""
     return loss_parallel() if enabled else contextlib.nullcontext()
-
-
-def summed_losses_tp(
-    outputs: torch.Tensor | dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """`trainer.loss.summed_losses` for tensor-parallel outputs, as plain 0-dim tensors.
-
-    Under `loss_parallel_context(True)` the vocabulary-parallel cross-entropy returns a
-    replicated DTensor (its value already reduced over the TP ranks); its local value is
-    the full sum, and keeping it a plain tensor lets the trainer add, stack and reduce it
-    with the other tasks' (e.g. NSP's, from replicated logits) as before. Gradients still
-    flow through the DTensor graph, so backward must run inside the context as well.
-    """
-    sums = summed_losses(outputs, labels)
-    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in sums.items()}

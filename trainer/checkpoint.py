@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, ConfigError
 from common.log import get_logger
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -220,6 +220,6 @@ def resolve_resume(manager: CheckpointManager, resume: str) -> Path | None:
         return manager.latest_valid()
     path = Path(resume)
     if not path.is_dir():
-        raise ValueError(f"trainer.resume={resume!r} is not a checkpoint directory")
+        raise ConfigError(f"trainer.resume={resume!r} is not a checkpoint directory")
     verify(path)
     return path

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.errors import ConfigError
 from data_pipeline.config import OBJECTIVES, DataConfig
+from models.build import check_pipeline_split
 from models.config import ModelConfig
 from parallel.config import ParallelConfig
 
@@ -175,20 +177,15 @@ class JobConfig:
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (under `schema/`) for tools and plugins."""
+    """Store the JobConfig schema in Hydra's ConfigStore as `job_schema`.
+
+    conf/config.yaml names it first in its defaults list, so the dataclasses are the base
+    config: their defaults are the only copy, the YAML files list what differs, and Hydra
+    rejects an unknown key or a wrong type while composing. Call it before Hydra composes.
+    """
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="job_schema", group="schema", node=JobConfig)
-    for group, node in (
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("optim", OptimConfig),
-        ("precision", PrecisionConfig),
-        ("trainer", TrainerConfig),
-        ("parallel", ParallelConfig),
-    ):
-        cs.store(name=f"{group}_schema", group=f"schema/{group}", node=node)
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
 
 
 def load_job_config(cfg: DictConfig | dict) -> JobConfig:
@@ -197,6 +194,10 @@ def load_job_config(cfg: DictConfig | dict) -> JobConfig:
     Raises ValueError naming the offending key for unknown keys and wrong types.
     """
     schema = OmegaConf.structured(JobConfig)
+    if isinstance(cfg, DictConfig):
+        # Plain values: a node Hydra composed on the schema carries its own flags, and a key
+        # added with `+group.key=` would be merged in (and then dropped) instead of refused.
+        cfg = OmegaConf.to_container(cfg, resolve=False)
     try:
         merged = OmegaConf.merge(schema, cfg)
         OmegaConf.resolve(merged)
@@ -239,6 +240,36 @@ def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
             f"optim.decay_steps={job.optim.decay_steps} is shorter than "
             f"optim.warmup_steps={job.optim.warmup_steps}"
         )
+    _check_layout(job, dp_size=dp)
+
+
+def _check_layout(job: JobConfig, *, dp_size: int) -> None:
+    """What the parallel layout cannot run with this model, precision or optimizer."""
+    p, t = job.parallel, job.trainer
+    if p.pp > 1:
+        check_pipeline_split(job.model, pp=p.pp, virtual_stages=p.virtual_stages)
+        p.check_pipeline(
+            global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size,
+            dp_size=dp_size,
+        )
+        if job.precision.dtype == "fp16":
+            raise ConfigError(
+                "precision.dtype=fp16 with parallel.pp > 1 is not available (the loss scale "
+                "would have to reach every stage); use bf16"
+            )
+    if p.engine == "deepspeed":
+        if job.precision.dtype == "fp16":
+            raise ConfigError(
+                "precision.dtype=fp16 is not supported with parallel.engine=deepspeed: DeepSpeed "
+                "owns the gradients Loom's loss scaler would unscale; use bf16 or fp32"
+            )
+        if p.offload == "nvme" and job.optim.name == "lamb" and not job.optim.fused_lamb:
+            raise ConfigError(
+                "parallel.offload=nvme with optim.name=lamb: NVMe offload keeps the optimizer "
+                "partitions on disk between steps, where exact LAMB cannot see them; use "
+                "parallel.offload=cpu, or optim.name=adamw"
+            )
 
 
 def to_yaml(job: JobConfig) -> str:

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from common.log import log_rank0
-from models import build_model, flops_per_token, param_counts
+from models import build_model, param_counts
 from trainer.config import JobConfig
+from trainer.metrics import job_flops_per_token
 
 _GIB = 1024**3
 
@@ -89,7 +90,7 @@ def dry_run(job: JobConfig, *, world_size: int) -> dict:
         "params_total": counts["total"],
         "params_embedding": counts["embedding"],
         "params_non_embedding": counts["non_embedding"],
-        "flops_per_token": flops_per_token(job.model, vocab_size=vocab, seq_len=seq_len),
+        "flops_per_token": job_flops_per_token(job, vocab_size=vocab, seq_len=seq_len),
         "world_size": world_size,
         "layout": {
             "tp": job.parallel.tp,

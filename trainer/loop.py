@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from common.errors import CheckpointError, ConfigError, DataError
 from common.log import get_logger, log_rank0, warn_once
 from data_pipeline.dataset import PackedDataset
 from data_pipeline.loader import Loader, build_loader
@@ -25,29 +26,15 @@ from data_pipeline.objectives import (
     split_batch,
 )
 from data_pipeline.sample_corpus import ensure_sample_corpus
-from models import build_model, flops_per_token, param_counts
+from models import build_model, param_counts
 from models.flops import known_peak_flops
 from parallel import dist
-from parallel.deepspeed_engine import build_client_optimizer, build_ds_config, build_engine
-from parallel.parallelize import (
-    no_grad_sync,
-    parallelize,
-    parallelize_pipeline,
-    replica_sync,
-    unwrap,
-)
-from parallel.state import (
-    load_model_state,
-    load_optimizer_state,
-    load_sharded,
-    read_full,
-    save_sharded,
-)
-from parallel.tensor_parallel import loss_parallel_context, summed_losses_tp
+from parallel.engine import TrainingSpec
+from parallel.parallelize import build_engine
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.config import JobConfig, to_yaml
 from trainer.loss import summed_losses, target_counts, task_name
-from trainer.metrics import MetricsLogger, Throughput
+from trainer.metrics import MetricsLogger, Throughput, job_flops_per_token
 from trainer.optim import build_optimizer
 from trainer.precision import LossScaler, autocast
 from trainer.schedule import LRSchedule
@@ -95,7 +82,7 @@ def open_data(job: JobConfig, world: dist.World) -> Data:
     sources = corpus_sources(job, world, row_len=row_len)
     first = PackedDataset(sources[0][0], "train")
     if first.sample_len != row_len:
-        raise ValueError(
+        raise DataError(
             f"{Path(sources[0][0]) / 'manifest.json'} holds rows of {first.sample_len} tokens; "
             f"data.objective={name} at data.seq_len={seq_len} reads rows of {row_len} "
             f"(prepare it with --seq-len {row_len - 1})"
@@ -108,7 +95,11 @@ def open_data(job: JobConfig, world: dist.World) -> Data:
         sources,
         split="train",
         global_batch_size=t.global_batch_size,
-        micro_batch_size=t.micro_batch_size,
+        micro_batch_size=job.parallel.rows_per_call(
+            global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size,
+            dp_size=world.dp_size,
+        ),
         dp_rank=world.dp_rank,
         dp_size=world.dp_size,
         seed=t.seed,
@@ -116,48 +107,16 @@ def open_data(job: JobConfig, world: dist.World) -> Data:
         transform=objective,
     )
     total = sum(w for _, w in sources)
-    val = [(path, PackedDataset(path, "val"), w / total) for path, w in sources]
+    val = []
+    if t.eval_every:  # a corpus prepared with --val-fraction 0 trains without evaluation
+        val = [(path, PackedDataset(path, "val"), w / total) for path, w in sources]
     return Data(loader=loader, objective=objective, val=val, seq_len=seq_len)
-
-
-def build_deepspeed(model, job: JobConfig, world: dist.World):
-    """The model under DeepSpeed ZeRO with Loom's optimizer as client (exact LAMB)."""
-    p, t = job.parallel, job.trainer
-    optimizer = build_client_optimizer(model, job.optim, fused_lamb=job.optim.fused_lamb)
-    config = build_ds_config(
-        zero=p.zero,
-        offload=p.offload,
-        nvme_path=p.nvme_path,
-        global_batch_size=t.global_batch_size,
-        micro_batch_size=t.micro_batch_size,
-        dp_size=world.dp_size,
-        grad_clip=job.optim.grad_clip,
-        num_params=sum(x.numel() for x in model.parameters()),
-        precision=job.precision.dtype,
-        pin_memory=world.device.type == "cuda",
-    )
-    return build_engine(model.to(world.device), optimizer, config, world=world)
-
-
-def build_pipe(model, job: JobConfig, world: dist.World, *, accumulation: int):
-    """This rank's pipeline stages; micro-batches default to the accumulation steps."""
-    if job.precision.dtype == "fp16":
-        raise ValueError("precision.dtype=fp16 with parallel.pp > 1 is not available; use bf16")
-    return parallelize_pipeline(
-        model,
-        job.parallel,
-        world=world,
-        model_cfg=job.model,
-        precision=job.precision.dtype,
-        n_microbatches=job.parallel.pp_microbatches or accumulation,
-        forward_context=lambda: autocast(job.precision, world.device),
-    )
 
 
 def model_vocab_size(job: JobConfig, tokenizer_vocab: int) -> int:
     vocab = job.model.vocab_size or tokenizer_vocab
     if vocab < tokenizer_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
             f"({tokenizer_vocab} ids)"
         )
@@ -172,14 +131,6 @@ def peak_flops_total(job: JobConfig, world: dist.World) -> float | None:
         warn_once("MFU is reported as null: set trainer.peak_flops for this device")
         return None
     return peak * world.world_size
-
-
-def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _rows_mask(real_B: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -199,35 +150,31 @@ class Trainer:
         vocab = model_vocab_size(job, self.data.loader.vocab_size)
         model = build_model(job.model, vocab_size=vocab)
         self.counts = param_counts(model)  # before sharding hides full shapes
-        self.ds = None  # the DeepSpeed engine, when parallel.engine=deepspeed
-        self.pipe = None  # the pipeline runner, when parallel.pp > 1
-        if job.parallel.engine == "deepspeed":
-            self.ds = build_deepspeed(model, job, world)
-            self.model = self.optimizer = self.ds
-        elif job.parallel.pp > 1:
-            self.pipe = build_pipe(model, job, world, accumulation=self.accumulation)
-            self.model = model  # pruned to this rank's stages, original parameter names
-        else:
-            self.model = parallelize(
-                model, job.parallel, world=world, model_cfg=job.model, precision=job.precision.dtype
-            )
-        self.params = [p for p in unwrap(self.model).parameters() if p.requires_grad]
-        # Gradient averaging / ZeRO-1 where DDP and FSDP2 do not keep the replicas equal.
-        self.replicas = None
-        if self.ds is None:
-            self.optimizer = build_optimizer(unwrap(self.model), job.optim)
-            self.replicas = replica_sync(self.params, job.parallel, world=world)
-            if self.replicas is not None:
-                self.replicas.shard_optimizer(self.optimizer)
-        self.schedule = LRSchedule(job.optim, max_steps=self.t.max_steps)
         self.scaler = LossScaler(job.precision)
+        self.engine = build_engine(
+            model,
+            job.parallel,
+            world=world,
+            model_cfg=job.model,
+            spec=TrainingSpec(
+                make_optimizer=lambda module: build_optimizer(module, job.optim),
+                loss_fn=summed_losses,
+                scaler=self.scaler,
+                forward_context=lambda: autocast(job.precision, world.device),
+                precision=job.precision.dtype,
+                grad_clip=job.optim.grad_clip,
+                global_batch_size=self.t.global_batch_size,
+                micro_batch_size=self.t.micro_batch_size,
+            ),
+        )
+        self.schedule = LRSchedule(job.optim, max_steps=self.t.max_steps)
         # Dropout streams differ per data-parallel rank; weights above did not.
         torch.manual_seed(self.t.seed + 1 + world.dp_rank)
         self.ckpt = CheckpointManager(
             self.run_dir, keep=self.t.keep, rank=world.rank, barrier=lambda: dist.barrier(world)
         )
         self.start_step = self._resume()
-        self.flops_per_token = flops_per_token(job.model, vocab_size=vocab, seq_len=self.seq_len)
+        self.flops_per_token = job_flops_per_token(job, vocab_size=vocab, seq_len=self.seq_len)
         self._describe(vocab)
 
     def _describe(self, vocab: int) -> None:
@@ -263,15 +210,15 @@ class Trainer:
         if path is None:
             return 0
         state = self.ckpt.load(path)
-        aliases = self.pipe.aliases if self.pipe is not None else None
-        if self.ds is not None:
-            full = state if "model" in state else read_full(path / "dcp")
-            self.ds.load_full_states(full["model"], full["optim"])
-        elif "model" in state:  # single-file form
-            load_model_state(self.model, state["model"])
-            load_optimizer_state(self.model, self.optimizer, state["optim"], aliases=aliases)
-        else:
-            load_sharded(self.model, self.optimizer, path / "dcp", aliases=aliases)
+        full = {"model": state["model"], "optim": state["optim"]} if "model" in state else None
+        try:
+            self.engine.load(path / "dcp", full=full)
+        except (RuntimeError, ValueError, KeyError) as exc:  # another model's or a bad state
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{path}: does not load into this model and layout ({reason}); set "
+                "trainer.resume=never or another trainer.out_dir to start afresh"
+            ) from exc
         self.data.loader.load_state_dict(state["trainer"]["loader"])
         self.scaler.load_state_dict(state["trainer"]["scaler"])
         set_rng_state(state["rng"])
@@ -285,18 +232,16 @@ class Trainer:
             "loader": self.data.loader.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
-        shared = {"trainer.pt": trainer_state}
-        sharded = lambda d: save_sharded(self.model, self.optimizer, d)  # noqa: E731
-        if self.ds is not None:  # DeepSpeed keeps its own partitions: save the full states
-            shared.update(
-                {"model.pt": self.ds.full_model_state(), "optim.pt": self.ds.full_optimizer_state()}
-            )
-            sharded = None
-        path = self.ckpt.save(step, shared=shared, per_rank={"rng": rng_state()}, sharded=sharded)
+        path = self.ckpt.save(
+            step,
+            shared={"trainer.pt": trainer_state},
+            per_rank={"rng": rng_state()},
+            sharded=self.engine.save,
+        )
         log_rank0("saved %s", path)
 
     def train_step(self, step: int) -> dict:
-        lr = self.schedule.apply(self.optimizer, step)
+        lr = self.schedule.apply(self.engine.optimizer, step)
         micro = [split_batch(b) for b in self.data.loader.next_batch()]
         keys = sorted(micro[0][1])
         local = [sum(target_counts(labels)[k] for _, labels in micro) for k in keys]
@@ -304,77 +249,20 @@ class Trainer:
         # DDP averages gradients over ranks; the weight dp / (global targets of the task)
         # undoes that average and normalises each task by its own global count.
         weights = {k: self.world.dp_size / max(n, 1.0) for k, n in zip(keys, counts, strict=True)}
-        self.model.train()
-        sums = torch.zeros(len(keys), dtype=torch.float64)
-        if self.pipe is not None:  # the schedule splits the rank's batch into micro-batches
-            inputs, labels = (_concat([m[j] for m in micro]) for j in (0, 1))
-            losses = self.pipe.train_step(_to(inputs, self.world.device), labels, weights)
-            sums += torch.stack([losses[k] for k in keys]).double()
-        for i, (inputs, labels) in enumerate(micro if self.pipe is None else []):
-            losses = self._micro_step(inputs, labels, weights, last=i == len(micro) - 1)
-            sums += torch.stack([losses[k] for k in keys]).double()
-        grad_norm = self._update()
+        losses = self.engine.forward_backward(micro, weights)
+        grad_norm = self.engine.step()
+        sums = torch.stack([losses[k] for k in keys])
         task = (dist.dp_sum(sums, self.world) / torch.tensor(counts).clamp(min=1)).tolist()
         record = {
             "loss": sum(task),
             "lr": lr,
             "grad_norm": grad_norm,
             "loss_scale": self.scaler.scale,
-            "skipped_steps": self.ds.skipped_steps if self.ds else self.scaler.skipped_steps,
+            "skipped_steps": self.engine.skipped_steps,
         }
         if len(keys) > 1:
             record.update({task_name(k): v for k, v in zip(keys, task, strict=True)})
         return record
-
-    def _update(self) -> float | None:
-        """Optimizer step after the accumulation; returns the pre-clip gradient norm (None
-        when fp16 overflowed and the step was skipped)."""
-        if self.ds is not None:  # it clipped and stepped at the last micro-batch
-            return self.ds.grad_norm()
-        if self.replicas is not None:
-            self.replicas.reduce_gradients()
-        max_norm = self.job.optim.grad_clip or math.inf
-        if self.pipe is not None:  # gradients live on several pipeline ranks
-            grad_norm = float(self.pipe.clip_grad_norm_(max_norm))
-            finite = True  # fp16 (the only loss scaling) is refused with pipelines
-        else:
-            finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm) if finite else None
-            grad_norm = None if norm is None else float(norm)
-        if finite:
-            self.optimizer.step()
-            if self.replicas is not None:
-                self.replicas.broadcast_parameters()
-        self.scaler.update(finite)
-        # Every gradient, not only the optimizer's: under ZeRO-1 it holds a subset.
-        for p in self.params:
-            p.grad = None
-        return grad_norm
-
-    def _loss_context(self):
-        """Vocabulary-parallel cross-entropy under tensor parallelism (logits stay sharded)."""
-        return loss_parallel_context(self.job.parallel.tp > 1)
-
-    def _summed_losses(self, outputs, labels: dict) -> dict:
-        if self.job.parallel.tp > 1:
-            return summed_losses_tp(outputs, labels)
-        return summed_losses(outputs, labels)
-
-    def _micro_step(self, inputs: dict, labels: dict, weights: dict, *, last: bool) -> dict:
-        """Forward + backward of one micro-batch; returns its detached summed task losses."""
-        device = self.world.device
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-        with no_grad_sync(self.model, last_micro_batch=last), self._loss_context():
-            with autocast(self.job.precision, device):
-                outputs = self.model(**inputs)
-            sums = self._summed_losses(outputs, labels)
-            total = sum(sums[k] * weights[k] for k in sums)
-            if self.ds is not None:
-                self.ds.backward(total)
-                self.ds.step()  # steps only at the end of the accumulation
-            else:
-                self.scaler.scale_loss(total).backward()
-        return {k: v.detach().cpu() for k, v in sums.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -392,8 +280,7 @@ class Trainer:
         Objective randomness is keyed by sample id, so evaluation sees the same masks and
         spans every time; ids are offset past any training id.
         """
-        model, world, mb = unwrap(self.model), self.world, self.t.micro_batch_size
-        model.eval()
+        world, mb = self.world, self.t.micro_batch_size
         rows = list(range(world.dp_rank, min(self.t.eval_samples, len(val)), world.dp_size))
         # Sharded layouts run every forward collectively: every rank takes the same number
         # of micro-batches, padding with unscored rows.
@@ -409,13 +296,7 @@ class Trainer:
             labels = {
                 k: torch.where(_rows_mask(real, v), v, IGNORE_INDEX) for k, v in labels.items()
             }
-            inputs = _to(inputs, world.device)
-            if self.pipe is not None:
-                sums, counts = self.pipe.forward_loss(inputs, labels)
-            else:
-                with self._loss_context(), autocast(self.job.precision, world.device):
-                    sums = self._summed_losses(model(**inputs), labels)
-                counts = target_counts(labels)
+            sums, counts = self.engine.evaluate(inputs, labels), target_counts(labels)
             for k in sums:
                 pair = torch.tensor([float(sums[k]), float(counts[k])], dtype=torch.float64)
                 totals[k] = totals.get(k, torch.zeros(2, dtype=torch.float64)) + pair

@@ -12,8 +12,23 @@ import math
 from pathlib import Path
 
 from common.log import get_logger
+from data_pipeline.objectives import target_length
+from models.flops import flops_per_token
+from trainer.config import JobConfig
 
 log = get_logger("loom.metrics")
+
+
+def job_flops_per_token(job: JobConfig, *, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token of the job's model on its objective's samples (an
+    encoder-decoder's decoder length follows the objective's configured noise)."""
+    objective = job.data.objective or job.model.objective
+    return flops_per_token(
+        job.model,
+        vocab_size=vocab_size,
+        seq_len=seq_len,
+        target_len=target_length(objective, cfg=job.data, seq_len=seq_len),
+    )
 
 
 def format_eta(seconds: float) -> str:

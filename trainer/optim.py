@@ -10,70 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from parallel.flat_layout import FlatLayout
 
 if TYPE_CHECKING:
     from trainer.config import OptimConfig
 
 NormFn = Callable[[list[Tensor]], list[Tensor]]
 """Maps a list of (possibly sharded) local tensors to the L2 norms of the full tensors."""
-
-
-@dataclass(frozen=True)
-class FlatLayout:
-    """Where whole tensors lie inside one flat 1-D tensor a ZeRO engine hands the optimizer.
-
-    ZeRO engines (DeepSpeed stages 1-3) concatenate a group of original tensors, split the
-    result over the ranks of `group`, and give the optimizer only this rank's slice. Piece
-    k of that slice is ``flat[starts[k] : starts[k] + lengths[k]]``; it holds elements
-    ``offsets[k] : offsets[k] + lengths[k]`` of the flattened original tensor
-    `tensor_ids[k]`. Elements covered by no piece are alignment padding: never read for a
-    norm, never written. `numels` (and `names`, for messages and checkpoints) describe every
-    original tensor of the group, in the same order on every rank, whether or not this rank
-    holds a piece of it.
-    """
-
-    starts: tuple[int, ...]
-    lengths: tuple[int, ...]
-    tensor_ids: tuple[int, ...]
-    offsets: tuple[int, ...]
-    numels: tuple[int, ...]
-    names: tuple[str, ...] = ()
-    group: Any = None
-    """Opaque handle (a process group) passed to the reduce function; None: one process."""
-
-    @property
-    def num_tensors(self) -> int:
-        return len(self.numels)
-
-    def pieces(self, flat: Tensor) -> list[Tensor]:
-        return [flat.narrow(0, s, n) for s, n in zip(self.starts, self.lengths, strict=True)]
-
-    def name(self, tensor_id: int) -> str:
-        return self.names[tensor_id] if self.names else f"tensor {tensor_id}"
-
-    def check(self, flat_numel: int) -> None:
-        """Raise ValueError unless every piece lies inside the flat tensor and inside its
-        original tensor, and no two pieces overlap."""
-        fields = (self.starts, self.lengths, self.tensor_ids, self.offsets)
-        if len({len(f) for f in fields}) != 1:
-            raise ValueError("FlatLayout: starts, lengths, tensor_ids and offsets differ in length")
-        if self.names and len(self.names) != self.num_tensors:
-            raise ValueError(f"FlatLayout: {len(self.names)} names for {self.num_tensors} tensors")
-        end = 0
-        for start, n, tid, off in sorted(zip(*fields, strict=True)):
-            if not 0 <= tid < self.num_tensors:
-                raise ValueError(f"FlatLayout: tensor id {tid} outside 0..{self.num_tensors - 1}")
-            what = f"FlatLayout: piece of {self.name(tid)} at flat[{start}:{start + n}]"
-            if n <= 0 or start < end or start + n > flat_numel:
-                raise ValueError(f"{what} is empty, overlaps another or exceeds {flat_numel}")
-            if off < 0 or off + n > self.numels[tid]:
-                raise ValueError(f"{what} exceeds the tensor's {self.numels[tid]} elements")
-            end = start + n
 
 
 ReduceFn = Callable[[Tensor, FlatLayout], Tensor]
@@ -459,6 +407,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     """The optimizer named by `cfg.name`, at the peak learning rate `cfg.lr`."""
     groups = param_groups(model, weight_decay=cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
+    if cfg.fused_lamb:
+        return _fused_lamb(groups, cfg)
     if cfg.name == "lamb":
         return Lamb(
             groups,
@@ -479,3 +429,29 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
             foreach=cfg.foreach,
         )
     raise ValueError(f"optim.name={cfg.name!r} is unknown; choose 'adamw' or 'lamb'")
+
+
+def _fused_lamb(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """DeepSpeed's FusedLamb CUDA kernel (optim.fused_lamb=true, with the DeepSpeed engine).
+
+    Under ZeRO it takes one trust ratio per flat partition and clamps it to [0.01, 10], so
+    it does not reproduce Loom's LAMB; it is an opt-in.
+    """
+    if cfg.name != "lamb":
+        raise ValueError(f"optim.fused_lamb=true needs optim.name=lamb, got {cfg.name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "optim.fused_lamb=true: DeepSpeed's FusedLamb is a CUDA kernel and no CUDA device "
+            "is visible (set optim.fused_lamb=false for Loom's LAMB)"
+        )
+    from deepspeed.ops.lamb import FusedLamb
+
+    return FusedLamb(
+        groups,
+        lr=cfg.lr,
+        bias_correction=cfg.bias_correction,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=0.0,  # clipping is DeepSpeed's gradient_clipping
+    )

@@ -70,6 +70,14 @@ def row_length(name: str, *, cfg: DataConfig, seq_len: int) -> int:
     return seq_len + 1
 
 
+def target_length(name: str, *, cfg: DataConfig, seq_len: int) -> int | None:
+    """Decoder tokens per sample of an encoder-decoder objective (None for the others)."""
+    factory = _factory(name)
+    if hasattr(factory, "target_length"):
+        return int(factory.target_length(cfg, seq_len))
+    return None
+
+
 def build_objective(name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int) -> Objective:
     """The batch transform named by data.objective (or model.objective)."""
     return _factory(name)(name, cfg=cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed)
@@ -89,4 +97,5 @@ __all__ = [
     "row_length",
     "sample_rng",
     "split_batch",
+    "target_length",
 ]

@@ -155,6 +155,12 @@ class SpanCorruption:
         opts = cfg.span_corruption
         return t5_lengths(seq_len, opts.noise_density, opts.mean_span)[0]
 
+    @staticmethod
+    def target_length(cfg: DataConfig, seq_len: int) -> int:
+        """Decoder targets per sample of that window (T5: 114 for 512 at the defaults)."""
+        opts = cfg.span_corruption
+        return t5_lengths(seq_len, opts.noise_density, opts.mean_span)[1]
+
     def __init__(self, name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int):
         cfg.check_objective(name, seq_len=seq_len)
         opts = cfg.span_corruption

@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from models import build_model
 from models.config import ModelConfig
-from parallel.config import ParallelConfig
-from parallel.deepspeed_engine import bucket_size, build_ds_config, check_layout
+from parallel.config import ParallelConfig, check_layout
+from parallel.deepspeed_engine import bucket_size, build_ds_config
 from parallel.dist import World
 from parallel.state import load_model_state, load_optimizer_state, model_state, optimizer_state
 from tests.conftest import free_port
@@ -129,14 +129,14 @@ def ds_step(engine, world: World, step: int) -> tuple[float, float, list[bool]]:
     for rows in tokens.chunk(world.dp_size)[world.dp_rank].split(MICRO):
         loss, total = micro_loss(engine, rows, world.dp_size / count)
         engine.backward(loss)
-        boundaries.append(engine.step())
+        boundaries.append(engine.micro_step())
         local += total.double()
     dist.all_reduce(local)
     return float(local) / count, engine.grad_norm(), boundaries
 
 
 def ds_train(world: World, *, zero: int, offload: str, start: int, stop: int, **kw) -> dict:
-    from parallel.deepspeed_engine import build_engine
+    from parallel.deepspeed_engine import initialize_engine
 
     model = fresh_model()
     config = build_ds_config(
@@ -150,7 +150,7 @@ def ds_train(world: World, *, zero: int, offload: str, start: int, stop: int, **
         num_params=sum(p.numel() for p in model.parameters()),
     )
     config["zero_optimization"].update(kw.get("zero_extra", {}))
-    engine = build_engine(
+    engine = initialize_engine(
         model, build_optimizer(model, OPTIM), config, world=world, exact_lamb=kw.get("exact", True)
     )
     if kw.get("step_first"):

@@ -10,6 +10,7 @@ on top of the first (no zero_grad) still agrees.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import traceback
@@ -23,10 +24,14 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from models import ModelConfig, build_model
-from parallel.pipeline import build_pipeline, split_stages
+from parallel.dist import World
+from parallel.engine import TrainingSpec
+from parallel.pipeline import PipelineEngine, split_for_rank, split_stages
 from tests.conftest import free_port
+from trainer.config import PrecisionConfig
 from trainer.loss import summed_losses, target_counts
 from trainer.optim import Lamb, param_groups
+from trainer.precision import LossScaler
 
 V, T, B, N_MICRO = 64, 16, 8, 4
 FAMILIES = ("gpt", "bert", "glm")
@@ -131,15 +136,7 @@ def check_family(family: str, *, schedule: str, virtual_stages: int, mesh) -> No
     model = build_model(cfg, vocab_size=V)
     # `ref` runs the whole batch at once; `acc` accumulates over the same microbatches.
     ref, acc = copy.deepcopy(model), copy.deepcopy(model)
-    runner = build_pipeline(
-        model,
-        cfg,
-        pp_mesh=mesh,
-        device=torch.device("cpu"),
-        schedule=schedule,
-        n_microbatches=N_MICRO,
-        virtual_stages=virtual_stages,
-    )
+    runner = pipeline_engine(model, cfg, mesh=mesh, schedule=schedule, v=virtual_stages)
     what = f"{family}/{schedule}/v{virtual_stages}"
     check_train_step(runner, ref, family, seed=0, what=what)
     reference_step(acc, *batch_and_weights(family, seed=0), chunks=N_MICRO)
@@ -152,9 +149,8 @@ def check_family(family: str, *, schedule: str, virtual_stages: int, mesh) -> No
     # The step is compared with the accumulating reference: LAMB's first step moves each
     # element by lr * g / (|g| + eps), which would turn the last-bit difference between a
     # whole-batch and a microbatched gradient sum into ~1e-5 of a zero-initialised bias.
-    opt = Lamb(param_groups(nn.ModuleList(runner.modules), weight_decay=0.01), lr=1e-2)
     acc_opt = Lamb(param_groups(acc, weight_decay=0.01), lr=1e-2)
-    opt.step()
+    runner.optimizer.step()  # Lamb(param_groups(stages' parameters, 0.01), lr=1e-2)
     acc_opt.step()
     params = gathered(runner.named_parameters())
     acc_params = dict(acc.named_parameters(remove_duplicate=False))
@@ -165,6 +161,40 @@ def check_family(family: str, *, schedule: str, virtual_stages: int, mesh) -> No
     check_train_step(runner, acc, family, seed=2, what=f"{what} second step", chunks=N_MICRO)
 
 
+def pipeline_engine(model: nn.Module, cfg: ModelConfig, *, mesh, schedule: str, v: int):
+    """The pipeline engine of this rank of the 1-D `mesh`, with a LAMB optimizer."""
+    world = World(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=0,
+        dp_rank=0,
+        dp_size=1,
+        device=torch.device("cpu"),
+    )
+    split = split_for_rank(model, cfg, pp_mesh=mesh, virtual_stages=v)
+    spec = TrainingSpec(
+        make_optimizer=lambda m: Lamb(param_groups(m, weight_decay=0.01), lr=1e-2),
+        loss_fn=summed_losses,
+        scaler=LossScaler(PrecisionConfig()),
+        forward_context=contextlib.nullcontext,
+        precision="fp32",
+        grad_clip=0.0,
+        global_batch_size=B,
+        micro_batch_size=B // N_MICRO,
+    )
+    return PipelineEngine(
+        model,
+        split.stages,
+        spec=spec,
+        world=world,
+        pp_mesh=mesh,
+        schedule=schedule,
+        n_microbatches=N_MICRO,
+        tied=split.tied,
+        aliases=split.aliases,
+    )
+
+
 def batch_and_weights(family: str, *, seed: int) -> tuple[dict, dict, dict]:
     inputs, labels = make_batch(family, seed=seed)
     return inputs, labels, {k: 1.0 / n for k, n in target_counts(labels).items()}
@@ -172,11 +202,10 @@ def batch_and_weights(family: str, *, seed: int) -> tuple[dict, dict, dict]:
 
 def check_train_step(runner, ref: nn.Module, family: str, *, seed: int, what: str, chunks=1):
     """Loss (returned on every rank) and every gradient, gathered by name, match `ref`."""
-    runner.train()
     ref.train()
     inputs, labels, weights = batch_and_weights(family, seed=seed)
     want = reference_step(ref, inputs, labels, weights, chunks=chunks)
-    got = runner.train_step(inputs, labels, weights)
+    got = runner.forward_backward([(inputs, labels)], weights)
     assert got.keys() == want.keys(), what
     loss_got = sum(float(got[k]) * weights[k] for k in got)
     loss_want = sum(float(want[k]) * weights[k] for k in want)
@@ -189,14 +218,12 @@ def check_train_step(runner, ref: nn.Module, family: str, *, seed: int, what: st
 
 
 def check_eval(runner, ref: nn.Module, family: str) -> None:
-    """Forward-only sums and counts, on a batch that needs padding into microbatches."""
-    runner.eval()
+    """Forward-only sums, on a batch that needs padding into microbatches."""
     ref.eval()
     inputs, labels = make_batch(family, rows=B - 2, seed=1)
-    sums, counts = runner.forward_loss(inputs, labels)
+    sums = runner.evaluate(inputs, labels)  # padded rows are not scored
     with torch.no_grad():
         ref_sums = summed_losses(ref(**inputs), labels)
-    assert counts == target_counts(labels)
     for k in ref_sums:
         torch.testing.assert_close(sums[k], ref_sums[k].double(), rtol=1e-6, atol=1e-6)
 

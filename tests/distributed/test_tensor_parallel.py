@@ -165,12 +165,11 @@ def _run_case(name: str, sp: bool, mesh) -> dict:
     from torch.distributed.tensor import DTensor, Shard
 
     from models.build import build_model
-    from parallel.tensor_parallel import (
-        apply_tensor_parallel,
-        loss_parallel_context,
-        summed_losses_tp,
-    )
+    from parallel.engine import local_losses
+    from parallel.tensor_parallel import apply_tensor_parallel, loss_parallel_context
     from trainer.loss import summed_losses
+
+    summed_losses_tp = local_losses(summed_losses)
 
     cfg = make_cfg(name)
     torch.manual_seed(0)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
 from models.config import ModelConfig
@@ -37,3 +38,53 @@ def test_checkpointing_leaves_loss_and_grads_unchanged(mode, dropout):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="parallel.activation_checkpointing"):
         apply_activation_checkpointing([], "sometimes")
+
+
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the matmuls and GELU forwards (not their backward kernels) that run."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls = self.gelus = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.matmuls += func in _MATMULS
+        self.gelus += func is torch.ops.aten.gelu.default
+        return func(*args, **(kwargs or {}))
+
+
+def backward_work(mode: str) -> tuple[int, int, int]:
+    """(block forwards run again in backward, matmuls and GELUs executed by backward)."""
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(n_layer=2, d_model=64, n_head=2, max_seq_len=32), vocab_size=300
+    )
+    blocks = repeated_blocks(model)
+    apply_activation_checkpointing(blocks, mode)
+    calls = [0]
+    for block in blocks:  # count calls of a submodule's forward, which recomputation repeats
+        inner = block.mlp.forward
+
+        def counted(*args, inner=inner, **kwargs):
+            calls[0] += 1
+            return inner(*args, **kwargs)
+
+        block.mlp.forward = counted
+    loss = model(torch.randint(0, 300, (2, 32))).logsumexp(-1).mean()
+    forwards = calls[0]
+    with _CountOps() as ops:
+        loss.backward()
+    return calls[0] - forwards, ops.matmuls, ops.gelus
+
+
+def test_checkpointing_recomputes_what_its_mode_says():
+    """Full recomputes every block (matmuls included) in backward; selective recomputes the
+    blocks' elementwise work but keeps their matmul outputs; none recomputes nothing."""
+    none, full, selective = (backward_work(m) for m in ("none", "full", "selective"))
+    assert none == (0, none[1], 0)
+    assert full[0] == selective[0] == 2  # each of the two blocks ran forward again
+    assert full[1] > none[1] and full[2] == 2  # matmuls and GELUs recomputed
+    assert selective[1] == none[1] and selective[2] == 2  # matmul outputs were kept

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from models import ModelConfig, build_model, param_counts
-from models.bert import Bert, combine_masks, flops_per_token
+from models.bert import Bert, combine_masks
 from models.blocks import TransformerBlock
+from models.flops import flops_per_token
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 NAMES = ("bert_debug", "bert_base", "bert_large", "albert_debug")
@@ -41,13 +42,14 @@ def ids(b: int = 2, t: int = 16, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_yaml_sets_every_field_and_validates(name):
+def test_yaml_sets_model_fields_and_validates(name):
     path = CONF_DIR / f"{name}.yaml"
     raw = OmegaConf.to_container(OmegaConf.load(path))
-    assert set(raw) == {f.name for f in dataclasses.fields(ModelConfig)}
-    assert raw["name"] == name and raw["family"] == "bert"
+    assert set(raw) <= {f.name for f in dataclasses.fields(ModelConfig)}
     assert path.read_text().splitlines()[0] == "# @package model"
-    load(name).validate()
+    cfg = load(name)
+    assert cfg.name == name and cfg.family == "bert"
+    cfg.validate()
 
 
 def test_parameter_count_by_hand():

@@ -1,18 +1,40 @@
-"""The import graph of data_pipeline/: no cycles between its modules, nothing imported from the
-layers above it (trainer, models, parallel), and no module using another's private names."""
+"""The layers of the architecture, checked on the import graph of every package: nothing is
+imported from a layer a package may not use (imports inside functions included), no two
+modules import each other through any chain, and no module uses another's private names.
+
+    common/         imports no other Loom package (every package may use it)
+    models/         none of parallel/, trainer/, data_pipeline/
+    data_pipeline/  neither trainer/ nor models/
+    parallel/       neither trainer/ nor data_pipeline/ (what it needs is passed in)
+    trainer/        composes the other three; launch/ composes everything
+"""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "data_pipeline"
-FORBIDDEN = ("trainer", "models", "parallel")
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FORBIDDEN = {
+    "common": ("models", "data_pipeline", "parallel", "trainer"),
+    "models": ("parallel", "trainer", "data_pipeline"),
+    "data_pipeline": ("trainer", "models", "parallel"),
+    "parallel": ("trainer", "data_pipeline"),
+    "trainer": (),
+}
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def sources() -> list[Path]:
+    return [p for package in FORBIDDEN for p in sorted((ROOT / package).rglob("*.py"))]
 
 
 def imports_of(path: Path) -> list[tuple[str, list[str]]]:
@@ -27,11 +49,11 @@ def imports_of(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = {module_name(p): p for p in sources()}
     edges: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         for target, names in imports_of(path):
-            # `from data_pipeline import prepare` imports the module data_pipeline.prepare.
+            # `from parallel import dist` imports the module parallel.dist.
             candidates = [target, *(f"{target}.{n}" for n in names)]
             edges[name] |= {c for c in candidates if c in modules and c != name}
     return edges
@@ -59,21 +81,43 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_no_import_cycles_inside_data_pipeline():
+def test_no_import_cycles_between_modules():
     edges = graph()
-    assert len(edges) > 10 and "data_pipeline.dataset" in edges["data_pipeline.micro_batch"]
+    assert "data_pipeline.dataset" in edges["data_pipeline.micro_batch"]
+    assert "parallel.engine" in edges["parallel.native_engine"]
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
 
 
-def test_data_pipeline_imports_no_higher_layer():
-    for path in PACKAGE.rglob("*.py"):
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_packages_import_only_their_layers(package):
+    for path in sorted((ROOT / package).rglob("*.py")):
         for target, _ in imports_of(path):
-            assert target.split(".")[0] not in FORBIDDEN, f"{path.name} imports {target}"
+            top = target.split(".")[0]
+            assert top not in FORBIDDEN[package], f"{path.relative_to(ROOT)} imports {target}"
 
 
 def test_no_module_imports_another_modules_private_names():
-    for path in PACKAGE.rglob("*.py"):
+    for path in sources():
         for target, names in imports_of(path):
-            if target.startswith("data_pipeline"):
-                private = [n for n in names if n.startswith("_")]
-                assert not private, f"{path.name} imports {private} from {target}"
+            if target.split(".")[0] in FORBIDDEN:
+                private = [n for n in names if n.startswith("_") and n != "__version__"]
+                assert not private, f"{path.relative_to(ROOT)} imports {private} from {target}"
+
+
+@pytest.mark.parametrize(
+    ("module", "absent"),
+    [
+        ("parallel.state", ("trainer", "data_pipeline", "parallel.pipeline", "models")),
+        ("parallel.parallelize", ("trainer", "data_pipeline")),
+        ("models", ("parallel", "trainer", "data_pipeline")),
+    ],
+)
+def test_importing_a_module_loads_no_higher_layer(module, absent):
+    """What a process really loads: converting a checkpoint needs parallel.state alone."""
+    code = f"import sys, {module}; print(sorted(sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    loaded = [m for m in ast.literal_eval(out) if m.split(".")[0] in FORBIDDEN]
+    unwanted = [m for m in loaded if any(m == a or m.startswith(a + ".") for a in absent)]
+    assert not unwanted, f"importing {module} loads {unwanted}"

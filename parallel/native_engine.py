@@ -1,0 +1,143 @@
+"""The native engine: one process, DDP, FSDP2 (ZeRO-2/3), tensor parallelism and Loom's ZeRO-1,
+composed on one mesh (parallel/parallelize.py wraps the model; this runs it).
+
+Per step: every micro-batch's forward and backward (DDP and FSDP2 reduce gradients only
+on the last one), then `ReplicaSync` where DDP and FSDP2 do not keep the replicas equal
+(gradient averaging beside TP, ZeRO-1's owned optimizer states), the fp16 overflow check,
+clipping, the optimizer step, and ZeRO-1's broadcast of the updated tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+
+from parallel import dist
+from parallel.data_parallel import ReplicaSync
+from parallel.engine import Batch, Engine, MicroBatch, TrainingSpec, local_losses, sum_micro_losses
+from parallel.state import (
+    load_model_state,
+    load_optimizer_state,
+    load_sharded,
+    save_sharded,
+    unwrap,
+)
+from parallel.tensor_parallel import loss_parallel_context
+
+
+def no_grad_sync(model: nn.Module, *, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient reduction on all but the last micro-batch of an accumulation."""
+    if isinstance(model, DistributedDataParallel) and not last_micro_batch:
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last_micro_batch)
+    return contextlib.nullcontext()
+
+
+class NativeEngine(Engine):
+    """A model wrapped by `parallel.parallelize.parallelize` (or left plain on one process).
+
+    `model` is what runs the forward (DDP, an FSDP2 root or the plain module); `module` the
+    plain model inside it. `replicas` is the ReplicaSync of the layout, if any.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        spec: TrainingSpec,
+        world: dist.World,
+        replicas: ReplicaSync | None = None,
+        tensor_parallel: bool = False,
+        aliases: dict[str, list[str]] | None = None,
+    ) -> None:
+        self.model = model
+        self.module = unwrap(model)
+        self.spec = spec
+        self.world = world
+        self.scaler = spec.scaler
+        self.tensor_parallel = tensor_parallel
+        self.loss_fn = local_losses(spec.loss_fn) if tensor_parallel else spec.loss_fn
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = spec.make_optimizer(self.module)
+        self.replicas = replicas
+        if replicas is not None:
+            replicas.shard_optimizer(self.optimizer)
+        # Other names of tied parameters, whose state a checkpoint may hold under either.
+        self.aliases = aliases
+
+    # -- training ------------------------------------------------------------------------
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        """Vocabulary-parallel cross-entropy under TP: the logits stay sharded."""
+        return loss_parallel_context(self.tensor_parallel)
+
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], weights: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        self.model.train()
+        totals, keys = None, sorted(micro_batches[0][1])
+        for i, (inputs, labels) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with no_grad_sync(self.model, last_micro_batch=last), self._loss_context():
+                sums = self._forward_loss(self.model, inputs, labels)
+                total = sum(sums[k] * weights[k] for k in sums)
+                self.scaler.scale_loss(total).backward()
+            totals = sum_micro_losses(totals, sums, keys)
+        return dict(zip(keys, totals.unbind(0), strict=True))
+
+    def _forward_loss(self, model: nn.Module, inputs: Batch, labels: Batch) -> dict:
+        device = self.world.device
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        with self.spec.forward_context():
+            outputs = model(**inputs)
+        return self.loss_fn(outputs, labels)
+
+    def step(self) -> float | None:
+        if self.replicas is not None:
+            self.replicas.reduce_gradients()
+        finite, grad_norm = self._clip(self.spec.grad_clip or math.inf)
+        if finite:
+            self.optimizer.step()
+            if self.replicas is not None:
+                self.replicas.broadcast_parameters()
+        self.scaler.update(finite)
+        # Every gradient, not only the optimizer's: under ZeRO-1 it holds a subset.
+        for p in self.params:
+            p.grad = None
+        return grad_norm
+
+    def _clip(self, max_norm: float) -> tuple[bool, float | None]:
+        """(gradients finite on every rank, pre-clip global norm or None when not finite)."""
+        finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
+        if not finite:
+            return False, None
+        return True, float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.scaler.skipped_steps
+
+    @torch.no_grad()
+    def evaluate(self, inputs: Batch, labels: Batch) -> dict[str, torch.Tensor]:
+        self.module.eval()
+        with self._loss_context():
+            return self._forward_loss(self.module, inputs, labels)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        save_sharded(self.model, self.optimizer, directory)
+
+    def load(self, directory: Path, *, full: dict | None = None) -> None:
+        if full is None:
+            load_sharded(self.model, self.optimizer, directory, aliases=self.aliases)
+            return
+        load_model_state(self.model, full["model"])
+        load_optimizer_state(self.model, self.optimizer, full["optim"], aliases=self.aliases)
