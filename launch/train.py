@@ -5,11 +5,20 @@ python launch/train.py                              # tiny GPT, built-in corpus,
 python launch/train.py +model=gpt2_small optim=lamb precision=bf16 trainer.max_steps=50
 torchrun --nproc_per_node 2 launch/train.py         # data parallel over 2 processes
 python launch/train.py +model=gpt2_small --cfg job  # print the composed config
+
+A mistake the user can fix (a config field, a corpus, a checkpoint: ValueError while the
+config is checked, common.errors.LoomError at any time) is reported as one line naming the
+field, file or value, with exit code 2; LOOM_DEBUG=1 or HYDRA_FULL_ERROR=1 shows its
+traceback instead. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,9 +26,11 @@ if str(ROOT) not in sys.path:  # runnable from a plain checkout too
     sys.path.insert(0, str(ROOT))
 
 import hydra  # noqa: E402
+from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from common.log import get_logger, log_rank0, setup_logging  # noqa: E402
+from common.errors import CheckpointError, ConfigError, DataError, LoomError  # noqa: E402
+from common.log import get_logger, log_rank0, rank, setup_logging  # noqa: E402
 from parallel.dist import init_world, shutdown, world_size_from_env  # noqa: E402
 from trainer.config import JobConfig, load_job_config, register_configs, validate_job  # noqa: E402
 from trainer.dry_run import dry_run  # noqa: E402
@@ -27,31 +38,95 @@ from trainer.loop import Trainer  # noqa: E402
 
 log = get_logger("loom")
 
+# Either variable asks for the full traceback of an anticipated error instead of one line.
+# Read once at import: the entry point below sets HYDRA_FULL_ERROR for its own use.
+DEBUG = any(os.environ.get(name) == "1" for name in ("LOOM_DEBUG", "HYDRA_FULL_ERROR"))
+USER_ERROR_EXIT = 2
+LABELS = (
+    (ConfigError, "config error"),
+    (DataError, "data error"),
+    (CheckpointError, "checkpoint error"),
+    (LoomError, "error"),
+    (ValueError, "config error"),  # raised by the config checks, before any work
+)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _message(exc: BaseException) -> str:
+    """The exception's message on one line. An error raised in a DataLoader worker comes
+    back with the worker's traceback in its message; keep the worker's own message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1].partition(": ")[2] or lines[-1]  # "module.Class: message"
+    return " ".join(lines)
+
+
+def exit_user_error(
+    exc: BaseException, *, label: str, every_rank_alike: bool, text: str | None = None
+) -> None:
+    """Report an anticipated error as one line, `label: text` (by default the exception's
+    message; its traceback under DEBUG), and exit 2.
+
+    every_rank_alike: every rank runs the same checks and hits the same error (nothing is
+    distributed yet), so rank 0 speaks for all; otherwise the rank that hit it reports it.
+    """
+    if not (every_rank_alike and rank() != 0):
+        if DEBUG:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+        else:
+            setup_logging()
+            log.error("%s: %s", label, _one_line(text) if text is not None else _message(exc))
+    sys.exit(USER_ERROR_EXIT)
+
+
+@contextmanager
+def user_errors(*kinds: type[Exception], every_rank_alike: bool) -> Iterator[None]:
+    """Turn the anticipated `kinds` of error into exit_user_error; others keep propagating."""
+    try:
+        yield
+    except kinds as exc:
+        label = next(name for kind, name in LABELS if isinstance(exc, kind))
+        exit_user_error(exc, label=label, every_rank_alike=every_rank_alike)
+
 
 def run(job: JobConfig) -> dict:
-    world = init_world(job.parallel, device_preference=job.trainer.device)
+    # init_world checks the device and the layout before it creates any process group.
+    with user_errors(ValueError, LoomError, every_rank_alike=True):
+        world = init_world(job.parallel, device_preference=job.trainer.device)
     try:
-        return Trainer(job, world).fit()
-    finally:
+        with user_errors(LoomError, every_rank_alike=False):
+            return Trainer(job, world).fit()
+    finally:  # also on exit_user_error's SystemExit
         shutdown(world)
+
+
+def load_and_check(cfg: DictConfig) -> tuple[JobConfig, int]:
+    """The typed job and the world size it describes; ValueError names a bad field."""
+    job = load_job_config(cfg)
+    world_size = world_size_from_env()
+    if job.trainer.dry_run:
+        world_size = job.parallel.world_size_for_plan(world_size)
+    validate_job(job, world_size=world_size)
+    if not job.trainer.dry_run:
+        job.parallel.check_available(world_size=world_size)
+    return job, world_size
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    try:
-        job = load_job_config(cfg)
-        world_size = world_size_from_env()
-        if job.trainer.dry_run:
-            world_size = job.parallel.world_size_for_plan(world_size)
-        validate_job(job, world_size=world_size)
-        if not job.trainer.dry_run:
-            job.parallel.check_available(world_size=world_size)
-    except ValueError as exc:
-        log.error("config error: %s", exc)
-        sys.exit(2)
+    # Config errors are handled here, inside the task function, so that Hydra never wraps
+    # them in its own report; every rank finds the same ones before any process group.
+    with user_errors(ValueError, LoomError, every_rank_alike=True):
+        job, world_size = load_and_check(cfg)
     if job.trainer.dry_run:
-        dry_run(job, world_size=world_size)
+        # A dry run only describes the config (no process group, no data read): its
+        # ValueErrors name a field, as the checks above do.
+        with user_errors(ValueError, LoomError, every_rank_alike=True):
+            dry_run(job, world_size=world_size)
         return
     summary = run(job)
     log_rank0(
@@ -62,6 +137,28 @@ def main(cfg: DictConfig) -> None:
     )
 
 
+def compose_error_line(exc: CompactHydraException) -> str:
+    """One line for an error Hydra raises while composing: a bad override or a typo."""
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
+        return f"no config {exc.missing_cfg_file!r} in conf/; choose one of {exc.options}"
+    text = _one_line(str(exc))
+    if isinstance(exc, OverrideParseException) and exc.override:
+        text = f"{exc.override}: {text}"
+    cause = str(exc.__cause__ or "").splitlines()
+    if cause:  # OmegaConf's reason (wrong type, unknown key); its first line names it
+        text = f"{text} ({cause[0].strip()})"
+    return text
+
+
 if __name__ == "__main__":
     register_configs()
-    main()
+    # Composition (overrides merged into the typed schema) happens inside hydra.main,
+    # before the task function; with HYDRA_FULL_ERROR set Hydra re-raises its errors
+    # instead of printing them, so they are reported here like every other config error.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as exc:
+        exit_user_error(
+            exc, label="config error", every_rank_alike=True, text=compose_error_line(exc)
+        )

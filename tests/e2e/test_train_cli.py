@@ -117,6 +117,31 @@ def test_cfg_job_prints_composed_model(train_cli):
     assert cfg["model"]["name"] == "gpt2_small" and cfg["model"]["n_layer"] == 12
 
 
+def test_cfg_job_prints_every_field_defaults_included(train_cli):
+    """The YAML files list only what differs from the schemas; `--cfg job` shows it all."""
+    from omegaconf import OmegaConf
+
+    from trainer.config import JobConfig
+
+    def leaf_keys(tree: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                keys |= leaf_keys(value, f"{prefix}{key}.")
+            else:
+                keys.add(prefix + key)
+        return keys
+
+    cfg = yaml.safe_load(train_cli("+model=t5_debug", "optim=lamb", "--cfg", "job").stdout)
+    assert leaf_keys(cfg) == leaf_keys(OmegaConf.to_container(OmegaConf.structured(JobConfig)))
+    assert (cfg["model"]["norm"], cfg["model"]["rotary_base"]) == ("rmsnorm", 10000.0)
+    assert (cfg["optim"]["name"], cfg["optim"]["beta2"], cfg["precision"]["dtype"]) == (
+        "lamb",
+        0.999,
+        "fp32",
+    )
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

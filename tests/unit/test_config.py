@@ -5,15 +5,23 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
-from trainer.config import JobConfig, load_job_config, validate_job
+from trainer.config import JobConfig, load_job_config, register_configs, validate_job
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def compose_job(*overrides: str) -> JobConfig:
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
+    """The JobConfig launch/train.py builds from these overrides (after register_configs, as
+    there). A wrong type fails while Hydra merges it into the typed schema; like the launcher,
+    report that as a ValueError naming the override."""
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=CONF, version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except ConfigCompositionException as exc:
+        raise ValueError(f"{exc} ({exc.__cause__})") from exc
     return load_job_config(cfg)
 
 
@@ -71,37 +79,52 @@ def test_global_batch_must_split_over_data_parallel_ranks():
         validate_job(job, world_size=4)
 
 
-def _leaf_keys(node, prefix=""):
-    from omegaconf import DictConfig
+def _unknown_or_restated(listed: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """What is wrong with the keys of a YAML mapping placed at `prefix` of the schema."""
+    problems = []
+    for key, value in listed.items():
+        name = prefix + key
+        if key not in defaults:
+            problems.append(f"{name} is not a field of the schema")
+        elif isinstance(value, dict) and isinstance(defaults[key], dict):
+            problems += _unknown_or_restated(value, defaults[key], name + ".")
+        elif value == defaults[key]:
+            problems.append(f"{name} restates the schema default {value!r}")
+    return problems
 
-    keys = set()
-    for key in node:
-        value = node[key] if isinstance(node, DictConfig) else None
-        path = f"{prefix}{key}"
-        if isinstance(value, DictConfig):
-            keys |= _leaf_keys(value, path + ".")
-        else:
-            keys.add(path)
-    return keys
 
-
-def test_config_yaml_lists_every_schema_field():
-    """Hydra only accepts overrides of keys present in conf/config.yaml: keep it complete."""
+def test_yaml_files_list_only_schema_keys_with_non_default_values():
+    """The schemas are the base config (conf/config.yaml names `job_schema` first), so a
+    default is written once, in its dataclass: config.yaml and every group file list only
+    keys the schema has, each with a value that differs from its default."""
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="config")
-    schema = OmegaConf.structured(JobConfig)
-    assert _leaf_keys(cfg) == _leaf_keys(schema)
+    defaults = OmegaConf.to_container(OmegaConf.structured(JobConfig), resolve=False)
+    conf = Path(CONF)
+    files = [conf / "config.yaml", *sorted(conf.glob("*/*.yaml"))]
+    assert len(files) == 32
+    problems = []
+    for path in files:
+        listed = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        if path.parent == conf:
+            assert listed.pop("defaults")[0] == "job_schema"
+            listed.pop("hydra")
+        else:  # a group file lands under its group's key (model files: `# @package model`)
+            listed = {path.parent.name: listed}
+        problems += [
+            f"{path.relative_to(conf)}: {p}" for p in _unknown_or_restated(listed, defaults)
+        ]
+    assert not problems
 
 
 def test_every_native_composition_is_available_and_the_rest_refused_by_name():
+    # 1F1B needs at least pp micro-batches: 16 / (4 x 2 DP ranks) = 2.
     for overrides, world in [
         (("parallel.tp=2", "parallel.pp=2", "parallel.zero=1"), 8),
         (("parallel.pp=2", "parallel.zero=3"), 4),
         (("parallel.tp=2",), 4),  # TP with DDP-style data parallelism
     ]:
-        job = compose_job(*overrides)
+        job = compose_job(*overrides, "trainer.micro_batch_size=4")
         validate_job(job, world_size=world)
         job.parallel.check_available(world_size=world)
     with pytest.raises(ValueError, match=r"parallel.sp=true needs parallel.tp > 1"):
@@ -130,8 +153,8 @@ def test_fused_lamb_is_a_deepspeed_lamb_opt_in():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_fused_lamb_without_cuda_names_the_field():
-    from parallel.deepspeed_engine import build_client_optimizer
+    from trainer.optim import build_optimizer
 
     job = compose_job("optim=lamb", "optim.fused_lamb=true", "parallel.engine=deepspeed")
     with pytest.raises(ValueError, match=r"optim.fused_lamb=true: .* no CUDA device"):
-        build_client_optimizer(torch.nn.Linear(2, 2), job.optim, fused_lamb=True)
+        build_optimizer(torch.nn.Linear(2, 2), job.optim)
