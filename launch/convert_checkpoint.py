@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from common.errors import CheckpointError, LoomError  # noqa: E402
+from common.errors import CheckpointError, LoomError, report  # noqa: E402
 from parallel.state import read_full, write_sharded_from_full  # noqa: E402
 from trainer.checkpoint import load_file, seal, verify  # noqa: E402
 
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = convert(args.source, args.output, to="single" if args.to_single else "sharded")
     except LoomError as exc:
-        if os.environ.get("LOOM_DEBUG") == "1":
-            raise
-        message = " ".join(str(exc).split())  # one line, whatever the error's text holds
-        print(f"convert_checkpoint: error: {message}", file=sys.stderr)
-        return 2
+        return report(exc, prog="convert_checkpoint")
     print(f"wrote {out}")
     return 0
 

@@ -62,7 +62,7 @@ import yaml  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from common.errors import CheckpointError, ConfigError, LoomError  # noqa: E402
+from common.errors import CheckpointError, ConfigError, LoomError, report  # noqa: E402
 from models import hf as hf_convert  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
@@ -678,11 +678,7 @@ def main(argv: list[str] | None = None) -> int:
                 tokenizer=args.tokenizer,
             )
     except LoomError as err:
-        if os.environ.get("LOOM_DEBUG") == "1":
-            raise
-        message = " ".join(str(err).split())  # one line, whatever the error's text holds
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
+        return report(err, prog=PROG)
     print(f"wrote {out}")
     return 0
 

@@ -18,7 +18,6 @@ LOOM_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 
 # These imports need the repo root on sys.path.
 from common.errors import LoomError  # noqa: E402
+from common.errors import report as report_error  # noqa: E402
 from data_pipeline.corpus_format import TOKEN_DTYPES  # noqa: E402
 from data_pipeline.documents import BAD_UTF8_POLICIES, read_documents  # noqa: E402
 from data_pipeline.prepare import DEFAULT_ROWS_PER_BATCH, prepare_corpus  # noqa: E402
@@ -100,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = prepare(args)
     except ANTICIPATED as err:
-        if os.environ.get("LOOM_DEBUG") == "1":
-            raise
-        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        print(f"prepare_data: error: {message}", file=sys.stderr)
-        return 2 if isinstance(err, LoomError) else 1
+        return report_error(err, prog="prepare_data", code=2 if isinstance(err, LoomError) else 1)
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
     report(manifest)
     return 0

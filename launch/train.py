@@ -29,7 +29,15 @@ import hydra  # noqa: E402
 from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from common.errors import CheckpointError, ConfigError, DataError, LoomError  # noqa: E402
+from common.errors import (  # noqa: E402
+    USER_ERROR_EXIT,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    LoomError,
+    debug_requested,
+    one_line,
+)
 from common.log import get_logger, log_rank0, rank, setup_logging  # noqa: E402
 from parallel.dist import init_world, shutdown, world_size_from_env  # noqa: E402
 from trainer.config import JobConfig, load_job_config, register_configs, validate_job  # noqa: E402
@@ -38,10 +46,8 @@ from trainer.loop import Trainer  # noqa: E402
 
 log = get_logger("loom")
 
-# Either variable asks for the full traceback of an anticipated error instead of one line.
 # Read once at import: the entry point below sets HYDRA_FULL_ERROR for its own use.
-DEBUG = any(os.environ.get(name) == "1" for name in ("LOOM_DEBUG", "HYDRA_FULL_ERROR"))
-USER_ERROR_EXIT = 2
+DEBUG = debug_requested()
 LABELS = (
     (ConfigError, "config error"),
     (DataError, "data error"),
@@ -49,19 +55,6 @@ LABELS = (
     (LoomError, "error"),
     (ValueError, "config error"),  # raised by the config checks, before any work
 )
-
-
-def _one_line(text: str) -> str:
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _message(exc: BaseException) -> str:
-    """The exception's message on one line. An error raised in a DataLoader worker comes
-    back with the worker's traceback in its message; keep the worker's own message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if any(line.startswith("Original Traceback") for line in lines):
-        return lines[-1].partition(": ")[2] or lines[-1]  # "module.Class: message"
-    return " ".join(lines)
 
 
 def exit_user_error(
@@ -78,7 +71,7 @@ def exit_user_error(
             traceback.print_exception(type(exc), exc, exc.__traceback__)
         else:
             setup_logging()
-            log.error("%s: %s", label, _one_line(text) if text is not None else _message(exc))
+            log.error("%s: %s", label, one_line(text if text is not None else exc))
     sys.exit(USER_ERROR_EXIT)
 
 
@@ -141,7 +134,7 @@ def compose_error_line(exc: CompactHydraException) -> str:
     """One line for an error Hydra raises while composing: a bad override or a typo."""
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
         return f"no config {exc.missing_cfg_file!r} in conf/; choose one of {exc.options}"
-    text = _one_line(str(exc))
+    text = one_line(exc)
     if isinstance(exc, OverrideParseException) and exc.override:
         text = f"{exc.override}: {text}"
     cause = str(exc.__cause__ or "").splitlines()
