@@ -163,7 +163,9 @@ class DocumentReader:
             return
         yield text
 
-    def _read_lines(self, path: Path) -> Iterator[str]:
+    def _utf8_lines(self, path: Path) -> Iterator[tuple[int, bytes, str]]:
+        """(line number, raw bytes, text) of every line that decodes; the others are
+        reported (or skipped and counted) by the bad-UTF-8 policy."""
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 self.bytes_read += len(raw)
@@ -172,25 +174,22 @@ class DocumentReader:
                 except UnicodeDecodeError:
                     self._bad_utf8(f"{path}, line {lineno}", path)
                     continue
-                # splitlines also breaks at \r, \v, \f, \u2028...: one document per line of text
-                yield from (part for part in line.splitlines() if part.strip())
+                yield lineno, raw, line
+
+    def _read_lines(self, path: Path) -> Iterator[str]:
+        for _, _, line in self._utf8_lines(path):
+            # splitlines also breaks at \r, \v, \f, \u2028...: one document per line of text
+            yield from (part for part in line.splitlines() if part.strip())
 
     def _read_jsonl(self, path: Path) -> Iterator[str]:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                self.bytes_read += len(raw)
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    self._bad_utf8(f"{path}, line {lineno}", path)
-                    continue
-                if not line.strip():
-                    continue
-                text = _jsonl_text(line, self.text_key, where=f"{path}, line {lineno}")
-                if b"\\u" in raw and _SURROGATE.search(text):
-                    self._bad_utf8(f"{path}, line {lineno} (a lone surrogate escape)", path)
-                    continue
-                yield text
+        for lineno, raw, line in self._utf8_lines(path):
+            if not line.strip():
+                continue
+            text = _jsonl_text(line, self.text_key, where=f"{path}, line {lineno}")
+            if b"\\u" in raw and _SURROGATE.search(text):
+                self._bad_utf8(f"{path}, line {lineno} (a lone surrogate escape)", path)
+                continue
+            yield text
 
     def _read_parquet(self, path: Path, size: int) -> Iterator[str]:
         import pyarrow.parquet as pq

@@ -39,10 +39,14 @@ from common.errors import (  # noqa: E402
     one_line,
 )
 from common.log import get_logger, log_rank0, rank, setup_logging  # noqa: E402
-from parallel.dist import init_world, shutdown, world_size_from_env  # noqa: E402
-from trainer.config import JobConfig, load_job_config, register_configs, validate_job  # noqa: E402
-from trainer.dry_run import dry_run  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
+from parallel.dist import world_size_from_env  # noqa: E402
+from trainer.config import (  # noqa: E402
+    JobConfig,
+    check_runnable,
+    load_job_config,
+    register_configs,
+    validate_job,
+)
 
 log = get_logger("loom")
 
@@ -86,6 +90,11 @@ def user_errors(*kinds: type[Exception], every_rank_alike: bool) -> Iterator[Non
 
 
 def run(job: JobConfig) -> dict:
+    # Imported once the config is known good: a config error or `--cfg job` needs neither
+    # the process group nor the engines (about 2 s of imports).
+    from parallel.dist import init_world, shutdown
+    from trainer.loop import Trainer
+
     # init_world checks the device and the layout before it creates any process group.
     with user_errors(ValueError, LoomError, every_rank_alike=True):
         world = init_world(job.parallel, device_preference=job.trainer.device)
@@ -104,7 +113,7 @@ def load_and_check(cfg: DictConfig) -> tuple[JobConfig, int]:
         world_size = job.parallel.world_size_for_plan(world_size)
     validate_job(job, world_size=world_size)
     if not job.trainer.dry_run:
-        job.parallel.check_available(world_size=world_size)
+        check_runnable(job, world_size=world_size)
     return job, world_size
 
 
@@ -118,6 +127,8 @@ def main(cfg: DictConfig) -> None:
     if job.trainer.dry_run:
         # A dry run only describes the config (no process group, no data read): its
         # ValueErrors name a field, as the checks above do.
+        from trainer.dry_run import dry_run
+
         with user_errors(ValueError, LoomError, every_rank_alike=True):
             dry_run(job, world_size=world_size)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.errors import ConfigError
+from models.config import ModelConfig
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble")
@@ -164,3 +165,24 @@ def check_layout(cfg: ParallelConfig, *, world_size: int) -> None:
             "or 3 (plain DDP is parallel.engine=native, parallel.zero=0)"
         )
     cfg.data_parallel_size(world_size)
+
+
+def check_tp_divisibility(cfg: ModelConfig, *, vocab_rows: int | None, tp: int) -> None:
+    """ValueError naming the field unless heads, MLP width and vocab rows split over `tp`
+    (vocab_rows None: not known yet, e.g. before the tokenizer is read)."""
+    if tp < 1:
+        raise ConfigError(f"parallel.tp={tp} must be >= 1")
+    if cfg.n_head % tp:
+        raise ConfigError(
+            f"model.n_head={cfg.n_head} is not divisible by parallel.tp={tp}: "
+            "each tensor-parallel rank holds whole attention heads"
+        )
+    if cfg.ffn_size % tp:
+        raise ConfigError(
+            f"model.d_ff={cfg.ffn_size} (the MLP inner size) is not divisible by parallel.tp={tp}"
+        )
+    if vocab_rows is not None and vocab_rows % tp:
+        raise ConfigError(
+            f"vocab rows {vocab_rows} (the padded vocabulary) are not divisible by "
+            f"parallel.tp={tp}; set model.make_vocab_size_divisible_by to a multiple of {tp}"
+        )

@@ -61,8 +61,8 @@ from torch.distributed.tensor import DTensor, Partial
 
 from models.build import check_pipeline_split
 from models.config import ModelConfig
-from parallel import dist as world_dist
 from parallel.data_parallel import ReplicaSync, local
+from parallel.dist import World
 from parallel.engine import Batch, ContextFactory, MicroBatch, TrainingSpec
 from parallel.native_engine import NativeEngine
 
@@ -253,7 +253,7 @@ class PipelineEngine(NativeEngine):
         stages: list[StageModule],
         *,
         spec: TrainingSpec,
-        world: world_dist.World,
+        world: World,
         pp_mesh: DeviceMesh,
         schedule: str,
         n_microbatches: int,

@@ -61,13 +61,13 @@ from torch.distributed.tensor.parallel import (
 )
 
 from models.config import ModelConfig
+from parallel.config import check_tp_divisibility
 
 __all__ = [
     "TP_PLANS",
     "ReplicateParallel",
     "apply_tensor_parallel",
     "bert_plan",
-    "check_tp_divisibility",
     "glm_plan",
     "gpt_plan",
     "loss_parallel_context",
@@ -333,26 +333,6 @@ def tp_plan(cfg: ModelConfig, *, sequence_parallel: bool) -> Plan:
 
 # ---------------------------------------------------------------------------------------
 # Applying a plan.
-
-
-def check_tp_divisibility(cfg: ModelConfig, *, vocab_rows: int, tp: int) -> None:
-    """ValueError naming the field unless heads, MLP width and vocab rows split over `tp`."""
-    if tp < 1:
-        raise ValueError(f"parallel.tp={tp} must be >= 1")
-    if cfg.n_head % tp:
-        raise ValueError(
-            f"model.n_head={cfg.n_head} is not divisible by parallel.tp={tp}: "
-            "each tensor-parallel rank holds whole attention heads"
-        )
-    if cfg.ffn_size % tp:
-        raise ValueError(
-            f"model.d_ff={cfg.ffn_size} (the MLP inner size) is not divisible by parallel.tp={tp}"
-        )
-    if vocab_rows % tp:
-        raise ValueError(
-            f"vocab rows {vocab_rows} (the padded vocabulary) are not divisible by "
-            f"parallel.tp={tp}; set model.make_vocab_size_divisible_by to a multiple of {tp}"
-        )
 
 
 def _vocab_rows(model: nn.Module) -> int:

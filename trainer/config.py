@@ -16,7 +16,7 @@ from common.errors import ConfigError
 from data_pipeline.config import OBJECTIVES, DataConfig
 from models.build import check_pipeline_split
 from models.config import ModelConfig
-from parallel.config import ParallelConfig
+from parallel.config import ParallelConfig, check_tp_divisibility
 
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "cosine", "constant")
@@ -230,6 +230,7 @@ def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
         raise ValueError(
             f"data.seq_len={seq_len} exceeds model.max_seq_len={job.model.max_seq_len}"
         )
+    job.data.check_objective(objective, seq_len=seq_len)
     if job.optim.fused_lamb and (job.optim.name != "lamb" or job.parallel.engine != "deepspeed"):
         raise ValueError(
             f"optim.fused_lamb=true needs optim.name=lamb and parallel.engine=deepspeed, got "
@@ -240,12 +241,23 @@ def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
             f"optim.decay_steps={job.optim.decay_steps} is shorter than "
             f"optim.warmup_steps={job.optim.warmup_steps}"
         )
-    _check_layout(job, dp_size=dp)
 
 
-def _check_layout(job: JobConfig, *, dp_size: int) -> None:
-    """What the parallel layout cannot run with this model, precision or optimizer."""
+def check_runnable(job: JobConfig, *, world_size: int) -> None:
+    """What the layout cannot run with this world, model, precision or optimizer; checked
+    before any process group, data or model exists (a dry run may still describe it)."""
     p, t = job.parallel, job.trainer
+    p.check_available(world_size=world_size)
+    dp_size = p.data_parallel_size(world_size)
+    if p.tp > 1:
+        vocab = job.model.vocab_size and job.model.padded_vocab_size()
+        check_tp_divisibility(job.model, vocab_rows=vocab or None, tp=p.tp)
+        seq_len = job.data.seq_len or job.model.max_seq_len
+        if p.sp and seq_len % p.tp:
+            raise ConfigError(
+                f"parallel.sp=true needs the sequence length to split over parallel.tp={p.tp}; "
+                f"data.seq_len (or model.max_seq_len) is {seq_len}"
+            )
     if p.pp > 1:
         check_pipeline_split(job.model, pp=p.pp, virtual_stages=p.virtual_stages)
         p.check_pipeline(

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from parallel.tensor_parallel import TP_PLANS, check_tp_divisibility
+from parallel.config import check_tp_divisibility
+from parallel.tensor_parallel import TP_PLANS
 from tests.conftest import free_port
 
 WORLD = 2

@@ -119,21 +119,10 @@ def test_cfg_job_prints_composed_model(train_cli):
 
 def test_cfg_job_prints_every_field_defaults_included(train_cli):
     """The YAML files list only what differs from the schemas; `--cfg job` shows it all."""
-    from omegaconf import OmegaConf
-
-    from trainer.config import JobConfig
-
-    def leaf_keys(tree: dict, prefix: str = "") -> set[str]:
-        keys = set()
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                keys |= leaf_keys(value, f"{prefix}{key}.")
-            else:
-                keys.add(prefix + key)
-        return keys
+    from tests.unit.test_conf_compose import SCHEMA_KEYS, leaf_keys
 
     cfg = yaml.safe_load(train_cli("+model=t5_debug", "optim=lamb", "--cfg", "job").stdout)
-    assert leaf_keys(cfg) == leaf_keys(OmegaConf.to_container(OmegaConf.structured(JobConfig)))
+    assert leaf_keys(cfg) == SCHEMA_KEYS
     assert (cfg["model"]["norm"], cfg["model"]["rotary_base"]) == ("rmsnorm", 10000.0)
     assert (cfg["optim"]["name"], cfg["optim"]["beta2"], cfg["precision"]["dtype"]) == (
         "lamb",
@@ -211,3 +200,20 @@ def test_sharded_and_single_file_checkpoints_convert_and_resume(train_cli, tmp_p
     a = [(r["step"], r["loss"]) for r in read_metrics(whole)]
     b = [(r["step"], r["loss"]) for r in read_metrics(split)]
     assert a == b and len(a) == 12
+
+
+def test_corpus_without_validation_trains_with_eval_off(train_cli, tmp_path):
+    """A corpus prepared with --val-fraction 0 trains with trainer.eval_every=0, and asking
+    for evaluation on it is one line naming the field to change."""
+    from data_pipeline.prepare import prepare_corpus
+
+    docs = [f"document {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(64)]
+    corpus = tmp_path / "corpus"
+    prepare_corpus(docs, corpus, tokenizer_spec="byte", seq_len=64, val_fraction=0.0)
+    common = [*TINY, f"data.path={corpus}", "trainer.max_steps=2"]
+    run = tmp_path / "run"
+    train_cli(*common, "trainer.eval_every=0", f"trainer.out_dir={run}")
+    assert [r["step"] for r in read_metrics(run)] == [2]
+    proc = train_cli(*common, f"trainer.out_dir={tmp_path / 'asks'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert "no validation split" in proc.stdout and "trainer.eval_every=0" in proc.stdout

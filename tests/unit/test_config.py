@@ -118,13 +118,12 @@ def test_yaml_files_list_only_schema_keys_with_non_default_values():
 
 
 def test_every_native_composition_is_available_and_the_rest_refused_by_name():
-    # 1F1B needs at least pp micro-batches: 16 / (4 x 2 DP ranks) = 2.
     for overrides, world in [
         (("parallel.tp=2", "parallel.pp=2", "parallel.zero=1"), 8),
         (("parallel.pp=2", "parallel.zero=3"), 4),
         (("parallel.tp=2",), 4),  # TP with DDP-style data parallelism
     ]:
-        job = compose_job(*overrides, "trainer.micro_batch_size=4")
+        job = compose_job(*overrides)
         validate_job(job, world_size=world)
         job.parallel.check_available(world_size=world)
     with pytest.raises(ValueError, match=r"parallel.sp=true needs parallel.tp > 1"):
@@ -158,3 +157,50 @@ def test_fused_lamb_without_cuda_names_the_field():
     job = compose_job("optim=lamb", "optim.fused_lamb=true", "parallel.engine=deepspeed")
     with pytest.raises(ValueError, match=r"optim.fused_lamb=true: .* no CUDA device"):
         build_optimizer(torch.nn.Linear(2, 2), job.optim)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "match"),
+    [
+        (("+model=t5_debug", "parallel.pp=2"), 2, r"model\.family='t5' cannot be pipelined"),
+        (("+model=albert_debug", "parallel.pp=2"), 2, r"model\.share_layers=True"),
+        (("parallel.pp=2", "trainer.global_batch_size=8"), 2, r"1f1b needs .*=1 >= parallel\.pp=2"),
+        (("parallel.pp=2", "parallel.virtual_stages=2"), 2, r"virtual_stages=1 \(got 2\)"),
+        (("parallel.pp=2", "model.n_layer=3", "trainer.micro_batch_size=4"), 2, r"n_layer=3"),
+        (("parallel.pp=2", "parallel.pp_microbatches=3"), 2, r"pp_microbatches=3 does not"),
+        (("parallel.pp=2", "precision=fp16", "trainer.micro_batch_size=4"), 2, r"fp16 with"),
+        (("parallel.engine=deepspeed", "parallel.zero=2", "precision=fp16"), 2, r"fp16 is not"),
+        (
+            ("parallel.engine=deepspeed", "parallel.zero=3", "optim=lamb"),
+            2,
+            r"parallel\.offload=nvme with optim\.name=lamb",
+        ),
+        (("parallel.tp=2", "model.vocab_size=301"), 2, r"vocab rows 301"),
+        (("parallel.tp=4", "model.n_head=2", "model.d_model=128"), 4, r"model\.n_head=2"),
+        (("parallel.tp=2", "parallel.sp=true", "model.max_seq_len=127"), 2, r"parallel\.sp=true"),
+    ],
+)
+def test_layouts_that_cannot_run_are_refused_before_any_work(overrides, world, match):
+    """Checked on the config alone, before any process group, data or model exists."""
+    from trainer.config import check_runnable
+
+    if "optim=lamb" in overrides:
+        overrides = (*overrides, "parallel.offload=nvme", "parallel.nvme_path=/tmp/nvme")
+    job = compose_job(*overrides)
+    validate_job(job, world_size=world)
+    with pytest.raises(ValueError, match=match):
+        check_runnable(job, world_size=world)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (("model.pre_ln=false",), r"model\.pre_ln=False is not supported by family=gpt"),
+        (("+model=glm_debug", "model.activation=relu"), r"model\.activation='relu' .*glm"),
+        (("+model=t5_debug", "model.norm=layernorm"), r"model\.norm='layernorm' .*t5"),
+        (("+model=bert_debug", "model.n_decoder_layer=2"), r"model\.n_decoder_layer=2"),
+    ],
+)
+def test_family_field_rules_are_checked_with_the_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        validate_job(compose_job(*overrides))

@@ -52,15 +52,21 @@ def tiny_cfg(**overrides) -> ModelConfig:
     return dataclasses.replace(base, **overrides)
 
 
-def fake_run(tmp_path: Path, cfg: ModelConfig, *, rows: int | None = None, seed: int = 0):
-    """A run directory as the trainer leaves it: config.yaml and checkpoints/step_1/model.pt."""
-    rows = rows or cfg.padded_vocab_size()
+def perturbed_model(cfg: ModelConfig, *, rows: int, seed: int = 0) -> torch.nn.Module:
+    """A model in eval mode whose norms and biases are off their initial values."""
     torch.manual_seed(seed)
     model = build_model(cfg, vocab_size=rows).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))  # norms and biases off their init
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def fake_run(tmp_path: Path, cfg: ModelConfig, *, rows: int | None = None, seed: int = 0):
+    """A run directory as the trainer leaves it: config.yaml and checkpoints/step_1/model.pt."""
+    rows = rows or cfg.padded_vocab_size()
+    model = perturbed_model(cfg, rows=rows, seed=seed)
     run = tmp_path / "run"
     step = run / "checkpoints" / "step_1"
     step.mkdir(parents=True)

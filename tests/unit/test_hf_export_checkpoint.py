@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 
 from common.errors import CheckpointError, ConfigError
 from data_pipeline.tokenizers import build_tokenizer
-from models import ModelConfig, build_model
+from models import ModelConfig
 from parallel.state import write_sharded_from_full
+from tests.unit.test_export_hf import perturbed_model
 from trainer.checkpoint import seal
 
 transformers = pytest.importorskip("transformers")
@@ -73,12 +74,7 @@ def write_step(run: Path, model: torch.nn.Module, step: int) -> Path:
 
 
 def make_run(tmp_path: Path, cfg: ModelConfig, *, rows: int, data: dict, steps=(2,)):
-    torch.manual_seed(0)
-    model = build_model(cfg, vocab_size=rows).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))  # norms and biases off their init
+    model = perturbed_model(cfg, rows=rows)
     run = tmp_path / "run"
     run.mkdir()
     OmegaConf.save(
