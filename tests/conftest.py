@@ -86,6 +86,24 @@ def train_cli(loom_cache):
     return run
 
 
+_ONE_PROCESS: dict[tuple[str, ...], Path] = {}
+
+
+@pytest.fixture()
+def one_process(train_cli, tmp_path_factory):
+    """The single-process run of exactly these overrides, trained once per session: the
+    reference that several distributed runs of the same config are compared with."""
+
+    def run(*overrides: str) -> Path:
+        if overrides not in _ONE_PROCESS:
+            out = tmp_path_factory.mktemp("one_process")
+            train_cli(*overrides, f"trainer.out_dir={out}")
+            _ONE_PROCESS[overrides] = out
+        return _ONE_PROCESS[overrides]
+
+    return run
+
+
 def final_weights(run_dir: Path) -> dict:
     """The model state of a run's last checkpoint, whole, by parameter name."""
     from parallel.state import read_full

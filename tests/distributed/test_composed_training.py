@@ -8,16 +8,10 @@ import pytest
 from tests.conftest import assert_same_losses, assert_same_weights
 from tests.distributed.test_pp_training import TINY
 
-_REFERENCES: dict[str, object] = {}
 
-
-def reference(train_cli, tmp_path_factory, model: str):
-    """The single-process run of `model`, made once per module."""
-    if model not in _REFERENCES:
-        out = tmp_path_factory.mktemp(f"one_{model}")
-        train_cli(f"+model={model}", *TINY, "trainer.max_steps=6", f"trainer.out_dir={out}")
-        _REFERENCES[model] = out
-    return _REFERENCES[model]
+def reference(one_process, model: str):
+    """The single-process run of `model` (the pipeline tests train the same one)."""
+    return one_process(f"+model={model}", *TINY, "trainer.max_steps=6")
 
 
 @pytest.mark.parametrize(
@@ -44,9 +38,9 @@ def reference(train_cli, tmp_path_factory, model: str):
     ],
 )
 def test_composed_layout_matches_one_process(
-    train_cli, tmp_path, tmp_path_factory, model, layout, nproc
+    train_cli, one_process, tmp_path, model, layout, nproc
 ):
-    one = reference(train_cli, tmp_path_factory, model)
+    one = reference(one_process, model)
     out = tmp_path / "composed"
     common = [f"+model={model}", *TINY, "trainer.max_steps=6"]
     train_cli(*common, *layout, f"trainer.out_dir={out}", nproc=nproc)
@@ -63,9 +57,9 @@ def test_composed_layout_matches_one_process(
     ],
 )
 def test_checkpoint_reshards_between_composed_layouts(
-    train_cli, tmp_path, tmp_path_factory, first, second
+    train_cli, one_process, tmp_path, first, second
 ):
-    one = reference(train_cli, tmp_path_factory, "gpt_debug")
+    one = reference(one_process, "gpt_debug")
     out = tmp_path / "resharded"
     common = ["+model=gpt_debug", *TINY, f"trainer.out_dir={out}"]
     (layout_a, n_a), (layout_b, n_b) = first, second
@@ -76,9 +70,7 @@ def test_checkpoint_reshards_between_composed_layouts(
     assert_same_weights(one, out)
 
 
-def test_single_file_checkpoint_resumes_under_a_composed_layout(
-    train_cli, tmp_path, tmp_path_factory
-):
+def test_single_file_checkpoint_resumes_under_a_composed_layout(train_cli, one_process, tmp_path):
     """Saved by a pipeline, converted to the single-file form, resumed at pp2 x dp2 ZeRO-1:
     each pipeline rank takes its own entries of the full state."""
     import shutil
@@ -87,7 +79,7 @@ def test_single_file_checkpoint_resumes_under_a_composed_layout(
 
     from tests.conftest import ROOT
 
-    one = reference(train_cli, tmp_path_factory, "gpt_debug")
+    one = reference(one_process, "gpt_debug")
     out = tmp_path / "run"
     common = ["+model=gpt_debug", *TINY, f"trainer.out_dir={out}"]
     train_cli(*common, "trainer.max_steps=3", "parallel.pp=2", nproc=2)

@@ -32,8 +32,8 @@ TINY = [
 @pytest.mark.parametrize(
     "extra", [["parallel.zero=2"], ["parallel.zero=3"], ["parallel.zero=2", "parallel.offload=cpu"]]
 )
-def test_deepspeed_lamb_matches_native_single_process(train_cli, tmp_path, extra):
-    train_cli(*TINY, "trainer.max_steps=6", f"trainer.out_dir={tmp_path / 'one'}")
+def test_deepspeed_lamb_matches_native_single_process(train_cli, one_process, tmp_path, extra):
+    one = one_process(*TINY, "trainer.max_steps=6")
     train_cli(
         *TINY,
         "trainer.max_steps=6",
@@ -42,11 +42,11 @@ def test_deepspeed_lamb_matches_native_single_process(train_cli, tmp_path, extra
         f"trainer.out_dir={tmp_path / 'ds'}",
         nproc=2,
     )
-    assert_same_losses(tmp_path / "one", tmp_path / "ds")
+    assert_same_losses(one, tmp_path / "ds")
 
 
-def test_deepspeed_checkpoint_resumes_in_native_engine(train_cli, tmp_path):
-    train_cli(*TINY, "trainer.max_steps=6", f"trainer.out_dir={tmp_path / 'whole'}")
+def test_deepspeed_checkpoint_resumes_in_native_engine(train_cli, one_process, tmp_path):
+    whole = one_process(*TINY, "trainer.max_steps=6")
     split = tmp_path / "split"
     train_cli(
         *TINY,
@@ -57,7 +57,7 @@ def test_deepspeed_checkpoint_resumes_in_native_engine(train_cli, tmp_path):
         nproc=2,
     )
     train_cli(*TINY, "trainer.max_steps=6", "parallel.zero=3", f"trainer.out_dir={split}", nproc=2)
-    assert_same_losses(tmp_path / "whole", split)
+    assert_same_losses(whole, split)
 
 
 def test_deepspeed_refuses_model_parallel_layouts(train_cli, tmp_path):

@@ -34,22 +34,22 @@ TINY = [
         ("glm_debug", ["parallel.pp_schedule=1f1b"]),
     ],
 )
-def test_pipeline_training_matches_one_process(train_cli, tmp_path, model, extra):
+def test_pipeline_training_matches_one_process(train_cli, one_process, tmp_path, model, extra):
     common = [f"+model={model}", *TINY, "trainer.max_steps=6"]
-    train_cli(*common, f"trainer.out_dir={tmp_path / 'one'}")
+    one = one_process(*common)
     train_cli(*common, "parallel.pp=2", *extra, f"trainer.out_dir={tmp_path / 'pp'}", nproc=2)
-    assert_same_losses(tmp_path / "one", tmp_path / "pp")
+    assert_same_losses(one, tmp_path / "pp")
 
 
-def test_pipeline_checkpoint_resumes_on_one_process_and_back(train_cli, tmp_path):
+def test_pipeline_checkpoint_resumes_on_one_process_and_back(train_cli, one_process, tmp_path):
     common = ["+model=gpt_debug", *TINY]
-    train_cli(*common, "trainer.max_steps=6", f"trainer.out_dir={tmp_path / 'whole'}")
+    whole = one_process(*common, "trainer.max_steps=6")
     split = tmp_path / "split"
     train_cli(*common, "trainer.max_steps=3", "parallel.pp=2", f"trainer.out_dir={split}", nproc=2)
     train_cli(
         *common, "trainer.max_steps=6", "parallel.zero=3", f"trainer.out_dir={split}", nproc=2
     )
-    assert_same_losses(tmp_path / "whole", split)
+    assert_same_losses(whole, split)
 
 
 def test_t5_pipeline_is_refused_by_name(train_cli, tmp_path):

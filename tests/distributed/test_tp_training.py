@@ -32,18 +32,20 @@ TINY = [
         ("gpt_debug", ["parallel.tp=2", "parallel.zero=3"], 4),
     ],
 )
-def test_tensor_parallel_training_matches_one_process(train_cli, tmp_path, model, extra, nproc):
+def test_tensor_parallel_training_matches_one_process(
+    train_cli, one_process, tmp_path, model, extra, nproc
+):
     common = [f"+model={model}", *TINY, "trainer.max_steps=6"]
-    train_cli(*common, f"trainer.out_dir={tmp_path / 'one'}")
+    one = one_process(*common)
     train_cli(*common, *extra, f"trainer.out_dir={tmp_path / 'tp'}", nproc=nproc)
-    assert_same_losses(tmp_path / "one", tmp_path / "tp")
+    assert_same_losses(one, tmp_path / "tp")
 
 
-def test_checkpoint_saved_under_tp_resumes_on_one_process(train_cli, tmp_path):
+def test_checkpoint_saved_under_tp_resumes_on_one_process(train_cli, one_process, tmp_path):
     common = ["+model=gpt_debug", *TINY]
-    train_cli(*common, "trainer.max_steps=6", f"trainer.out_dir={tmp_path / 'whole'}")
+    whole = one_process(*common, "trainer.max_steps=6")
     split = tmp_path / "split"
     train_cli(*common, "trainer.max_steps=4", "parallel.tp=2", f"trainer.out_dir={split}", nproc=2)
     proc = train_cli(*common, "trainer.max_steps=6", f"trainer.out_dir={split}")
     assert "resumed from" in proc.stdout
-    assert_same_losses(tmp_path / "whole", split)
+    assert_same_losses(whole, split)

@@ -20,16 +20,15 @@ TINY = [
 ]
 
 
-def run_pair(train_cli, tmp_path, *extra):
-    one, two = tmp_path / "one", tmp_path / "two"
-    train_cli(*TINY, "trainer.max_steps=6", f"trainer.out_dir={one}")
+def run_pair(train_cli, one_process, tmp_path, *extra):
+    one, two = one_process(*TINY, "trainer.max_steps=6"), tmp_path / "two"
     train_cli(*TINY, "trainer.max_steps=6", f"trainer.out_dir={two}", *extra, nproc=2)
     return one, two
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
-def test_lamb_under_zero_matches_single_process(train_cli, tmp_path, zero):
-    one, two = run_pair(train_cli, tmp_path, f"parallel.zero={zero}")
+def test_lamb_under_zero_matches_single_process(train_cli, one_process, tmp_path, zero):
+    one, two = run_pair(train_cli, one_process, tmp_path, f"parallel.zero={zero}")
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
     for x, y in zip(a, b, strict=True):
@@ -45,10 +44,10 @@ def test_lamb_under_zero_matches_single_process(train_cli, tmp_path, zero):
         (["parallel.zero=1"], ["parallel.zero=3"]),
     ],
 )
-def test_checkpoint_reloads_under_another_layout(train_cli, tmp_path, first, second):
-    whole, split = tmp_path / "whole", tmp_path / "split"
+def test_checkpoint_reloads_under_another_layout(train_cli, one_process, tmp_path, first, second):
+    split = tmp_path / "split"
     common = [*TINY, "optim.decay_steps=8", "trainer.save_every=4"]
-    train_cli(*common, "trainer.max_steps=8", f"trainer.out_dir={whole}")
+    whole = one_process(*common, "trainer.max_steps=8")
     train_cli(
         *common, "trainer.max_steps=4", f"trainer.out_dir={split}", *first, nproc=2 if first else 1
     )
