@@ -35,6 +35,7 @@ from models.blocks import (
     check_seq_len,
     init_normal_,
     make_norm,
+    sequence_length,
 )
 from models.config import ModelConfig
 
@@ -195,7 +196,10 @@ class Bert(TiedOutputMixin, nn.Module):
             x_BTD = self.embed(
                 input_ids, token_type_ids_BT=token_type_ids, position_ids_BT=position_ids
             )
-        mask = combine_masks(attention_mask, attn_mask, shape=tuple(input_ids.shape[:2]))
+        # Masks cover the whole sequence, which a pipeline stage's hidden states may hold
+        # only a slice of (sequence parallelism).
+        t = sequence_length(input_ids, attention_mask, position_ids, attn_mask)
+        mask = combine_masks(attention_mask, attn_mask, shape=(input_ids.shape[0], t))
         x_BTD = self.encode(x_BTD, attn_mask=mask, position_ids_BT=position_ids)
         return x_BTD if self.lm_head is None else self.heads(x_BTD)
 

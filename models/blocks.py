@@ -291,6 +291,17 @@ class TransformerBlock(nn.Module):
         return self.ln2(x_BTD + self.mlp(x_BTD))
 
 
+def sequence_length(x: torch.Tensor, *per_sample: torch.Tensor | None) -> int:
+    """Length of the whole sequence: the last dim of the first per-sample input given
+    (positions, masks), else dim 1 of `x`, the token ids or hidden states. Hidden states
+    entering a pipeline stage may hold only this rank's slice of the sequence (sequence
+    parallelism); positions and masks always span all of it."""
+    for tensor in per_sample:
+        if tensor is not None:
+            return tensor.shape[-1]
+    return x.shape[1]
+
+
 def check_seq_len(t: int, max_seq_len: int) -> None:
     """Refuse sequences longer than the position table (or the configured maximum)."""
     if t > max_seq_len:

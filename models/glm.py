@@ -32,6 +32,7 @@ from models.blocks import (
     check_seq_len,
     init_normal_,
     scale_residual_init_,
+    sequence_length,
 )
 from models.config import ModelConfig
 
@@ -131,9 +132,9 @@ class GLM(TiedOutputMixin, nn.Module):
         without the head the hidden states are returned.
         """
         position_ids_B2T, sep_B = position_ids, sep
-        # The whole sequence's length: the embeddings' output is sliced under sequence
-        # parallelism, while the mask covers every position.
-        b, t = input_ids.shape[:2]
+        # The mask covers the whole sequence, which a pipeline stage's hidden states may hold
+        # only a slice of (sequence parallelism).
+        b, t = input_ids.shape[0], sequence_length(input_ids, position_ids_B2T)
         if self.wte is None:
             x_BTD = input_ids
         else:

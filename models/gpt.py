@@ -23,6 +23,7 @@ from models.blocks import (
     init_normal_,
     make_norm,
     scale_residual_init_,
+    sequence_length,
 )
 from models.config import ModelConfig
 
@@ -115,9 +116,9 @@ class GPT(TiedOutputMixin, nn.Module):
         without the head the hidden states are returned.
         """
         position_ids_BT = position_ids
-        # The whole sequence's length: the embeddings' output is sliced under sequence
-        # parallelism, while the rotary tables and the mask cover every position.
-        t = input_ids.shape[1]
+        # The rotary tables and the mask cover the whole sequence, which a pipeline stage's
+        # hidden states may hold only a slice of (sequence parallelism).
+        t = sequence_length(input_ids, attn_mask, position_ids_BT)
         if self.wte is None:
             x_BTD = input_ids
         else:

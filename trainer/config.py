@@ -253,6 +253,12 @@ def check_runnable(job: JobConfig, *, world_size: int) -> None:
         vocab = job.model.vocab_size and job.model.padded_vocab_size()
         check_tp_divisibility(job.model, vocab_rows=vocab or None, tp=p.tp)
         seq_len = job.data.seq_len or job.model.max_seq_len
+        if p.sp and p.pp > 1 and job.model.position == "rotary":
+            raise ConfigError(
+                "parallel.sp=true with parallel.pp > 1 and model.position=rotary: a stage "
+                "receives a slice of the sequence and cannot rebuild the rotary tables of the "
+                "whole; set parallel.sp=false or model.position=learned"
+            )
         if p.sp and seq_len % p.tp:
             raise ConfigError(
                 f"parallel.sp=true needs the sequence length to split over parallel.tp={p.tp}; "

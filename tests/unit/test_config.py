@@ -178,6 +178,11 @@ def test_fused_lamb_without_cuda_names_the_field():
         (("parallel.tp=2", "model.vocab_size=301"), 2, r"vocab rows 301"),
         (("parallel.tp=4", "model.n_head=2", "model.d_model=128"), 4, r"model\.n_head=2"),
         (("parallel.tp=2", "parallel.sp=true", "model.max_seq_len=127"), 2, r"parallel\.sp=true"),
+        (
+            ("+model=gpt_rotary_debug", "parallel.tp=2", "parallel.pp=2", "parallel.sp=true"),
+            4,
+            r"model\.position=rotary",
+        ),
     ],
 )
 def test_layouts_that_cannot_run_are_refused_before_any_work(overrides, world, match):
