@@ -87,7 +87,9 @@ class Bert(TiedOutputMixin, nn.Module):
         # A dict keyed by layer index keeps block names stable when a pipeline stage deletes
         # the blocks it does not own (as in GPT).
         n_blocks = 1 if cfg.share_layers else cfg.n_layer
-        self.blocks = nn.ModuleDict({str(i): block_from_config(cfg) for i in range(n_blocks)})
+        self.blocks = nn.ModuleDict(
+            {str(i): block_from_config(cfg, index=i) for i in range(n_blocks)}
+        )
         # Post-LN blocks end normalised; pre-LN ones need a final norm before the heads.
         self.ln_f = make_norm(cfg.norm, d, eps=eps, bias=cfg.bias) if cfg.pre_ln else None
         self.mlm_dense = nn.Linear(d, e, bias=cfg.bias)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.moe import MoE
 
 __all__ = [
     "ACTIVATIONS",
@@ -262,6 +263,7 @@ class TransformerBlock(nn.Module):
         norm: str = "layernorm",
         norm_bias: bool = True,
         head_dim: int | None = None,
+        mlp: nn.Module | None = None,
     ):
         super().__init__()
         self.pre_ln = pre_ln
@@ -271,7 +273,12 @@ class TransformerBlock(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
         self.ln2 = make_norm(norm, d_model, eps=layer_norm_eps, bias=norm_bias)
-        self.mlp = MLP(d_model, ffn_size, dropout=dropout, bias=bias, activation=activation)
+        # A mixture of experts in MoE layers; like the dense MLP it drops its own output.
+        self.mlp = (
+            mlp
+            if mlp is not None
+            else MLP(d_model, ffn_size, dropout=dropout, bias=bias, activation=activation)
+        )
 
     def forward(
         self,
@@ -311,8 +318,21 @@ def check_seq_len(t: int, max_seq_len: int) -> None:
         )
 
 
-def block_from_config(cfg: ModelConfig) -> TransformerBlock:
-    """The Transformer block of a GPT, BERT or GLM model described by `cfg`."""
+def block_from_config(cfg: ModelConfig, *, index: int = 0) -> TransformerBlock:
+    """Block `index` of a GPT, BERT or GLM model described by `cfg` (an MoE layer where
+    cfg.moe puts one)."""
+    mlp = None
+    moe_ids = cfg.moe.layer_ids(cfg.n_layer)
+    if index in moe_ids:
+        mlp = MoE(
+            cfg.moe,
+            d_model=cfg.d_model,
+            ffn_size=cfg.ffn_size,
+            activation=cfg.activation,
+            bias=cfg.bias,
+            output_dropout=cfg.dropout,
+            aux_loss_layers=len(moe_ids),
+        )
     return TransformerBlock(
         cfg.d_model,
         cfg.n_head,
@@ -325,6 +345,7 @@ def block_from_config(cfg: ModelConfig) -> TransformerBlock:
         norm=cfg.norm,
         norm_bias=cfg.bias,
         head_dim=cfg.head_dim,
+        mlp=mlp,
     )
 
 
@@ -341,6 +362,9 @@ def init_normal_(model: nn.Module, std: float) -> None:
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+    for module in model.modules():  # experts and routers follow the Switch recipe
+        if isinstance(module, MoE):
+            module.reset_parameters()
 
 
 @torch.no_grad()
@@ -350,7 +374,10 @@ def scale_residual_init_(blocks: Iterable[TransformerBlock], *, std: float, n_la
     residual_std = std / math.sqrt(2 * n_layer)
     for block in blocks:
         nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
-        nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
+        if isinstance(block.mlp, MoE):  # the experts' output projections, by the same factor
+            block.mlp.experts.w_out.mul_(1 / math.sqrt(2 * n_layer))
+        else:
+            nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
 
 
 class TiedOutputMixin:

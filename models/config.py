@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from common.errors import ConfigError
 
@@ -10,6 +11,122 @@ FAMILIES = ("gpt", "bert", "t5", "glm")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "gated_gelu")
 POSITIONS = ("learned", "rotary", "relative", "none")
+DROP_POLICIES = ("position", "probs")
+AUX_LOSS_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass(kw_only=True)
+class MoeConfig:
+    """Switch / GShard mixture-of-experts layers in place of some dense MLPs.
+
+    Tokens are routed in groups of one sequence (row): capacity, dropping and the
+    load-balancing statistics are per row, so any split of the batch over micro-batches or
+    data-parallel ranks routes every token the same way.
+    """
+
+    num_experts: int = 0
+    """Experts per MoE layer; 0 keeps every MLP dense."""
+    layers: list[int] | None = None
+    """Indices of the blocks whose MLP is an MoE layer (T5: of each stack); None = the odd
+    ones, 1, 3, 5, ... (every other layer, as Switch and GShard)."""
+    top_k: int = 1
+    """Experts per token: 1 is Switch (gate = the top probability, not renormalised); 2 is
+    GShard (the two gates renormalised to sum to 1)."""
+    capacity_factor: float | None = 1.25
+    """Training capacity per expert and row: ceil(factor x tokens x top_k / experts), at least
+    min_capacity; tokens past it get no expert output (they pass on the residual). None =
+    dropless."""
+    eval_capacity_factor: float | None = 2.0
+    """Capacity factor in evaluation; None = dropless."""
+    min_capacity: int = 4
+    """Smallest capacity per expert and row, in tokens."""
+    drop_policy: str = "position"
+    """Which tokens an over-full expert keeps: position (earlier tokens first, every first
+    choice before any second choice; the only one causal families allow) | probs (the
+    highest gates)."""
+    aux_loss_coef: float = 1e-2
+    """Weight of the load-balancing loss coef x E x sum_i f_i P_i (Switch's alpha)."""
+    aux_loss_reduce: str = "mean"
+    """How the layers' aux and z losses combine: mean (T5X) | sum (Megatron, DeepSpeed)."""
+    z_loss_coef: float = 0.0
+    """Weight of the router z-loss mean(logsumexp(logits)^2) (ST-MoE uses 1e-3; Switch 0)."""
+    jitter_eps: float = 1e-2
+    """Training-only multiplicative noise U[1 - eps, 1 + eps] on the router input; 0 = none."""
+    expert_dropout: float = 0.0
+    """Dropout on the experts' hidden activation (Switch fine-tunes with 0.4)."""
+    init_scale: float = 0.1
+    """Expert weights ~ truncated normal with std sqrt(init_scale / fan_in) (Switch 2.4)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def layer_ids(self, n_layer: int) -> list[int]:
+        """The MoE blocks of a stack of n_layer blocks."""
+        if not self.enabled:
+            return []
+        if self.layers is None:
+            return list(range(1, n_layer, 2))
+        return sorted(set(self.layers))
+
+    def capacity(self, tokens: int, *, training: bool) -> int | None:
+        """Slots per expert for a group of `tokens` tokens (None: dropless)."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        if factor is None:
+            return None
+        return max(self.min_capacity, math.ceil(factor * tokens * self.top_k / self.num_experts))
+
+    def validate(self, *, n_layer: int) -> None:
+        """ConfigError naming the field for any impossible value."""
+        if self.num_experts < 0:
+            raise ConfigError(f"model.moe.num_experts={self.num_experts} must be >= 0")
+        if not self.enabled:
+            return
+        if self.num_experts == 1:
+            raise ConfigError("model.moe.num_experts=1 routes nothing; use 0 (dense) or >= 2")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"model.moe.top_k={self.top_k} must be in [1, model.moe.num_experts="
+                f"{self.num_experts}]"
+            )
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < n_layer]
+            if bad or not self.layers:
+                raise ConfigError(
+                    f"model.moe.layers={self.layers} must list block indices in "
+                    f"[0, model.n_layer={n_layer})"
+                )
+        elif n_layer < 2:
+            raise ConfigError(
+                f"model.moe.layers=null puts experts in the odd blocks; model.n_layer={n_layer} "
+                "has none (list the blocks in model.moe.layers)"
+            )
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, key)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"model.moe.{key}={value} must be > 0 (or null: dropless)")
+        if self.min_capacity < 1:
+            raise ConfigError(f"model.moe.min_capacity={self.min_capacity} must be >= 1")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ConfigError(
+                f"model.moe.drop_policy={self.drop_policy!r} is unknown; choose one of "
+                f"{DROP_POLICIES}"
+            )
+        if self.aux_loss_reduce not in AUX_LOSS_REDUCTIONS:
+            raise ConfigError(
+                f"model.moe.aux_loss_reduce={self.aux_loss_reduce!r} is unknown; choose one of "
+                f"{AUX_LOSS_REDUCTIONS}"
+            )
+        for key in ("aux_loss_coef", "z_loss_coef", "jitter_eps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)} must be >= 0")
+        if self.jitter_eps >= 1:
+            raise ConfigError(f"model.moe.jitter_eps={self.jitter_eps} must be < 1")
+        if not 0 <= self.expert_dropout < 1:
+            raise ConfigError(f"model.moe.expert_dropout={self.expert_dropout} must be in [0, 1)")
+        if self.init_scale <= 0:
+            raise ConfigError(f"model.moe.init_scale={self.init_scale} must be > 0")
+
 
 # The fields a family does not use, or uses in one way only: any other value is refused
 # rather than silently ignored. family -> field -> (accepted values, why).
@@ -107,6 +224,8 @@ class ModelConfig:
     """T5 relative position bias: distance beyond which all offsets share a bucket."""
     scale_logits: bool = False
     """Multiply the decoder output by d_model**-0.5 before a tied projection (T5 v1.0)."""
+    moe: MoeConfig = field(default_factory=MoeConfig)
+    """Mixture-of-experts layers (num_experts 0: dense)."""
 
     @property
     def head_dim(self) -> int:
@@ -159,6 +278,19 @@ class ModelConfig:
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.layer_norm_eps and model.init_std must be > 0")
         self._check_family()
+        self.moe.validate(n_layer=min(self.n_layer, self.n_decoder_layer or self.n_layer))
+        if self.moe.enabled and self.share_layers:
+            raise ConfigError(
+                "model.moe.num_experts > 0 with model.share_layers=true: ALBERT's one shared "
+                "block cannot be both dense and MoE; set one of them off"
+            )
+        causal = self.family in ("gpt", "glm", "t5")
+        if self.moe.enabled and causal and self.moe.drop_policy == "probs":
+            raise ConfigError(
+                f"model.moe.drop_policy=probs with model.family={self.family}: later tokens "
+                "would decide which earlier ones are dropped, which a causal model must not "
+                "see; use drop_policy=position"
+            )
 
     def _check_family(self) -> None:
         """The family's own constraints (FAMILY_FIELDS, and the two that are not a list)."""

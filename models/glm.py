@@ -76,7 +76,9 @@ class GLM(TiedOutputMixin, nn.Module):
         self.wbpe = nn.Embedding(cfg.max_seq_len, d)
         self.drop = nn.Dropout(cfg.dropout)
         # Keyed by layer index so the names survive a pipeline stage deleting other blocks.
-        self.blocks = nn.ModuleDict({str(i): block_from_config(cfg) for i in range(cfg.n_layer)})
+        self.blocks = nn.ModuleDict(
+            {str(i): block_from_config(cfg, index=i) for i in range(cfg.n_layer)}
+        )
         # Post-LN blocks already end in a LayerNorm; pre-LN ones need one before the head.
         self.ln_f = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.pre_ln else nn.Identity()
         self.lm_head = nn.Linear(d, vocab_size, bias=False)

@@ -60,7 +60,9 @@ class GPT(TiedOutputMixin, nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         # A dict keyed by layer index keeps the names of the remaining blocks stable when a
         # pipeline stage deletes the ones it does not own.
-        self.blocks = nn.ModuleDict({str(i): block_from_config(cfg) for i in range(cfg.n_layer)})
+        self.blocks = nn.ModuleDict(
+            {str(i): block_from_config(cfg, index=i) for i in range(cfg.n_layer)}
+        )
         self.ln_f = make_norm(cfg.norm, d, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.tie_weights()

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.moe import MoE
 
 __all__ = [
     "RMSNorm",
@@ -207,7 +208,8 @@ class T5MLP(nn.Module):
 class T5Block(nn.Module):
     """Pre-norm residual branches: self-attention, cross-attention (decoder only), MLP."""
 
-    def __init__(self, cfg: ModelConfig, *, cross_attention: bool):
+    def __init__(self, cfg: ModelConfig, *, cross_attention: bool, moe_layers: int = 0):
+        """`moe_layers` > 0: the MLP is an MoE layer, one of that many in the model."""
         super().__init__()
         d, eps = cfg.d_model, cfg.layer_norm_eps
         self.ln_attn = RMSNorm(d, eps=eps)
@@ -217,7 +219,17 @@ class T5Block(nn.Module):
             self.ln_cross = RMSNorm(d, eps=eps)
             self.cross_attn = T5Attention(d, cfg.n_head, cfg.head_dim, dropout=cfg.dropout)
         self.ln_mlp = RMSNorm(d, eps=eps)
-        self.mlp = T5MLP(d, cfg.ffn_size, activation=cfg.activation, dropout=cfg.dropout)
+        if moe_layers:  # the block drops the branch itself, so the MoE adds no dropout
+            self.mlp = MoE(
+                cfg.moe,
+                d_model=d,
+                ffn_size=cfg.ffn_size,
+                activation=cfg.activation,
+                bias=False,
+                aux_loss_layers=moe_layers,
+            )
+        else:
+            self.mlp = T5MLP(d, cfg.ffn_size, activation=cfg.activation, dropout=cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -273,8 +285,18 @@ class T5Stack(nn.Module):
             max_distance=cfg.relative_max_distance,
         )
         # Keyed by layer index so names stay stable when a pipeline stage drops blocks.
+        moe_ids = cfg.moe.layer_ids(n_layer)
+        # Encoder and decoder each put experts in the same blocks: all of them count.
+        n_moe = len(cfg.moe.layer_ids(cfg.n_layer)) + len(
+            cfg.moe.layer_ids(cfg.n_decoder_layer or cfg.n_layer)
+        )
         self.blocks = nn.ModuleDict(
-            {str(i): T5Block(cfg, cross_attention=is_decoder) for i in range(n_layer)}
+            {
+                str(i): T5Block(
+                    cfg, cross_attention=is_decoder, moe_layers=n_moe if i in moe_ids else 0
+                )
+                for i in range(n_layer)
+            }
         )
         self.ln_f = RMSNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
@@ -379,6 +401,8 @@ class T5(nn.Module):
                 nn.init.normal_(module.k.weight, std=std * d**-0.5)
                 nn.init.normal_(module.v.weight, std=std * d**-0.5)
                 nn.init.normal_(module.o.weight, std=std * inner**-0.5)
+            elif isinstance(module, MoE):
+                module.reset_parameters()
             elif isinstance(module, T5MLP):
                 for name in ("wi_0", "wi_1") if module.gated else ("wi",):
                     nn.init.normal_(getattr(module, name).weight, std=std * d**-0.5)

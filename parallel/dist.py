@@ -118,3 +118,12 @@ def all_ranks_agree(flag: bool, world: World) -> bool:
     value = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def gather_objects(obj: object, world: World) -> list[object]:
+    """Every rank's `obj` (picklable, small), in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    out: list[object] = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out

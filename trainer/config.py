@@ -249,6 +249,16 @@ def check_runnable(job: JobConfig, *, world_size: int) -> None:
     p, t = job.parallel, job.trainer
     p.check_available(world_size=world_size)
     dp_size = p.data_parallel_size(world_size)
+    if job.model.moe.enabled and p.tp > 1:
+        raise ConfigError(
+            f"model.moe.num_experts={job.model.moe.num_experts} with parallel.tp={p.tp}: "
+            "tensor parallelism does not shard experts; spread them with parallel.ep instead"
+        )
+    if job.model.moe.enabled and p.engine == "deepspeed":
+        raise ConfigError(
+            "model.moe.num_experts > 0 with parallel.engine=deepspeed: the DeepSpeed engine "
+            "does not run Loom's MoE layers; use parallel.engine=native"
+        )
     if p.tp > 1:
         vocab = job.model.vocab_size and job.model.padded_vocab_size()
         check_tp_divisibility(job.model, vocab_rows=vocab or None, tp=p.tp)

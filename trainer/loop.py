@@ -28,13 +28,14 @@ from data_pipeline.objectives import (
 from data_pipeline.sample_corpus import ensure_sample_corpus
 from models import build_model, param_counts
 from models.flops import known_peak_flops
+from models.moe import moe_layers, set_aux_loss_weight
 from parallel import dist
 from parallel.engine import TrainingSpec
 from parallel.parallelize import build_engine
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.config import JobConfig, to_yaml
 from trainer.loss import summed_losses, target_counts, task_name
-from trainer.metrics import MetricsLogger, Throughput, job_flops_per_token
+from trainer.metrics import MetricsLogger, Throughput, job_flops_per_token, moe_metrics
 from trainer.optim import build_optimizer
 from trainer.precision import LossScaler, autocast
 from trainer.schedule import LRSchedule
@@ -168,6 +169,7 @@ class Trainer:
             ),
         )
         self.schedule = LRSchedule(job.optim, max_steps=self.t.max_steps)
+        self.moe = moe_layers(self.engine.module)
         # Dropout streams differ per data-parallel rank; weights above did not.
         torch.manual_seed(self.t.seed + 1 + world.dp_rank)
         self.ckpt = CheckpointManager(
@@ -242,6 +244,9 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         lr = self.schedule.apply(self.engine.optimizer, step)
+        if self.moe:  # one row's aux losses weigh as a row of the objective (DDP-averaged)
+            weight = self.world.dp_size / self.t.global_batch_size * self.scaler.scale
+            set_aux_loss_weight(self.engine.module, weight)
         micro = [split_batch(b) for b in self.data.loader.next_batch()]
         keys = sorted(micro[0][1])
         local = [sum(target_counts(labels)[k] for _, labels in micro) for k in keys]
@@ -346,6 +351,18 @@ class Trainer:
         metrics.close()
         return summary
 
+    def _moe_telemetry(self) -> tuple[dict, dict]:
+        """The MoE layers' statistics since the last log, summed over every rank (each rank
+        holds its pipeline stages' layers and routes its own tokens). Collective."""
+        if not self.moe:
+            return {}, {}
+        local = {name: layer.stats.take() for name, layer in self.moe}
+        summed: dict[str, torch.Tensor] = {}
+        for part in dist.gather_objects(local, self.world):
+            for name, values in part.items():
+                summed[name] = summed[name] + values if name in summed else values
+        return moe_metrics(dict(sorted(summed.items())), reduce=self.job.model.moe.aux_loss_reduce)
+
     def _log(
         self, metrics: MetricsLogger, throughput: Throughput, summary: dict, *, elapsed: float
     ) -> None:
@@ -360,5 +377,7 @@ class Trainer:
             "consumed_samples": loader.consumed_samples,
             **({"epochs": loader.epochs()} if len(loader.datasets) > 1 else {}),
         }
-        metrics.write(record)
+        moe_record, histograms = self._moe_telemetry()
+        record.update(moe_record)
+        metrics.write(record, histograms=histograms)
         metrics.progress(record, seconds_per_step=seconds_per_step)

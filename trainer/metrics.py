@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from common.log import get_logger
 from data_pipeline.objectives import target_length
 from models.flops import flops_per_token
@@ -69,20 +71,22 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
 
-    def write(self, record: dict) -> None:
-        """Append one record (must hold "step") to metrics.jsonl and TensorBoard."""
+    def write(self, record: dict, *, histograms: dict | None = None) -> None:
+        """Append one record (must hold "step") to metrics.jsonl and TensorBoard; a nested
+        dict of numbers becomes one scalar per leaf (`moe/load/<layer>/max`), and
+        `histograms` ({name: tensor}) TensorBoard histograms."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
+            step = record["step"]
+            for key, value in _leaves(record):
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.writer.add_scalar(
-                        f"train/{key}" if not key.startswith("val") else f"val/{key}",
-                        value,
-                        record["step"],
-                    )
+                    prefix = "val" if key.startswith("val") else "train"
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            for name, values in (histograms or {}).items():
+                self.writer.add_histogram(name, values, step)
             self.writer.flush()
 
     def progress(self, record: dict, *, seconds_per_step: float) -> None:
@@ -110,6 +114,49 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _leaves(record: dict, prefix: str = ""):
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}/")
+        else:
+            yield prefix + key, value
+
+
+def moe_metrics(stats: dict[str, torch.Tensor], *, reduce: str) -> tuple[dict, dict]:
+    """metrics.jsonl entries and TensorBoard histograms from the summed layer statistics
+    ({layer name: [aux, z, rows, choices, dropped, load per expert...]}, see models.moe).
+
+    moe/aux_loss and moe/z_loss are the per-row losses before their coefficients, combined
+    over layers as the objective combines them (mean or sum); moe/dropped_frac the share of
+    token choices past capacity; moe/load/<layer> the tokens per expert (min, max, mean, and
+    max / mean, the imbalance)."""
+    if not stats:
+        return {}, {}
+    rows = {name: max(float(v[2]), 1.0) for name, v in stats.items()}
+    aux = [float(v[0]) / rows[name] for name, v in stats.items()]
+    z = [float(v[1]) / rows[name] for name, v in stats.items()]
+    combine = (lambda xs: sum(xs) / len(xs)) if reduce == "mean" else sum
+    choices = sum(float(v[3]) for v in stats.values())
+    record = {
+        "moe/aux_loss": combine(aux),
+        "moe/z_loss": combine(z),
+        "moe/dropped_frac": sum(float(v[4]) for v in stats.values()) / max(choices, 1.0),
+        "moe/load": {},
+    }
+    histograms = {}
+    for name, v in stats.items():
+        load = v[5:]
+        mean = float(load.mean())
+        record["moe/load"][name] = {
+            "min": float(load.min()),
+            "max": float(load.max()),
+            "mean": mean,
+            "imbalance": float(load.max()) / mean if mean > 0 else 0.0,
+        }
+        histograms[f"moe/load/{name}"] = load
+    return record, histograms
 
 
 def _human(x: float) -> str:

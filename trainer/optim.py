@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from models.moe import Experts
 from parallel.flat_layout import FlatLayout
 
 if TYPE_CHECKING:
@@ -143,6 +144,9 @@ class Lamb(torch.optim.Optimizer):
             update_fn = _foreach_updates if foreach else _loop_updates
             hyper = {key: group[key] for key in _UPDATE_KEYS}
             updates = update_fn(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+            if group.get("expert_rows"):
+                _expert_rows_apply(params, updates, lr=group["lr"])
+                continue
             if self.flat_layouts:
                 self._flat_apply(params, updates, lr=group["lr"], foreach=foreach)
                 continue
@@ -385,22 +389,45 @@ def _foreach_apply(
     torch._foreach_addcmul_(params, updates, scales)
 
 
+def _expert_rows_apply(params: list[Tensor], updates: list[Tensor], *, lr: float) -> None:
+    """w -= lr * r * u with one trust ratio per row: a stacked expert weight holds one matrix
+    (or bias) per expert, and each gets the ratio of its own norms. On a DTensor sharded by
+    rows (expert parallelism, FSDP) the row norms are the full rows' norms."""
+    for p, u in zip(params, updates, strict=True):
+        w_norms = torch.linalg.vector_norm(p.flatten(1), dim=1)
+        u_norms = torch.linalg.vector_norm(u.flatten(1), dim=1)
+        scale = _trust_ratio(w_norms, u_norms).mul_(-lr).to(u.dtype)
+        p.addcmul_(u, scale.view(-1, *([1] * (p.dim() - 1))))
+
+
 def param_groups(model: torch.nn.Module, *, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups in `named_parameters` order: matrices (linear and embedding weights)
-    with `weight_decay`, and everything with ndim < 2 (biases, norm weights) without.
+    """Groups in `named_parameters` order: matrices (linear and embedding weights) with
+    `weight_decay`, and everything with ndim < 2 (biases, norm weights) without. The
+    stacked weights of mixture-of-experts layers (one matrix or bias per expert) form two
+    more groups, flagged `expert_rows`, where LAMB takes one trust ratio per expert.
 
     Decaying gains and biases only pulls them toward 0 for no regularising benefit.
     Frozen params (requires_grad False) are left out.
     """
-    decay, no_decay = [], []
+    stacked = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
+    decay, no_decay, expert_decay, expert_no_decay = [], [], [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
+        if id(p) in stacked:  # a row per expert: its matrices decay, its biases do not
+            (expert_decay if p.ndim >= 3 else expert_no_decay).append(p)
+        else:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if stacked:
+        groups += [
+            {"params": expert_decay, "weight_decay": weight_decay, "expert_rows": True},
+            {"params": expert_no_decay, "weight_decay": 0.0, "expert_rows": True},
+        ]
+    return groups
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -1,0 +1,357 @@
+"""Switch-style mixture-of-experts layer: a drop-in for the dense MLP of every family.
+
+Switch Transformer (Fedus et al. 2021) routes each token to one expert MLP (top-1, the gate
+is the router probability), GShard (Lepikhin et al. 2020) to two (top-2, gates renormalised
+to sum to 1). Routing follows the Switch recipe:
+
+* the router is Linear(d_model, E, bias=False), run in float32 with autocast off (the paper's
+  "selective precision"), its input multiplied in training by U[1 - eps, 1 + eps] noise;
+* each group of tokens (one sequence: a row of the batch) gives every expert
+  capacity = max(min_capacity, ceil(capacity_factor x T x top_k / E)) slots; a token
+  choice past it gets no expert output and the token passes on the residual. `position`
+  keeps earlier tokens first (every first choice before any second choice), `probs` the
+  highest gates. With capacity_factor None nothing is dropped;
+* the load-balancing loss of a group is E x sum_i f_i P_i, f_i the fraction of its token
+  choices that picked expert i (before capacity), P_i its mean router probability; the
+  router z-loss (ST-MoE, Zoph et al. 2022) the mean of logsumexp(logits)^2.
+
+Groups of one row make every statistic independent of how the batch is split into
+micro-batches or over data-parallel ranks, and they match Hugging Face's
+`load_balancing_loss_func` and `router_z_loss_func`, which also take a row as the group.
+
+The losses never pass through the trainer's loss function: the layer attaches their
+gradient to its output (`_AttachAuxLoss`), scaled by `aux_weight`, which the trainer sets
+before each step to what one row's loss weighs in the objective (so pipeline stages never
+pass it on, and fp16 loss scaling covers it). Telemetry (losses, dropped choices, tokens
+per expert) accumulates in `stats` during training forwards, never during the
+recomputation of activation checkpointing, until the trainer reads it.
+
+Experts keep their weights stacked, row e of every weight being global expert e, so a
+checkpoint names experts by global id whatever layout saved it. `Experts.forward` takes the
+tokens sorted by expert and the count per expert: expert parallelism (parallel/) replaces
+exactly this call with an all-to-all dispatch over the local experts.
+
+Shape legend (suffixes of tensor names):
+    B  rows (routing groups)        T  tokens per row        D  d_model
+    E  experts                      K  choices per token (top_k)
+    F  expert inner size            N  token choices sent to experts (after capacity)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import MoeConfig
+
+__all__ = [
+    "MoE",
+    "Experts",
+    "Routing",
+    "load_balancing_loss",
+    "moe_layers",
+    "route",
+    "router_z_loss",
+    "set_aux_loss_weight",
+]
+
+_ACTIVATIONS = {
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gated_gelu": lambda: nn.GELU(approximate="tanh"),
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+}
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where each token choice goes: `experts_BTK` (expert ids), `gates_BTK` (weights of the
+    expert outputs) and `kept_BTK` (False past capacity)."""
+
+    experts_BTK: torch.Tensor
+    gates_BTK: torch.Tensor
+    kept_BTK: torch.Tensor
+
+
+def route(
+    probs_BTE: torch.Tensor, *, top_k: int, capacity: int | None, drop_policy: str = "position"
+) -> Routing:
+    """Top-k choices of every token, each row a group with `capacity` slots per expert."""
+    gates_BTK, experts_BTK = probs_BTE.topk(top_k, dim=-1)
+    if top_k > 1:  # GShard: the chosen gates renormalised
+        gates_BTK = gates_BTK / gates_BTK.sum(-1, keepdim=True)
+    if capacity is None:
+        return Routing(experts_BTK, gates_BTK, torch.ones_like(experts_BTK, dtype=torch.bool))
+    b, t, k = experts_BTK.shape
+    e = probs_BTE.shape[-1]
+    # Choice-major order: all first choices of the row, then all second choices.
+    experts_BC = experts_BTK.transpose(1, 2).reshape(b, k * t)
+    onehot_BCE = F.one_hot(experts_BC, e)
+    if drop_policy == "position":
+        rank_BCE = onehot_BCE.cumsum(dim=1)  # 1-based place in its expert's queue
+    elif drop_policy == "probs":
+        score_BC = gates_BTK.transpose(1, 2).reshape(b, k * t)
+        # Rank each choice among its expert's choices by descending gate (ties: position).
+        order_BC = score_BC.argsort(dim=1, descending=True, stable=True)
+        sorted_BCE = onehot_BCE.gather(1, order_BC[..., None].expand(-1, -1, e))
+        rank_BCE = torch.empty_like(sorted_BCE).scatter_(
+            1, order_BC[..., None].expand(-1, -1, e), sorted_BCE.cumsum(dim=1)
+        )
+    else:
+        raise ValueError(f"model.moe.drop_policy={drop_policy!r} is unknown")
+    kept_BC = (rank_BCE * onehot_BCE).sum(-1) <= capacity
+    kept_BTK = kept_BC.view(b, k, t).transpose(1, 2)
+    return Routing(experts_BTK, gates_BTK, kept_BTK)
+
+
+def load_balancing_loss(probs_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> torch.Tensor:
+    """Per row, E x sum_i f_i P_i (f from the choices before capacity); summed over rows."""
+    e = probs_BTE.shape[-1]
+    chosen_BE = F.one_hot(experts_BTK, e).sum(dim=2).sum(dim=1).to(probs_BTE.dtype)
+    f_BE = chosen_BE / experts_BTK[0].numel()
+    p_BE = probs_BTE.mean(dim=1)
+    return e * (f_BE * p_BE).sum()
+
+
+def router_z_loss(logits_BTE: torch.Tensor) -> torch.Tensor:
+    """Per row, mean over its tokens of logsumexp(logits)^2; summed over rows."""
+    return torch.logsumexp(logits_BTE, dim=-1).square().mean(dim=1).sum()
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `x`; in backward, d(loss)/d(aux) = `weight` (the aux loss's weight in the
+    objective), so its gradient enters at the layer without passing through the loss."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, weight: torch.Tensor):
+        ctx.save_for_backward(weight)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_x, weight, None
+
+
+class Experts(nn.Module):
+    """E expert MLPs with stacked weights (row e of each is global expert e).
+
+    `forward(x_ND, counts_E)`: tokens sorted by expert, `counts_E[e]` of them for expert e.
+    Weights follow nn.Linear's (out, in) layout, one matrix per expert.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        ffn_size: int,
+        *,
+        activation: str,
+        bias: bool,
+        dropout: float = 0.0,
+        init_scale: float = 0.1,
+    ):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} has no expert MLP")
+        self.num_experts = num_experts
+        self.init_scale = init_scale
+        self.gated = activation == "gated_gelu"
+        self.act = _ACTIVATIONS[activation]()
+        self.drop = nn.Dropout(dropout)
+        e, d, f = num_experts, d_model, ffn_size
+        self.w_in = nn.Parameter(torch.empty(e, f, d))
+        self.w_gate = nn.Parameter(torch.empty(e, f, d)) if self.gated else None
+        self.w_out = nn.Parameter(torch.empty(e, d, f))
+        self.b_in = nn.Parameter(torch.empty(e, f)) if bias else None
+        self.b_gate = nn.Parameter(torch.empty(e, f)) if bias and self.gated else None
+        self.b_out = nn.Parameter(torch.empty(e, d)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Truncated normal (at 2 std) with std sqrt(init_scale / fan_in), biases 0."""
+        for w in (self.w_in, self.w_gate, self.w_out):
+            if w is not None:
+                std = math.sqrt(self.init_scale / w.shape[-1])
+                nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+        for b in (self.b_in, self.b_gate, self.b_out):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+        out, start = [], 0
+        for e, n in enumerate(counts_E):
+            if n:
+                out.append(self.expert(e, x_ND[start : start + n]))
+            start += n
+        if not out:
+            return x_ND.new_zeros(0, self.w_out.shape[1])
+        return torch.cat(out)
+
+    def expert(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
+        """Expert `e` (an index into this module's rows) on its tokens."""
+        h_nF = F.linear(x_nD, self.w_in[e], None if self.b_in is None else self.b_in[e])
+        if self.gated:
+            gate_nF = F.linear(
+                x_nD, self.w_gate[e], None if self.b_gate is None else self.b_gate[e]
+            )
+            h_nF = self.act(gate_nF) * h_nF
+        else:
+            h_nF = self.act(h_nF)
+        h_nF = self.drop(h_nF)
+        return F.linear(h_nF, self.w_out[e], None if self.b_out is None else self.b_out[e])
+
+
+class MoEStats:
+    """Training telemetry of one layer, summed over forwards until `take()`: the aux and z
+    losses (per-row sums), rows, token choices and dropped choices, tokens per expert."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        self.values: torch.Tensor | None = None  # [aux, z, rows, choices, dropped, load_E...]
+
+    def add(self, values: torch.Tensor) -> None:
+        values = values.detach().double()
+        self.values = values if self.values is None else self.values + values
+
+    def take(self) -> torch.Tensor:
+        """The sums since the last call, as float64 [5 + E] on the CPU (zeros if none)."""
+        values = self.values
+        self.reset()
+        if values is None:
+            return torch.zeros(5 + self.num_experts, dtype=torch.float64)
+        return values.cpu()
+
+
+class MoE(nn.Module):
+    """Router and experts in place of a dense MLP: `forward(x_BTD) -> y_BTD`.
+
+    `output_dropout` is the dropout a dense MLP of the family applies to its output (GPT,
+    BERT and GLM; T5's blocks drop the branch themselves).
+    """
+
+    def __init__(
+        self,
+        cfg: MoeConfig,
+        *,
+        d_model: int,
+        ffn_size: int,
+        activation: str,
+        bias: bool,
+        output_dropout: float = 0.0,
+        aux_loss_layers: int = 1,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
+        self.experts = Experts(
+            cfg.num_experts,
+            d_model,
+            ffn_size,
+            activation=activation,
+            bias=bias,
+            dropout=cfg.expert_dropout,
+            init_scale=cfg.init_scale,
+        )
+        self.drop = nn.Dropout(output_dropout)
+        # The aux and z losses of all MoE layers are averaged (mean) or summed.
+        self.loss_share = 1.0 / aux_loss_layers if cfg.aux_loss_reduce == "mean" else 1.0
+        self.aux_weight = 0.0  # the weight of one row's loss in the objective (set per step)
+        self.stats = MoEStats(cfg.num_experts)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.router.weight, mean=0.0, std=0.02)
+        self.experts.reset_parameters()
+
+    def router_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """float32 logits, autocast off, the input jittered in training."""
+        with torch.autocast(x_BTD.device.type, enabled=False):
+            x = x_BTD.float()
+            eps = self.cfg.jitter_eps
+            if self.training and eps > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+            return F.linear(x, self.router.weight.float())
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        b, t, d = x_BTD.shape
+        cfg = self.cfg
+        logits_BTE = self.router_logits(x_BTD)
+        probs_BTE = logits_BTE.softmax(dim=-1)
+        capacity = cfg.capacity(t, training=self.training)
+        routing = route(probs_BTE, top_k=cfg.top_k, capacity=capacity, drop_policy=cfg.drop_policy)
+        y_BTD = self._dispatch(x_BTD, routing)
+        if self.training:
+            aux = load_balancing_loss(probs_BTE, routing.experts_BTK)
+            z = router_z_loss(logits_BTE)
+            self._record(aux, z, routing, rows=b)
+            y_BTD = self._attach_losses(y_BTD, aux, z)
+        return self.drop(y_BTD)
+
+    def _dispatch(self, x_BTD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Kept choices sorted by expert, through the experts, back weighted by their gates."""
+        b, t, d = x_BTD.shape
+        k = routing.experts_BTK.shape[-1]
+        experts_A = routing.experts_BTK.reshape(-1)
+        kept_A = routing.kept_BTK.reshape(-1)
+        # Choice a belongs to token a // k; stable sort keeps token order within an expert.
+        chosen = kept_A.nonzero().squeeze(1)
+        order = experts_A[chosen].argsort(stable=True)
+        choice_N = chosen[order]
+        token_N = choice_N // k
+        counts_E = torch.bincount(experts_A[choice_N], minlength=self.num_experts)
+        x_ND = x_BTD.reshape(b * t, d)[token_N]
+        y_ND = self.experts(x_ND, counts_E.tolist())
+        gates_N = routing.gates_BTK.reshape(-1)[choice_N]
+        weighted_ND = (y_ND.float() * gates_N[:, None]).to(y_ND.dtype)
+        out = x_BTD.new_zeros(b * t, d, dtype=y_ND.dtype)
+        out.index_add_(0, token_N, weighted_ND)
+        return out.view(b, t, d).to(x_BTD.dtype)
+
+    def _attach_losses(self, y_BTD: torch.Tensor, aux: torch.Tensor, z: torch.Tensor):
+        share = self.loss_share * self.aux_weight
+        coef = torch.tensor(
+            [self.cfg.aux_loss_coef * share, self.cfg.z_loss_coef * share], device=aux.device
+        )
+        if not coef.any():
+            return y_BTD
+        return _AttachAuxLoss.apply(y_BTD, torch.stack([aux, z]), coef)
+
+    def _record(self, aux: torch.Tensor, z: torch.Tensor, routing: Routing, *, rows: int):
+        if torch._C._current_graph_task_id() != -1:
+            return  # a recomputation inside backward (activation checkpointing)
+        kept = routing.kept_BTK
+        load_E = torch.bincount(
+            routing.experts_BTK[kept].reshape(-1), minlength=self.num_experts
+        ).to(aux.dtype)
+        head = torch.stack(
+            [
+                aux.detach(),
+                z.detach(),
+                aux.new_tensor(float(rows)),
+                aux.new_tensor(float(kept.numel())),
+                (~kept).sum().to(aux.dtype),
+            ]
+        )
+        self.stats.add(torch.cat([head, load_E]))
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """(name, layer) of every MoE layer of `model`, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def set_aux_loss_weight(model: nn.Module, weight: float) -> None:
+    """The weight one row's aux and z losses carry in the objective, for the next steps."""
+    for _, layer in moe_layers(model):
+        layer.aux_weight = weight
