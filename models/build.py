@@ -8,6 +8,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from models.config import ModelConfig
+from models.moe import moe_layers
 
 __all__ = ["build_model", "check_pipeline_split", "model_class", "param_counts"]
 
@@ -69,7 +70,9 @@ def check_pipeline_split(cfg: ModelConfig, *, pp: int, virtual_stages: int) -> N
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
-    """Parameter counts: `total`, `embedding` (token and position tables) and `non_embedding`.
+    """Parameter counts: `total`, `embedding` (token and position tables), `non_embedding`,
+    `expert` (the stacked weights of mixture-of-experts layers) and `active` (what one token
+    meets: every expert parameter counts top_k / E of itself).
 
     Shared (tied) parameters are counted once, so a tied output head adds nothing. An untied
     output head is a matmul weight and counts as non-embedding, as in Kaplan et al. (2020).
@@ -83,4 +86,15 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     }
     total = sum(p.numel() for p in params.values())
     embedding = sum(params[i].numel() for i in embedding_ids if i in params)
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+    expert, active_expert = 0, 0.0
+    for _, layer in moe_layers(model):
+        n = sum(p.numel() for p in layer.experts.parameters())
+        expert += n
+        active_expert += n * layer.cfg.top_k / layer.num_experts
+    return {
+        "total": total,
+        "embedding": embedding,
+        "non_embedding": total - embedding,
+        "expert": expert,
+        "active": total - expert + round(active_expert),
+    }

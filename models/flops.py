@@ -28,6 +28,9 @@ elementwise rotation is left out like the activations). GLM counts as a GPT of i
 (both position tables are lookups); BERT and T5 have their own counts below, each in the
 same convention. Every family's arithmetic lives in this module.
 
+Mixture-of-experts layers count their active parameters: a token meets top_k experts and
+the router (d_model x E), so FLOPs, and MFU from them, grow with top_k, not with E.
+
 Activation recomputation is not counted: MFU measures useful model FLOPs, not hardware
 FLOPs (PaLM, appendix B).
 
@@ -110,12 +113,21 @@ _DTYPE_ALIASES = {
 def matmul_params(cfg: ModelConfig, *, vocab_size: int) -> int:
     """Weights that enter a matmul per token in a GPT: the blocks' projections and the head."""
     attn_width = cfg.n_head * cfg.head_dim
-    per_layer = 4 * cfg.d_model * attn_width + _mlp_matrices(cfg) * cfg.d_model * cfg.ffn_size
-    return cfg.n_layer * per_layer + vocab_size * cfg.d_model
+    attention = cfg.n_layer * 4 * cfg.d_model * attn_width
+    return attention + _mlp_params(cfg, cfg.n_layer) + vocab_size * cfg.d_model
 
 
 def _mlp_matrices(cfg: ModelConfig) -> int:
     return 3 if cfg.activation.startswith("gated_") else 2
+
+
+def _mlp_params(cfg: ModelConfig, n_layer: int) -> int:
+    """MLP weights a token meets in a stack of n_layer blocks: a dense MLP's, or in an MoE
+    layer its top_k experts' (the active parameters) and the router's."""
+    mlp = _mlp_matrices(cfg) * cfg.d_model * cfg.ffn_size
+    moe = len(cfg.moe.layer_ids(n_layer))
+    routed = cfg.moe.top_k * mlp + cfg.d_model * cfg.moe.num_experts
+    return (n_layer - moe) * mlp + moe * routed
 
 
 def _attention(cfg: ModelConfig, *, n_layer: int, keys: float) -> float:
@@ -140,8 +152,8 @@ def bert_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
     positions, and the pooler and NSP classifier, which run on one position per sequence,
     so their weights count 1 / seq_len per token."""
     d, e = cfg.d_model, cfg.embedding_size if cfg.embedding_size is not None else cfg.d_model
-    per_layer = 4 * d * cfg.n_head * cfg.head_dim + _mlp_matrices(cfg) * d * cfg.ffn_size
-    n_matmul = cfg.n_layer * per_layer + d * e + vocab_size * e
+    attention = cfg.n_layer * 4 * d * cfg.n_head * cfg.head_dim
+    n_matmul = attention + _mlp_params(cfg, cfg.n_layer) + d * e + vocab_size * e
     if e != d:
         n_matmul += e * d
     n_matmul += (d * d + 2 * d) / seq_len
@@ -152,11 +164,11 @@ def t5_matmul_params(cfg: ModelConfig, *, vocab_size: int) -> tuple[int, int, in
     """T5's matmul weights by the tokens they see: (per encoder token, per decoder token,
     head). The cross-attention k and v projections read the encoder output, so they count
     per encoder token although they live in the decoder."""
-    d, inner, f = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.ffn_size
-    mlp = _mlp_matrices(cfg) * d * f
+    d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
     n_dec = _decoder_layers(cfg)
-    per_encoder_token = cfg.n_layer * (4 * d * inner + mlp) + n_dec * 2 * d * inner
-    per_decoder_token = n_dec * (4 * d * inner + 2 * d * inner + mlp)
+    per_encoder_token = cfg.n_layer * 4 * d * inner + _mlp_params(cfg, cfg.n_layer)
+    per_encoder_token += n_dec * 2 * d * inner
+    per_decoder_token = n_dec * (4 * d * inner + 2 * d * inner) + _mlp_params(cfg, n_dec)
     return per_encoder_token, per_decoder_token, vocab_size * d
 
 

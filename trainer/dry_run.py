@@ -90,6 +90,8 @@ def dry_run(job: JobConfig, *, world_size: int) -> dict:
         "params_total": counts["total"],
         "params_embedding": counts["embedding"],
         "params_non_embedding": counts["non_embedding"],
+        "params_expert": counts["expert"],
+        "params_active": counts["active"],
         "flops_per_token": job_flops_per_token(job, vocab_size=vocab, seq_len=seq_len),
         "world_size": world_size,
         "layout": {
@@ -125,7 +127,13 @@ def _print(r: dict, path: Path) -> None:
         f"{r['params_embedding']:,}",
         f"{r['params_non_embedding']:,}",
     )
-    log_rank0("training FLOPs per token: %.4g", r["flops_per_token"])
+    if r["params_expert"]:
+        log_rank0(
+            "mixture of experts: %s expert parameters; %s active per token",
+            f"{r['params_expert']:,}",
+            f"{r['params_active']:,}",
+        )
+    log_rank0("training FLOPs per token (active parameters): %.4g", r["flops_per_token"])
     log_rank0(
         "memory per rank (GiB): weights %.2f, grads %.2f, optimizer %.2f, activations "
         "%.2f (+%.2f attention scores without fused attention), logits %.2f, total %.2f",

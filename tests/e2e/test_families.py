@@ -29,6 +29,20 @@ def test_family_trains_with_falling_loss(train_cli, tmp_path, model):
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.parametrize("model", ["gpt_moe_debug", "bert_moe_debug", "glm_moe_debug"])
+def test_moe_family_trains_with_falling_loss_and_reports_its_layers(train_cli, tmp_path, model):
+    train_cli(f"+model={model}", *SHORT, f"trainer.out_dir={tmp_path}")
+    records = read_metrics(tmp_path)
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    last = records[-1]
+    assert 0.9 < last["moe/aux_loss"] < 4 and last["moe/z_loss"] > 0  # E x sum f P >= 1
+    assert 0 <= last["moe/dropped_frac"] < 1 and last["moe/load"]
+    for load in last["moe/load"].values():
+        assert load["min"] <= load["mean"] <= load["max"] and load["imbalance"] >= 1
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
 @pytest.mark.parametrize("model", ["bert_debug", "t5_debug", "glm_debug"])
 def test_family_data_parallel_matches_one_process(train_cli, tmp_path, model):
     steps = ["trainer.max_steps=6", "trainer.log_every=1"]

@@ -1,0 +1,173 @@
+"""Loom's mixture-of-experts layer inside models: the aux-loss gradient it injects, its
+independence from how the batch is split, its telemetry, LAMB's per-expert trust ratio,
+and its parameter and FLOP counts. (The routing math against Hugging Face, megatron-core
+and fairscale is in test_moe_reference.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import build_model, flops_per_token, param_counts
+from models.config import ModelConfig, MoeConfig
+from models.moe import MoE, moe_layers, set_aux_loss_weight
+from parallel.activation import apply_activation_checkpointing
+from parallel.parallelize import repeated_blocks
+from trainer.optim import Lamb, param_groups
+
+V = 97
+
+
+def moe_gpt(**moe) -> torch.nn.Module:
+    spec = {"num_experts": 4, "z_loss_coef": 1e-3, "jitter_eps": 0.0, **moe}
+    cfg = ModelConfig(n_layer=4, d_model=32, n_head=2, max_seq_len=16, moe=MoeConfig(**spec))
+    torch.manual_seed(0)
+    return build_model(cfg, vocab_size=V)
+
+
+def batch(rows: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (rows, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def ce_sum(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return out
+
+
+def test_injected_gradient_is_the_weighted_aux_and_z_loss(monkeypatch):
+    """Backward of the task loss alone, with the layers' losses attached at weight w, equals
+    backward of task + w x share x (aux_coef x aux + z_coef x z) written out by hand."""
+    model, ids, w = moe_gpt(), batch(), 0.37
+    set_aux_loss_weight(model, w)
+    ce_sum(model, ids).backward()
+    injected = grads(model)
+
+    seen = []
+    monkeypatch.setattr(MoE, "_attach_losses", lambda self, y, aux, z: seen.append((aux, z)) or y)
+    layers = [layer for _, layer in moe_layers(model)]
+    total = ce_sum(model, ids)
+    for layer, (aux, z) in zip(layers, seen, strict=True):
+        cfg = layer.cfg
+        total = total + w * layer.loss_share * (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z)
+    total.backward()
+    explicit = grads(model)
+    assert len(seen) == 2 and explicit.keys() == injected.keys()
+    for name in explicit:
+        torch.testing.assert_close(injected[name], explicit[name], rtol=1e-5, atol=1e-7)
+    router = "blocks.1.mlp.router.weight"
+    assert injected[router].abs().sum() > 0  # the router learns from the losses
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_gradients_do_not_depend_on_the_micro_batch_split(capacity_factor):
+    """Routing groups are rows, so two micro-batches of two rows give the gradients (losses
+    and layer losses included) of one batch of four, dropping or dropless."""
+    model, ids = moe_gpt(capacity_factor=capacity_factor), batch()
+    set_aux_loss_weight(model, 0.25)
+    (ce_sum(model, ids) * 0.25).backward()
+    whole = grads(model)
+    for part in ids.split(2):
+        (ce_sum(model, part) * 0.25).backward()
+    split = grads(model)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7)
+
+
+def test_telemetry_counts_each_forward_once_under_checkpointing():
+    model, ids = moe_gpt(capacity_factor=1.0), batch(rows=4)
+    apply_activation_checkpointing(repeated_blocks(model), "full")
+    model.train()
+    ce_sum(model, ids).backward()
+    for name, layer in moe_layers(model):
+        stats = layer.stats.take()
+        aux, z, rows, choices, dropped = stats[:5].tolist()
+        load = stats[5:]
+        assert rows == 4 and choices == 4 * 16, name  # not 8 rows: recomputation not counted
+        assert load.sum() + dropped == choices and aux > 0 and z > 0
+        assert layer.stats.take().abs().sum() == 0  # taken: the window starts again
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert all(layer.stats.take().abs().sum() == 0 for _, layer in moe_layers(model))
+
+
+def test_lamb_takes_one_trust_ratio_per_expert():
+    """A LAMB step on the stacked expert weights equals LAMB on each expert as its own
+    tensor, and differs from one trust ratio over the whole stack."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 6, 5) * torch.tensor([1.0, 3.0, 0.2, 1.0])[:, None, None])
+    g = torch.randn(4, 6, 5)
+    stacked = w.detach().clone().requires_grad_()
+    stacked.grad = g.clone()
+    Lamb([{"params": [stacked], "expert_rows": True}], lr=0.1, weight_decay=0.01).step()
+    rows = [torch.nn.Parameter(w[e].detach().clone()) for e in range(4)]
+    for e, p in enumerate(rows):
+        p.grad = g[e].clone()
+    Lamb(rows, lr=0.1, weight_decay=0.01).step()
+    torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in rows]))
+    whole = w.detach().clone().requires_grad_()
+    whole.grad = g.clone()
+    Lamb([whole], lr=0.1, weight_decay=0.01).step()
+    assert not torch.allclose(whole, stacked)
+
+
+def test_expert_params_form_their_own_groups():
+    model = moe_gpt(num_experts=4)
+    groups = param_groups(model, weight_decay=0.1)
+    assert [len(g["params"]) for g in groups][2:] == [4, 4]  # w_in, w_out; b_in, b_out x 2
+    assert [g.get("expert_rows", False) for g in groups] == [False, False, True, True]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1, 0.0]
+    dense = dataclasses.replace(model.cfg, moe=MoeConfig())
+    assert len(param_groups(build_model(dense, vocab_size=V), weight_decay=0.1)) == 2
+
+
+def test_counts_and_flops_use_active_parameters():
+    dense_cfg = ModelConfig(n_layer=4, d_model=32, n_head=2, max_seq_len=16)
+    moe_cfg = dataclasses.replace(dense_cfg, moe=MoeConfig(num_experts=4, top_k=1))
+    dense = param_counts(build_model(dense_cfg, vocab_size=V))
+    moe = param_counts(build_model(moe_cfg, vocab_size=V))
+    mlp = 2 * 32 * 128 + 128 + 32  # one expert: two matrices and two biases
+    assert moe["expert"] == 2 * 4 * mlp  # 2 MoE layers x 4 experts
+    assert moe["total"] == dense["total"] + 2 * (3 * mlp + 32 * 4)  # 3 more experts + router
+    assert moe["active"] == dense["total"] + 2 * 32 * 4  # one expert per token, plus routers
+    f_dense = flops_per_token(dense_cfg, vocab_size=V, seq_len=16)
+    assert flops_per_token(moe_cfg, vocab_size=V, seq_len=16) == f_dense + 6 * 2 * 32 * 4
+    top2 = dataclasses.replace(dense_cfg, moe=MoeConfig(num_experts=4, top_k=2))
+    extra = 6 * 2 * (2 * 32 * 128 + 32 * 4)  # a second expert's matmuls, and the routers
+    assert flops_per_token(top2, vocab_size=V, seq_len=16) == f_dense + extra
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("num_experts", 1, "num_experts=1"),
+        ("top_k", 5, "top_k=5"),
+        ("layers", [7], r"layers=\[7\]"),
+        ("capacity_factor", 0.0, "capacity_factor=0.0"),
+        ("drop_policy", "random", "drop_policy='random'"),
+        ("aux_loss_reduce", "max", "aux_loss_reduce='max'"),
+        ("jitter_eps", 1.5, "jitter_eps=1.5"),
+        ("expert_dropout", 1.0, "expert_dropout=1.0"),
+        ("min_capacity", 0, "min_capacity=0"),
+    ],
+)
+def test_bad_moe_fields_are_named(field, value, match):
+    moe = dataclasses.replace(MoeConfig(num_experts=4), **{field: value})
+    with pytest.raises(ValueError, match=rf"model\.moe\.{match}"):
+        ModelConfig(moe=moe).validate()
+
+
+def test_causal_families_refuse_the_probs_policy():
+    moe = MoeConfig(num_experts=4, drop_policy="probs")
+    with pytest.raises(ValueError, match="drop_policy=probs with model.family=gpt"):
+        ModelConfig(moe=moe).validate()
+    ModelConfig(family="bert", position="learned", moe=moe).validate()
