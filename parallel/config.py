@@ -24,6 +24,9 @@ class ParallelConfig:
     """Sequence parallelism: shard norms and dropout over the sequence on the TP ranks."""
     pp: int = 1
     """Pipeline-parallel degree (ranks along the pipeline)."""
+    ep: int = 1
+    """Expert-parallel degree: data-parallel ranks that split every MoE layer's experts
+    between them (ep divides the data-parallel degree and model.moe.num_experts)."""
     pp_schedule: str = "1f1b"
     """gpipe | 1f1b | interleaved_1f1b | zero_bubble (the last two use virtual stages)."""
     pp_microbatches: int | None = None
@@ -44,7 +47,7 @@ class ParallelConfig:
     """Recompute block activations in backward: none | full | selective (keep matmul outputs)."""
 
     def validate(self) -> None:
-        for key in ("tp", "pp"):
+        for key in ("tp", "pp", "ep"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)} must be >= 1")
         if self.dp == 0 or self.dp < -1:
@@ -141,6 +144,11 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.dp={self.dp} x tp={self.tp} x pp={self.pp} = "
                 f"{self.dp * model_parallel} does not match the world size {world_size}"
+            )
+        if dp % self.ep:
+            raise ConfigError(
+                f"parallel.ep={self.ep} does not divide the {dp} data-parallel ranks "
+                f"(world size {world_size} / (tp={self.tp} x pp={self.pp}))"
             )
         return dp
 

@@ -16,8 +16,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from parallel.config import ParallelConfig
 
 # Outermost to innermost, as torchtitan orders them: the innermost axis gets the
-# fastest links (TP within a node), pipeline stages span the slowest.
-MESH_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+# fastest links (TP within a node, then the all-to-alls of expert parallelism), pipeline
+# stages span the slowest. `ep` is carved out of data parallelism: dp = dp_replicate x
+# dp_shard x ep.
+MESH_AXES = ("pp", "dp_replicate", "dp_shard", "ep", "tp")
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,12 @@ def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
             backend=backend, device_id=device if device.type == "cuda" else None
         )
     mesh = init_device_mesh(device.type, mesh_shape(cfg, dp_size), mesh_dim_names=MESH_AXES)
-    # One flattened axis over both data-parallel axes: batches, loss sums and checkpoints
-    # are split over every data-parallel rank whether replicas or ZeRO shards.
-    mesh["dp_replicate", "dp_shard"]._flatten(mesh_dim_name="dp")
+    # Flattened axes: "dp", every data-parallel rank (batches, loss sums, dense gradients,
+    # whether replicas or ZeRO shards); "fsdp", the ranks ZeRO-2/3 shard dense parameters
+    # over; "edp", the ranks holding the same experts (all of dp when ep = 1).
+    mesh["dp_replicate", "dp_shard", "ep"]._flatten(mesh_dim_name="dp")
+    mesh["dp_shard", "ep"]._flatten(mesh_dim_name="fsdp")
+    mesh["dp_replicate", "dp_shard"]._flatten(mesh_dim_name="edp")
     dp_rank = mesh["dp"].get_local_rank()
     return World(
         rank=rank,
@@ -85,11 +90,13 @@ def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
     )
 
 
-def mesh_shape(cfg: ParallelConfig, dp_size: int) -> tuple[int, int, int, int]:
-    """(pp, dp_replicate, dp_shard, tp): ZeRO-2/3 shard over the data-parallel ranks,
-    ZeRO-0/1 replicate the model (ZeRO-1 shards only optimizer states)."""
+def mesh_shape(cfg: ParallelConfig, dp_size: int) -> tuple[int, int, int, int, int]:
+    """(pp, dp_replicate, dp_shard, ep, tp): ZeRO-2/3 shard over the data-parallel ranks,
+    ZeRO-0/1 replicate the model (ZeRO-1 shards only optimizer states); the ep ranks are
+    data-parallel ranks that split the experts."""
+    edp = dp_size // cfg.ep
     sharded = cfg.zero >= 2
-    return (cfg.pp, 1 if sharded else dp_size, dp_size if sharded else 1, cfg.tp)
+    return (cfg.pp, 1 if sharded else edp, edp if sharded else 1, cfg.ep, cfg.tp)
 
 
 def shutdown(world: World) -> None:

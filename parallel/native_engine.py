@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel import dist
-from parallel.data_parallel import ReplicaSync
+from parallel.data_parallel import ReplicaSync, clip_grads_
 from parallel.engine import Batch, Engine, MicroBatch, TrainingSpec, local_losses, sum_micro_losses
 from parallel.state import (
     load_model_state,
@@ -56,6 +56,7 @@ class NativeEngine(Engine):
         replicas: ReplicaSync | None = None,
         tensor_parallel: bool = False,
         aliases: dict[str, list[str]] | None = None,
+        sharded_norm: bool = False,
     ) -> None:
         self.model = model
         self.module = unwrap(model)
@@ -71,6 +72,8 @@ class NativeEngine(Engine):
             replicas.shard_optimizer(self.optimizer)
         # Other names of tied parameters, whose state a checkpoint may hold under either.
         self.aliases = aliases
+        # Gradients on several meshes (expert parallelism): a norm torch's clip cannot take.
+        self.sharded_norm = sharded_norm
 
     # -- training ------------------------------------------------------------------------
 
@@ -118,6 +121,8 @@ class NativeEngine(Engine):
         finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
         if not finite:
             return False, None
+        if self.sharded_norm:
+            return True, clip_grads_(self.params, max_norm, self.world.device)
         return True, float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
 
     @property

@@ -25,11 +25,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from models.config import ModelConfig
+from models.moe import moe_layers
 from parallel.activation import apply_activation_checkpointing
 from parallel.config import ParallelConfig
 from parallel.data_parallel import ReplicaSync
 from parallel.dist import World
 from parallel.engine import Engine, TrainingSpec
+from parallel.expert_parallel import apply_expert_parallel, expert_parameters
 from parallel.native_engine import NativeEngine
 from parallel.pipeline import PipelineEngine, split_for_rank
 from parallel.state import unwrap
@@ -73,13 +75,13 @@ def build_engine(
     if cfg.pp > 1:
         return _pipeline_engine(model, cfg, world=world, model_cfg=model_cfg, spec=spec)
     model = parallelize(model, cfg, world=world, model_cfg=model_cfg, precision=spec.precision)
-    params = [p for p in unwrap(model).parameters() if p.requires_grad]
     return NativeEngine(
         model,
         spec=spec,
         world=world,
-        replicas=replica_sync(params, cfg, world=world),
+        replicas=replica_sync(unwrap(model), cfg, world=world),
         tensor_parallel=cfg.tp > 1,
+        sharded_norm=cfg.ep > 1,
     )
 
 
@@ -91,6 +93,8 @@ def _tensor_parallel_and_checkpointing(
         model = apply_tensor_parallel(
             model, model_cfg, tp_mesh=world.mesh["tp"], sequence_parallel=cfg.sp
         )
+    if cfg.ep > 1:
+        apply_expert_parallel(model, world.mesh["ep"])
     apply_activation_checkpointing(repeated_blocks(model), cfg.activation_checkpointing)
     return model
 
@@ -136,7 +140,6 @@ def _pipeline_engine(
         stage.to(world.device)
         if world.dp_size > 1 and cfg.zero >= 2:
             _fully_shard(stage, world, reshard=cfg.zero == 3, precision=spec.precision)
-    params = [p for p in model.parameters() if p.requires_grad]
     return PipelineEngine(
         model,
         split.stages,
@@ -151,28 +154,32 @@ def _pipeline_engine(
         ),
         tied=split.tied,
         aliases=split.aliases,
-        replicas=replica_sync(params, cfg, world=world),
+        replicas=replica_sync(model, cfg, world=world),
         tensor_parallel=cfg.tp > 1,
     )
 
 
 def uses_ddp(cfg: ParallelConfig, world: World) -> bool:
-    """Whether `parallelize` wraps the model in DDP (ZeRO-0/1 data parallelism alone)."""
-    return world.dp_size > 1 and cfg.zero < 2 and cfg.tp == 1 and cfg.pp == 1
+    """Whether `parallelize` wraps the model in DDP (ZeRO-0/1 data parallelism alone; expert
+    weights differ between the ranks of an ep group, which DDP cannot express)."""
+    return world.dp_size > 1 and cfg.zero < 2 and cfg.tp == cfg.pp == cfg.ep == 1
 
 
-def replica_sync(
-    params: list[nn.Parameter], cfg: ParallelConfig, *, world: World
-) -> ReplicaSync | None:
-    """What keeps ZeRO-0/1 replicas equal besides DDP: gradient averaging beside TP or PP,
-    and ZeRO-1's owned optimizer states. None when FSDP2, DDP alone or one replica does."""
+def replica_sync(model: nn.Module, cfg: ParallelConfig, *, world: World) -> ReplicaSync | None:
+    """What keeps ZeRO-0/1 replicas equal besides DDP: gradient averaging beside TP, PP or
+    EP, and ZeRO-1's owned optimizer states. None when FSDP2, DDP alone or one replica
+    does. Under EP, expert weights are reduced over the ranks that hold the same experts."""
     if world.dp_size == 1 or cfg.zero >= 2 or (cfg.zero == 0 and uses_ddp(cfg, world)):
         return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    experts = expert_parameters(model) if cfg.ep > 1 else []
     return ReplicaSync(
         params,
         group=world.mesh["dp"].get_group(),
         reduce=not uses_ddp(cfg, world),
         zero1=cfg.zero == 1,
+        experts=experts,
+        expert_group=world.mesh["edp"].get_group() if experts else None,
     )
 
 
@@ -181,7 +188,18 @@ def _fully_shard(model: nn.Module, world: World, *, reshard: bool, precision: st
     # Compute in the low dtype, but reduce gradients in fp32 so the sum over ranks keeps
     # the precision of a single-process fp32 accumulation.
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
-    mesh = world.mesh["dp_shard"]
+    mesh = world.mesh["fsdp"]
+    if world.mesh["ep"].size() > 1:
+        # Experts first, as units of their own over the ranks that hold the same experts;
+        # their gradients are averaged over the whole data-parallel degree like the rest.
+        for _, layer in moe_layers(model):
+            experts = fully_shard(
+                layer.experts,
+                mesh=world.mesh["edp"],
+                reshard_after_forward=reshard,
+                mp_policy=policy,
+            )
+            experts.set_gradient_divide_factor(float(world.dp_size))
     for block in repeated_blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)

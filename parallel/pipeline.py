@@ -57,11 +57,12 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
-from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor import DTensor
 
 from models.build import check_pipeline_split
 from models.config import ModelConfig
-from parallel.data_parallel import ReplicaSync, local
+from models.moe import moe_layers
+from parallel.data_parallel import ReplicaSync, local, squared_norm
 from parallel.dist import World
 from parallel.engine import Batch, ContextFactory, MicroBatch, TrainingSpec
 from parallel.native_engine import NativeEngine
@@ -370,7 +371,7 @@ class PipelineEngine(NativeEngine):
                 grads.append(p.grad.detach())
                 if name not in counted_elsewhere:
                     counted.append(grads[-1])
-        sq = _squared_norm(counted, self.device)
+        sq = squared_norm(counted, self.device)
         if self.pp_size > 1:
             dist.all_reduce(sq, group=self.group)
         total = sq.sqrt().float()
@@ -461,6 +462,9 @@ class PipelineEngine(NativeEngine):
         common = {"n_microbatches": self.n_microbatches, "loss_fn": self._loss}
         # The loss is already a weighted sum, normalised by the caller, so the schedule
         # must not divide gradients by the microbatch count.
+        if train:  # its first step first runs every stage once to infer shapes: not data
+            for _, layer in moe_layers(self.module):
+                layer.stats.skip += 1
         if self.schedule in _SINGLE_STAGE:
             built = _SINGLE_STAGE[self.schedule](stages[0], scale_grads=False, **common)
         else:
@@ -517,26 +521,6 @@ def _local_grad(p: nn.Parameter) -> torch.Tensor:
     if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
         p.grad = p.grad.redistribute(p.device_mesh, p.placements)
     return local(p.grad)
-
-
-def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Sum of squares of every gradient (float64), reduced over whichever mesh axes shard
-    each DTensor: one collective per distinct (mesh, placements), not per tensor. Ranks
-    sharing those axes hold the same parameters in the same order, so the collectives
-    line up."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    by_layout: dict[tuple, list] = {}
-    for g in grads:
-        sq = local(g).double().pow(2).sum()
-        if not isinstance(g, DTensor):
-            total += sq
-            continue
-        entry = by_layout.setdefault((id(g.device_mesh), g.placements), [g.device_mesh, 0.0])
-        entry[1] = entry[1] + sq
-    for (_, placements), (mesh, sq) in by_layout.items():
-        partial = [p if p.is_replicate() else Partial() for p in placements]
-        total += DTensor.from_local(sq, mesh, partial, run_check=False).full_tensor()
-    return total
 
 
 def _pad_rows(value: torch.Tensor, pad: int) -> torch.Tensor:

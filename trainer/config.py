@@ -231,6 +231,15 @@ def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
             f"data.seq_len={seq_len} exceeds model.max_seq_len={job.model.max_seq_len}"
         )
     job.data.check_objective(objective, seq_len=seq_len)
+    if job.parallel.ep > 1 and not job.model.moe.enabled:
+        raise ConfigError(
+            f"parallel.ep={job.parallel.ep} needs experts to split: set model.moe.num_experts > 0"
+        )
+    if job.model.moe.num_experts % job.parallel.ep:
+        raise ConfigError(
+            f"model.moe.num_experts={job.model.moe.num_experts} is not divisible by "
+            f"parallel.ep={job.parallel.ep}"
+        )
     if job.optim.fused_lamb and (job.optim.name != "lamb" or job.parallel.engine != "deepspeed"):
         raise ValueError(
             f"optim.fused_lamb=true needs optim.name=lamb and parallel.engine=deepspeed, got "

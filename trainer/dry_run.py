@@ -43,18 +43,26 @@ def resolve_vocab(job: JobConfig) -> int:
     return job.model.padded_vocab_size(vocab)
 
 
-def memory_estimate(job: JobConfig, *, params: int, vocab: int, world_size: int) -> dict:
-    """Bytes per rank: model states, activations (with and without scores), logits."""
+def memory_estimate(
+    job: JobConfig, *, params: int, vocab: int, world_size: int, expert_params: int = 0
+) -> dict:
+    """Bytes per rank: model states, activations (with and without scores), logits.
+
+    Expert weights are split over `parallel.ep` (and ZeRO shards them over the dp / ep
+    ranks that hold the same experts); the other weights over TP, and ZeRO over all of dp.
+    """
     m, p, t = job.model, job.parallel, job.trainer
     dp = p.data_parallel_size(world_size)
-    shard = params / (p.tp * p.pp)
-    weights, grads, moments = 4 * shard, 4 * shard, 8 * shard
-    if p.zero >= 1:
-        moments /= dp
-    if p.zero >= 2:
-        grads /= dp
-    if p.zero >= 3:
-        weights /= dp
+    dense = (params - expert_params) / (p.tp * p.pp)
+    experts = expert_params / (p.ep * p.pp)
+
+    def state(bytes_per_param: float, zero_stage: int) -> float:
+        """One kind of model state; ZeRO from `zero_stage` on shards it over data parallel."""
+        if p.zero < zero_stage:
+            return bytes_per_param * (dense + experts)
+        return bytes_per_param * (dense / dp + experts / (dp // p.ep))
+
+    weights, grads, moments = state(4, 3), state(4, 2), state(8, 1)
     s, b, h, a = job.data.seq_len or m.max_seq_len, t.micro_batch_size, m.d_model, m.n_head
     act_bytes = 1 if job.precision.dtype == "fp32" else 0.5  # eq. 2 counts 16-bit values
     layers = (m.n_layer + (m.n_decoder_layer or m.n_layer if m.family == "t5" else 0)) / p.pp
@@ -97,12 +105,17 @@ def dry_run(job: JobConfig, *, world_size: int) -> dict:
         "layout": {
             "tp": job.parallel.tp,
             "pp": job.parallel.pp,
+            "ep": job.parallel.ep,
             "zero": job.parallel.zero,
             "micro_batch_size": job.trainer.micro_batch_size,
             "precision": job.precision.dtype,
         },
         "memory_per_rank": memory_estimate(
-            job, params=counts["total"], vocab=vocab, world_size=world_size
+            job,
+            params=counts["total"],
+            vocab=vocab,
+            world_size=world_size,
+            expert_params=counts["expert"],
         ),
     }
     out = Path(job.trainer.out_dir)

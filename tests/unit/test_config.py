@@ -102,7 +102,7 @@ def test_yaml_files_list_only_schema_keys_with_non_default_values():
     defaults = OmegaConf.to_container(OmegaConf.structured(JobConfig), resolve=False)
     conf = Path(CONF)
     files = [conf / "config.yaml", *sorted(conf.glob("*/*.yaml"))]
-    assert len(files) == 32
+    assert len(files) == 42  # config.yaml and every group file
     problems = []
     for path in files:
         listed = OmegaConf.to_container(OmegaConf.load(path)) or {}
@@ -209,3 +209,31 @@ def test_layouts_that_cannot_run_are_refused_before_any_work(overrides, world, m
 def test_family_field_rules_are_checked_with_the_config(overrides, match):
     with pytest.raises(ValueError, match=match):
         validate_job(compose_job(*overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "match"),
+    [
+        (("parallel.ep=2",), 2, r"parallel\.ep=2 needs experts"),
+        (("+model=gpt_moe_debug", "model.moe.num_experts=6", "parallel.ep=4"), 4, r"=6 is not"),
+        (("+model=gpt_moe_debug", "parallel.ep=4"), 2, r"parallel\.ep=4 does not divide the 2"),
+    ],
+)
+def test_expert_parallel_degrees_are_checked_with_the_config(overrides, world, match):
+    with pytest.raises(ValueError, match=match):
+        validate_job(compose_job(*overrides, "trainer.micro_batch_size=4"), world_size=world)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (("parallel.tp=2",), r"tensor parallelism does not shard experts"),
+        (("parallel.engine=deepspeed", "parallel.zero=2"), r"DeepSpeed engine does not run"),
+    ],
+)
+def test_moe_layouts_that_cannot_run_are_refused(overrides, match):
+    from trainer.config import check_runnable
+
+    job = compose_job("+model=gpt_moe_debug", *overrides)
+    with pytest.raises(ValueError, match=match):
+        check_runnable(job, world_size=2)
