@@ -12,7 +12,9 @@ first checked file by file against its checksums, as training does before it res
 state is read, never the optimizer's. The model config is the `model` section of the run's
 resolved config: `config.yaml` beside the weights, else RUN_DIR/config.yaml two levels above
 the checkpoint, or --config. It writes `config.json` + `model.safetensors` with
-`save_pretrained` and reloads them to compare every tensor (--no-verify skips that).
+`save_pretrained` and reloads them to compare every tensor (--no-verify skips that). A T5 with
+mixture-of-experts layers (model.moe) becomes a SwitchTransformersForConditionalGeneration,
+and --to-loom reads one back (models/hf/switch.py says what converts).
 
 The run's tokenizer is written too, so `transformers.pipeline(...)` and
 `AutoTokenizer.from_pretrained(DIR)` work offline. It is found from the run config's `data`
@@ -457,13 +459,13 @@ def _load_converted(model: torch.nn.Module, hf_state: dict[str, torch.Tensor]) -
             )
 
 
-def _verify_saved(output: Path, family: str, hf_state: dict[str, torch.Tensor]) -> None:
+def _verify_saved(output: Path, model_class: type, hf_state: dict[str, torch.Tensor]) -> None:
     """Reload `output` as a user would and compare every converted tensor.
 
     `save_pretrained` writes a weight once when the config says it is tied to another, so a
     tie the checkpoint does not have would otherwise be lost without a word.
     """
-    model = hf_convert.hf_model_class(family).from_pretrained(output, local_files_only=True)
+    model = model_class.from_pretrained(output, local_files_only=True)
     reloaded = model.state_dict()
     for key, value in hf_state.items():
         if key not in reloaded or not torch.equal(reloaded[key].to(value.dtype), value):
@@ -513,8 +515,9 @@ def _save_model(
     vocab: int,
     token_ids: dict[str, int] | None,
     verify: bool,
-) -> None:
-    """Convert, save with `save_pretrained` and (with `verify`) reload and compare."""
+) -> type:
+    """Convert, save with `save_pretrained` and (with `verify`) reload and compare; the HF
+    model class (a T5 with experts is a SwitchTransformersForConditionalGeneration)."""
     hf_state = hf_convert.to_hf(cfg.family, state_dict, cfg)
     with torch.device("meta"):
         model = hf_convert.build_hf_model(cfg.family, cfg, vocab_size=vocab, token_ids=token_ids)
@@ -522,7 +525,8 @@ def _save_model(
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     if verify:
-        _verify_saved(output, cfg.family, hf_state)
+        _verify_saved(output, type(model), hf_state)
+    return type(model)
 
 
 def _export_tokenizer(tok, source: str, output: Path, cfg: ModelConfig, *, vocab: int):
@@ -567,7 +571,9 @@ def export_to_hf(
     tok, source = find_tokenizer(run, cfg, spec=tokenizer)
     token_ids = tok.special_tokens if tok is not None and tok.vocab_size <= vocab else None
 
-    _save_model(output, cfg, state_dict, vocab=vocab, token_ids=token_ids, verify=verify)
+    model_class = _save_model(
+        output, cfg, state_dict, vocab=vocab, token_ids=token_ids, verify=verify
+    )
     tokenizer_line, notes = _export_tokenizer(tok, source, output, cfg, vocab=vocab)
     if not facts["verified"]:
         notes.append(f"{checkpoint} has no metadata.json, so its files were not checksummed.")
@@ -575,12 +581,18 @@ def export_to_hf(
     step = f", step {facts['step']}" if facts["step"] is not None else ""
     lines = [
         f"Model: {cfg.name} (Loom family {cfg.family}) as "
-        f"{hf_convert.hf_model_class(cfg.family).__name__}, {vocab} vocabulary rows.",
+        f"{model_class.__name__}, {vocab} vocabulary rows.",
         f"Source: {checkpoint.resolve()} ({facts['form']}{step}), config {config.resolve()}.",
         tokenizer_line,
     ]
     _write_readme(output, lines=lines, notes=notes)
     return output
+
+
+def _hf_family_and_class(hf_cfg) -> tuple[str, type]:
+    """(Loom family, transformers model class) of an HF config."""
+    family = hf_convert.family_of(hf_cfg)
+    return family, hf_convert.hf_model_class(family, hf_cfg=hf_cfg)
 
 
 def export_to_loom(
@@ -594,7 +606,7 @@ def export_to_loom(
             f"{hf_dir / 'config.json'} does not exist (not a Hugging Face model folder)"
         )
     hf_cfg = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-    family = hf_convert.family_of(hf_cfg)
+    family, model_class = _hf_family_and_class(hf_cfg)
     if model_config is not None:
         cfg = load_model_config(model_config)
         if cfg.family != family:
@@ -608,7 +620,7 @@ def export_to_loom(
     if name is not None:
         cfg = dataclasses.replace(cfg, name=name)
 
-    model = hf_convert.hf_model_class(family).from_pretrained(hf_dir, local_files_only=True)
+    model = model_class.from_pretrained(hf_dir, local_files_only=True)
     state_dict = hf_convert.from_hf(family, model.state_dict(), cfg)
     _check_loads(cfg, state_dict, rows=cfg.padded_vocab_size())
     output.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from common.errors import ConfigError
 
@@ -74,7 +75,9 @@ class MoeConfig:
         factor = self.capacity_factor if training else self.eval_capacity_factor
         if factor is None:
             return None
-        return max(self.min_capacity, math.ceil(factor * tokens * self.top_k / self.num_experts))
+        # Exact arithmetic on the factor as written: 1.1 x 90 / 3 is 33 slots, not 34.
+        slots = math.ceil(Fraction(str(factor)) * tokens * self.top_k / self.num_experts)
+        return max(self.min_capacity, slots)
 
     def validate(self, *, n_layer: int) -> None:
         """ConfigError naming the field for any impossible value."""

@@ -47,14 +47,16 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "bert": ("models.hf.bert", "BertForPreTraining"),
     "t5": ("models.hf.t5", "T5ForConditionalGeneration"),
 }
+# A T5 with mixture-of-experts layers is a Switch Transformer on the Hugging Face side.
+_SWITCH = ("models.hf.switch", "SwitchTransformersForConditionalGeneration")
 _NO_COUNTERPART = {
     "glm": "GLM (Du et al. 2022) has no Hugging Face transformers implementation to convert to",
 }
 # HF `model_type` of a config.json -> Loom family.
-_MODEL_TYPES = {"gpt2": "gpt", "bert": "bert", "t5": "t5"}
+_MODEL_TYPES = {"gpt2": "gpt", "bert": "bert", "t5": "t5", "switch_transformers": "t5"}
 
 
-def _entry(family: str) -> tuple[str, str]:
+def _entry(family: str, *, experts: bool = False) -> tuple[str, str]:
     if family in _NO_COUNTERPART:
         raise ConfigError(f"model.family={family!r}: {_NO_COUNTERPART[family]}")
     if family not in _FAMILIES:
@@ -62,11 +64,18 @@ def _entry(family: str) -> tuple[str, str]:
             f"model.family={family!r} has no Hugging Face conversion; "
             f"choose one of {sorted(_FAMILIES)}"
         )
-    return _FAMILIES[family]
+    return _SWITCH if experts and family == "t5" else _FAMILIES[family]
 
 
-def _module(family: str) -> ModuleType:
-    name = _entry(family)[0]
+def _experts(cfg: ModelConfig | None = None, hf_cfg: Any = None) -> bool:
+    """Whether the conversion is a mixture of experts (Loom's moe, HF's Switch)."""
+    if cfg is not None:
+        return cfg.moe.enabled
+    return getattr(hf_cfg, "model_type", None) == "switch_transformers"
+
+
+def _module(family: str, *, experts: bool = False) -> ModuleType:
+    name = _entry(family, experts=experts)[0]
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:
@@ -75,29 +84,31 @@ def _module(family: str) -> ModuleType:
         raise ConfigError(f"model.family={family!r}: conversion module {name} is missing") from err
 
 
-def hf_model_class(family: str) -> type:
-    """The `transformers` model class a family converts to (GPT2LMHeadModel, ...)."""
+def hf_model_class(family: str, cfg: ModelConfig | None = None, *, hf_cfg: Any = None) -> type:
+    """The `transformers` model class a family converts to (GPT2LMHeadModel, ...; a T5
+    with experts, given its Loom or HF config, converts to SwitchTransformers)."""
     import transformers
 
-    return getattr(transformers, _entry(family)[1])
+    return getattr(transformers, _entry(family, experts=_experts(cfg, hf_cfg))[1])
 
 
 def hf_config(
     family: str, cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None
 ) -> Any:
     """The `transformers` config of `cfg` with `vocab_size` vocabulary rows."""
-    return _module(family).hf_config(cfg, vocab_size=vocab_size, token_ids=token_ids)
+    module = _module(family, experts=_experts(cfg))
+    return module.hf_config(cfg, vocab_size=vocab_size, token_ids=token_ids)
 
 
 def build_hf_model(
     family: str, cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None
 ) -> torch.nn.Module:
     """A freshly initialised HF model of `cfg` (on the current default device, meta works)."""
-    module = _module(family)
+    module = _module(family, experts=_experts(cfg))
     if hasattr(module, "build_hf_model"):
         return module.build_hf_model(cfg, vocab_size=vocab_size, token_ids=token_ids)
     config = module.hf_config(cfg, vocab_size=vocab_size, token_ids=token_ids)
-    return hf_model_class(family)(config)
+    return hf_model_class(family, cfg)(config)
 
 
 def token_conventions(family: str) -> Any:
@@ -109,19 +120,19 @@ def to_hf(
     family: str, state_dict: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Loom state dict -> state dict of `hf_model_class(family)`."""
-    return _module(family).to_hf(state_dict, cfg)
+    return _module(family, experts=_experts(cfg)).to_hf(state_dict, cfg)
 
 
 def from_hf(
     family: str, state_dict: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """State dict of `hf_model_class(family)` -> Loom state dict for `cfg`."""
-    return _module(family).from_hf(state_dict, cfg)
+    return _module(family, experts=_experts(cfg)).from_hf(state_dict, cfg)
 
 
 def loom_config(family: str, hf_cfg: Any, *, name: str | None = None) -> ModelConfig:
     """Loom ModelConfig equivalent to an HF config, where the family module can derive it."""
-    module = _module(family)
+    module = _module(family, experts=_experts(hf_cfg=hf_cfg))
     if not hasattr(module, "loom_config"):
         raise ConfigError(
             f"{module.__name__} cannot derive a Loom config from a Hugging Face one; "

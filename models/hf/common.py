@@ -29,7 +29,9 @@ __all__ = [
     "pad_rows",
     "qkv_blocks_to_per_head",
     "qkv_per_head_to_blocks",
+    "reject_leftovers",
     "reject_unsupported",
+    "take",
 ]
 
 # HF activation names -> Loom activation. gelu_new, gelu_pytorch_tanh and gelu_fast are three
@@ -70,6 +72,20 @@ def check_keys(got: set[str], expected: set[str], *, what: str) -> None:
             f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
             f"{' ...' if len(unexpected) > 8 else ''}"
         )
+
+
+def take(state: dict[str, torch.Tensor], key: str, *, side: str) -> torch.Tensor:
+    """Pop `key` from a state dict of `side` ("Loom" or "Hugging Face"), naming it if absent."""
+    if key not in state:
+        raise ConfigError(f"{side} state dict has no {key!r}; does it match this model config?")
+    return state.pop(key)
+
+
+def reject_leftovers(state: dict[str, torch.Tensor], *, side: str) -> None:
+    """Raise naming the keys of `side`'s state dict that no conversion rule consumed."""
+    if state:
+        names = sorted(state)
+        raise ConfigError(f"{side} state dict has {len(names)} unexpected keys, e.g. {names[:5]}")
 
 
 def check_vocab_size(vocab_size: int) -> None:

@@ -25,16 +25,32 @@ pad_token_id, eos_token_id and decoder_start_token_id are the tokenizer's <pad>,
 <pad> when `hf_config` is given the token ids. The sentinels are Loom's <extra_id_N>.
 
 Configs Hugging Face T5 cannot express raise ConfigError naming the field.
+
+Mixture of experts: a config with `model.moe.num_experts` > 0 converts to
+`transformers.SwitchTransformersForConditionalGeneration` through `models.hf.switch` (the
+registry in `models.hf` picks it), which builds on the layout helpers below
+(`attention_pairs`, `stack_pairs`, `embeddings_to_hf`, `embeddings_from_hf`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
 from common.errors import ConfigError
 from models.config import ModelConfig
-from models.hf.common import TokenConventions, check_hf_rows, check_vocab_size, hf_rows, pad_rows
+from models.hf.common import (
+    TokenConventions,
+    check_hf_rows,
+    check_vocab_size,
+    hf_rows,
+    pad_rows,
+    reject_leftovers,
+    take,
+)
 
 __all__ = ["TOKENS", "build_hf_model", "from_hf", "hf_config", "loom_config", "to_hf"]
 
@@ -52,7 +68,7 @@ _FEED_FORWARD_FROM_HF = {
     "gated-gelu": "gated_gelu",
     "gated-gelu_new": "gated_gelu",
 }
-_EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 TOKENS = TokenConventions(
     roles={"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "[UNK]"},
     single=("$A", "<eos>"),
@@ -64,7 +80,7 @@ TOKENS = TokenConventions(
     },
 )
 # Present in some Hugging Face checkpoints, never used by the model.
-_IGNORED_HF = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+IGNORED_HF = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 
 def _check(cfg: ModelConfig) -> None:
@@ -97,7 +113,7 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | 
         d_kv=cfg.head_dim,
         d_ff=cfg.ffn_size,
         num_layers=cfg.n_layer,
-        num_decoder_layers=cfg.n_decoder_layer if cfg.n_decoder_layer is not None else cfg.n_layer,
+        num_decoder_layers=n_decoder_layers(cfg),
         num_heads=cfg.n_head,
         relative_attention_num_buckets=cfg.relative_buckets,
         relative_attention_max_distance=cfg.relative_max_distance,
@@ -173,9 +189,17 @@ def _mlp_names(cfg: ModelConfig) -> tuple[str, ...]:
     return ("wi_0", "wi_1", "wo") if cfg.activation.startswith("gated_") else ("wi", "wo")
 
 
-def _block_pairs(cfg: ModelConfig, stack: str, i: int) -> list[tuple[str, str]]:
+def n_decoder_layers(cfg: ModelConfig) -> int:
+    return cfg.n_decoder_layer if cfg.n_decoder_layer is not None else cfg.n_layer
+
+
+def attention_pairs(stack: str, i: int) -> tuple[list[tuple[str, str]], int]:
+    """(Loom name, HF name) of the attention norms and projections of block `i` of `stack`,
+    and the index of the block's MLP sub-layer in HF's `layer` list.
+
+    Hugging Face numbers the sub-layers: 0 self-attention, [1 cross-attention,] last MLP.
+    """
     ours, theirs = f"{stack}.blocks.{i}", f"{stack}.block.{i}.layer"
-    # Hugging Face numbers the sub-layers: 0 self-attention, [1 cross-attention,] last MLP.
     attentions = [("ln_attn", "attn", 0, "SelfAttention")]
     if stack == "decoder":
         attentions.append(("ln_cross", "cross_attn", 1, "EncDecAttention"))
@@ -185,48 +209,38 @@ def _block_pairs(cfg: ModelConfig, stack: str, i: int) -> list[tuple[str, str]]:
         pairs += [
             (f"{ours}.{attn}.{p}.weight", f"{theirs}.{j}.{hf_attn}.{p}.weight") for p in "qkvo"
         ]
-    j = len(attentions)
-    pairs.append((f"{ours}.ln_mlp.weight", f"{theirs}.{j}.layer_norm.weight"))
-    pairs += [
-        (f"{ours}.mlp.{p}.weight", f"{theirs}.{j}.DenseReluDense.{p}.weight")
-        for p in _mlp_names(cfg)
-    ]
-    return pairs
+    return pairs, len(attentions)
 
 
-def _name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
-    """(Loom name, Hugging Face name) of every parameter except the embedding and head."""
-    n_dec = cfg.n_decoder_layer if cfg.n_decoder_layer is not None else cfg.n_layer
+def stack_pairs(
+    cfg: ModelConfig, block_pairs: Callable[[str, int], list[tuple[str, str]]]
+) -> list[tuple[str, str]]:
+    """(Loom name, HF name) of every parameter except the embedding and head: each stack's
+    relative position table and final norm, and `block_pairs(stack, i)` of its blocks."""
     pairs = []
-    for stack, n_layer in (("encoder", cfg.n_layer), ("decoder", n_dec)):
+    for stack, n_layer in (("encoder", cfg.n_layer), ("decoder", n_decoder_layers(cfg))):
         relative = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
         pairs.append((f"{stack}.relative_bias.table.weight", relative))
         pairs.append((f"{stack}.ln_f.weight", f"{stack}.final_layer_norm.weight"))
         for i in range(n_layer):
-            pairs += _block_pairs(cfg, stack, i)
+            pairs += block_pairs(stack, i)
     return pairs
 
 
-def _take(state: dict[str, torch.Tensor], key: str, *, side: str) -> torch.Tensor:
-    if key not in state:
-        raise ConfigError(f"{side} state dict has no {key!r}; does it match this model config?")
-    return state.pop(key)
+def _block_pairs(cfg: ModelConfig, stack: str, i: int) -> list[tuple[str, str]]:
+    pairs, j = attention_pairs(stack, i)
+    ours, theirs = f"{stack}.blocks.{i}", f"{stack}.block.{i}.layer.{j}"
+    pairs.append((f"{ours}.ln_mlp.weight", f"{theirs}.layer_norm.weight"))
+    pairs += [
+        (f"{ours}.mlp.{p}.weight", f"{theirs}.DenseReluDense.{p}.weight") for p in _mlp_names(cfg)
+    ]
+    return pairs
 
 
-def _reject_leftovers(state: dict[str, torch.Tensor], *, side: str) -> None:
-    if state:
-        names = sorted(state)
-        raise ConfigError(f"{side} state dict has {len(names)} unexpected keys, e.g. {names[:5]}")
-
-
-def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Loom `T5.state_dict()` -> `T5ForConditionalGeneration` state dict.
-
-    The vocabulary keeps `cfg.vocab_size` rows (all rows when it is None): padded rows go.
-    """
-    _check(cfg)
-    state = dict(state_dict)
-    shared_VD = _take(state, "shared.weight", side="Loom")
+def embeddings_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Pop Loom's embedding (and head) from `state`: HF's `shared`, its two aliases and
+    `lm_head`, with `cfg.vocab_size` rows (all rows when it is None)."""
+    shared_VD = take(state, "shared.weight", side="Loom")
     vocab = hf_rows(cfg, shared_VD.shape[0])
     # A tied head appears in state_dict() as well; Hugging Face wants it under lm_head too.
     head_VD = state.pop("lm_head.weight", None)
@@ -234,26 +248,27 @@ def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         raise ConfigError("Loom state dict has no 'lm_head.weight' but model.tie_embeddings=false")
     head_VD = shared_VD if cfg.tie_embeddings else head_VD
     shared_VD = shared_VD[:vocab]
-    out = {"shared.weight": shared_VD, **{alias: shared_VD for alias in _EMBED_ALIASES}}
+    out = {"shared.weight": shared_VD, **{alias: shared_VD for alias in EMBED_ALIASES}}
     out["lm_head.weight"] = head_VD[:vocab]
-    for ours, theirs in _name_pairs(cfg):
-        out[theirs] = _take(state, ours, side="Loom")
-    _reject_leftovers(state, side="Loom")
     return out
 
 
-def from_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """`T5ForConditionalGeneration` state dict -> Loom `T5.state_dict()`.
-
-    Loads with `strict=True` into `build_model(cfg, vocab_size=cfg.padded_vocab_size(V))` for
-    the HF vocabulary V; the padded rows are zeros.
-    """
-    _check(cfg)
-    state = {k: v for k, v in state_dict.items() if k not in _IGNORED_HF}
-    aliases = [state.pop(alias) for alias in _EMBED_ALIASES if alias in state]
-    shared_VD = state.pop("shared.weight", aliases[0] if aliases else None)
+def embeddings_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Pop HF's embedding, its aliases and the head from `state` (and the unused tables of
+    `IGNORED_HF`): Loom's `shared` and `lm_head`, padded to `cfg.padded_vocab_size(rows)`.
+    An alias that is not equal to `shared` is refused."""
+    for key in IGNORED_HF:
+        state.pop(key, None)
+    aliases = {alias: state.pop(alias) for alias in EMBED_ALIASES if alias in state}
+    shared_VD = state.pop("shared.weight", next(iter(aliases.values()), None))
     if shared_VD is None:
         raise ConfigError("Hugging Face state dict has no 'shared.weight' (nor embed_tokens)")
+    for alias, table_VD in aliases.items():
+        if table_VD is not shared_VD and not torch.equal(table_VD, shared_VD):
+            raise ConfigError(
+                f"Hugging Face {alias} differs from shared.weight; Loom's T5 has one input "
+                "embedding for both stacks"
+            )
     rows = shared_VD.shape[0]
     check_hf_rows(cfg, rows)
     padded = cfg.padded_vocab_size(rows)
@@ -265,7 +280,33 @@ def from_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
         raise ConfigError("Hugging Face state dict has no 'lm_head.weight' for an untied model")
     else:
         out["lm_head.weight"] = pad_rows(head_VD, padded)
-    for ours, theirs in _name_pairs(cfg):
-        out[ours] = _take(state, theirs, side="Hugging Face")
-    _reject_leftovers(state, side="Hugging Face")
+    return out
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Loom `T5.state_dict()` -> `T5ForConditionalGeneration` state dict.
+
+    The vocabulary keeps `cfg.vocab_size` rows (all rows when it is None): padded rows go.
+    """
+    _check(cfg)
+    state = dict(state_dict)
+    out = embeddings_to_hf(state, cfg)
+    for ours, theirs in stack_pairs(cfg, partial(_block_pairs, cfg)):
+        out[theirs] = take(state, ours, side="Loom")
+    reject_leftovers(state, side="Loom")
+    return out
+
+
+def from_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """`T5ForConditionalGeneration` state dict -> Loom `T5.state_dict()`.
+
+    Loads with `strict=True` into `build_model(cfg, vocab_size=cfg.padded_vocab_size(V))` for
+    the HF vocabulary V; the padded rows are zeros.
+    """
+    _check(cfg)
+    state = dict(state_dict)
+    out = embeddings_from_hf(state, cfg)
+    for ours, theirs in stack_pairs(cfg, partial(_block_pairs, cfg)):
+        out[ours] = take(state, theirs, side="Hugging Face")
+    reject_leftovers(state, side="Hugging Face")
     return out

@@ -29,7 +29,9 @@ def test_family_trains_with_falling_loss(train_cli, tmp_path, model):
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
 
 
-@pytest.mark.parametrize("model", ["gpt_moe_debug", "bert_moe_debug", "glm_moe_debug"])
+@pytest.mark.parametrize(
+    "model", ["gpt_moe_debug", "bert_moe_debug", "t5_moe_debug", "glm_moe_debug"]
+)
 def test_moe_family_trains_with_falling_loss_and_reports_its_layers(train_cli, tmp_path, model):
     train_cli(f"+model={model}", *SHORT, f"trainer.out_dir={tmp_path}")
     records = read_metrics(tmp_path)
