@@ -164,6 +164,7 @@ class Experts(nn.Module):
         self.gated = activation == "gated_gelu"
         self.act = _ACTIVATIONS[activation]()
         self.drop = nn.Dropout(dropout)
+        self.grouped: bool | None = None  # None: grouped GEMM where grouped_mm_runs says
         e, d, f = num_experts, d_model, ffn_size
         self.w_in = nn.Parameter(torch.empty(e, f, d))
         self.w_gate = nn.Parameter(torch.empty(e, f, d)) if self.gated else None
@@ -198,24 +199,78 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """Expert e of `w`'s rows on its counts_E[e] consecutive tokens of x_ND.
 
-        An expert without tokens still runs on its empty slice: the output stays joined to
+        One grouped GEMM per weight where `grouped_mm_runs` says the build and device have
+        it (`grouped`: None decides so, True/False force it), else one GEMM per expert. An
+        expert without tokens still runs on its empty slice: the output stays joined to
         every weight and to the input, so each backward reaches the same collectives on
         every rank (expert parallelism) and every weight gets a gradient.
         """
-        out, start = [], 0
-        for e, n in enumerate(counts_E.tolist()):
-            out.append(self._expert(w, e, x_ND[start : start + n]))
-            start += n
-        return torch.cat(out)
+        grouped = self.grouped if self.grouped is not None else grouped_mm_runs(x_ND, w)
+        if grouped:
+            return self._compute_grouped(x_ND, counts_E, w)
+        # split and unbind: their backward joins the pieces' gradients once, where slicing
+        # or indexing would add a zero-filled tensor of the whole input or weight per expert.
+        per_expert = {k: None if v is None else v.unbind(0) for k, v in w.items()}
+        x_split = x_ND.split(counts_E.tolist())
+        return torch.cat([self._expert(per_expert, e, x) for e, x in enumerate(x_split)])
 
     def _expert(self, w: dict, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         def linear(name: str, bias: str, x: torch.Tensor) -> torch.Tensor:
             return F.linear(x, w[name][e], None if w[bias] is None else w[bias][e])
 
-        h_nF = linear("w_in", "b_in", x_nD)
-        gate_nF = linear("w_gate", "b_gate", x_nD) if self.gated else h_nF
-        h_nF = self.act(gate_nF) * h_nF if self.gated else self.act(h_nF)
-        return linear("w_out", "b_out", self.drop(h_nF))
+        return self._mlp(linear, x_nD)
+
+    def _compute_grouped(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, w: dict[str, torch.Tensor | None]
+    ) -> torch.Tensor:
+        """All experts at once: row block e of x_ND times expert e's weight, per weight.
+
+        The operands are cast to the autocast dtype when autocast is on, as F.linear would
+        be; biases are gathered per row (grouped_mm's own bias is one for every group).
+        """
+        device = x_ND.device
+        dtype = x_ND.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        counts = counts_E.to(device=device, dtype=torch.int64)
+        offs_E = counts.cumsum(0).to(torch.int32)
+        expert_N = torch.repeat_interleave(
+            torch.arange(len(counts), device=device), counts, output_size=x_ND.shape[0]
+        )
+
+        def linear(name: str, bias: str, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, enabled=False):
+                # (out, in) weights seen as (in, out): the column-major operand the kernels take
+                y = _GROUPED_MM(x.to(dtype), w[name].to(dtype).transpose(-2, -1), offs=offs_E)
+                return y if w[bias] is None else y + w[bias].to(dtype)[expert_N]
+
+        return self._mlp(linear, x_ND)
+
+    def _mlp(self, linear, x: torch.Tensor) -> torch.Tensor:
+        """The expert MLP with `linear(weight name, bias name, input)` doing the products."""
+        h = linear("w_in", "b_in", x)
+        gate = linear("w_gate", "b_gate", x) if self.gated else h
+        h = self.act(gate) * h if self.gated else self.act(h)
+        return linear("w_out", "b_out", self.drop(h))
+
+
+# F.grouped_mm (torch >= 2.10), else the older private name, else None (no grouped path).
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_runs(x_ND: torch.Tensor, w: dict[str, torch.Tensor | None]) -> bool:
+    """Whether the experts should take the grouped GEMM: the build has it, the tokens are on
+    a CUDA device of compute capability 8.0 or later, the product runs in bfloat16 (bf16
+    autocast or bf16 tokens), and every matrix dimension is a multiple of 8 (16-byte rows,
+    which the kernels need). Elsewhere (CPU included) the per-expert loop runs."""
+    if _GROUPED_MM is None or not x_ND.is_cuda or x_ND.shape[0] == 0:
+        return False
+    dtype = x_ND.dtype
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    if dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_ND.device) < (8, 0):
+        return False
+    return all(d % 8 == 0 for d in w["w_in"].shape[1:])
 
 
 class MoEStats:

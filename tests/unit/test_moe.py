@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model, flops_per_token, param_counts
+from models import moe as moe_module
 from models.config import ModelConfig, MoeConfig
-from models.moe import MoE, moe_layers, set_aux_loss_weight
+from models.moe import Experts, MoE, moe_layers, set_aux_loss_weight
 from parallel.activation import apply_activation_checkpointing
 from parallel.parallelize import repeated_blocks
 from trainer.optim import Lamb, param_groups
@@ -171,3 +172,37 @@ def test_causal_families_refuse_the_probs_policy():
     with pytest.raises(ValueError, match="drop_policy=probs with model.family=gpt"):
         ModelConfig(moe=moe).validate()
     ModelConfig(family="bert", position="learned", moe=moe).validate()
+
+
+def _expert_run(experts, x, counts, grad):
+    x = x.clone().requires_grad_(True)
+    y = experts(x, counts)
+    y.backward(grad)
+    out = {"y": y.detach(), "x": x.grad}
+    out.update({n: p.grad.clone() for n, p in experts.named_parameters()})
+    experts.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.skipif(moe_module._GROUPED_MM is None, reason="this torch has no grouped_mm")
+@pytest.mark.parametrize(("activation", "bias"), [("gelu", True), ("gated_gelu", False)])
+def test_grouped_gemm_path_equals_the_per_expert_loop(activation, bias):
+    """The grouped GEMM (CUDA's fast path; this torch runs it on CPU too) gives the loop's
+    output and gradients, empty experts included, in fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    experts = Experts(6, 16, 24, activation=activation, bias=bias)
+    counts = torch.tensor([5, 0, 9, 1, 0, 7])
+    x = torch.randn(int(counts.sum()), 16)
+    grad = torch.randn(len(x), 16)
+    assert not moe_module.grouped_mm_runs(x, experts.weights())  # CPU: the loop by default
+    runs = {}
+    for grouped in (False, True):
+        experts.grouped = grouped
+        runs[grouped] = _expert_run(experts, x, counts, grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs[grouped, "bf16"] = _expert_run(experts, x, counts, grad)
+    for key, value in runs[False].items():
+        torch.testing.assert_close(runs[True][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        bf16 = runs[True, "bf16"][key].float(), runs[False, "bf16"][key].float()
+        torch.testing.assert_close(*bf16, rtol=2e-2, atol=2e-2, msg=key)
+    assert runs[True, "bf16"]["y"].dtype == torch.bfloat16
