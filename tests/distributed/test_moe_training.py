@@ -62,16 +62,19 @@ def test_expert_parallel_training_matches_one_process(
 
 
 def test_checkpoint_moves_between_expert_parallel_degrees(train_cli, one_process, tmp_path):
-    """Saved at ep2, resumed on one process, saved again and resumed at ep2 (experts are
-    stored by global id, optimizer state included): the same steps as never stopping."""
+    """Saved at ep2 under ZeRO-3, resumed on one process, then at ep2 under ZeRO-1, then at
+    ep4 (experts are stored by global id, optimizer state included): the same steps as
+    never stopping."""
     no_eval = [*TINY, "trainer.eval_every=0", "trainer.save_every=2"]
-    one = one_process(*no_eval, "trainer.max_steps=6")
+    one = one_process(*no_eval, "trainer.max_steps=8")
     out = tmp_path / "moved"
     common = [*no_eval, f"trainer.out_dir={out}"]
-    train_cli(*common, "trainer.max_steps=2", "parallel.ep=2", nproc=2)
+    train_cli(*common, "trainer.max_steps=2", "parallel.ep=2", "parallel.zero=3", nproc=2)
     proc = train_cli(*common, "trainer.max_steps=4")
     assert "resumed from" in proc.stdout
-    proc = train_cli(*common, "trainer.max_steps=6", "parallel.ep=2", nproc=2)
+    proc = train_cli(*common, "trainer.max_steps=6", "parallel.ep=2", "parallel.zero=1", nproc=2)
+    assert "resumed from" in proc.stdout
+    proc = train_cli(*common, "trainer.max_steps=8", "parallel.ep=4", nproc=4)
     assert "resumed from" in proc.stdout
     assert_same_losses(one, out)
     assert_same_weights(one, out)

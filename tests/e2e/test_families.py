@@ -45,6 +45,37 @@ def test_moe_family_trains_with_falling_loss_and_reports_its_layers(train_cli, t
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_moe_aux_gradients_follow_the_fp16_loss_scale(train_cli, tmp_path):
+    """Under fp16 the aux and z gradients, injected at each layer rather than through the
+    scaled loss, carry the loss scale too: a run at scale 4096 takes the steps of a run at
+    scale 1 (two micro-batches per step; large coefficients make them matter)."""
+    common = [
+        "+model=gpt_moe_debug",
+        "model.n_layer=2",
+        "model.d_model=64",
+        "model.n_head=2",
+        "model.max_seq_len=64",
+        "model.moe.aux_loss_coef=1",
+        "model.moe.z_loss_coef=0.1",
+        "precision=fp16",
+        "trainer.max_steps=4",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4",
+    ]
+    runs = {}
+    for scale in (1, 4096):
+        out = tmp_path / str(scale)
+        train_cli(*common, f"precision.initial_scale={scale}", f"trainer.out_dir={out}")
+        runs[scale] = read_metrics(out)
+    for a, b in zip(runs[1], runs[4096], strict=True):
+        assert b["loss_scale"] == 4096 and b["skipped_steps"] == 0
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] / b["grad_norm"] - 1) < 1e-3, (a["grad_norm"], b["grad_norm"])
+
+
 @pytest.mark.parametrize("model", ["bert_debug", "t5_debug", "glm_debug"])
 def test_family_data_parallel_matches_one_process(train_cli, tmp_path, model):
     steps = ["trainer.max_steps=6", "trainer.log_every=1"]

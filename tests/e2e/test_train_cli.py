@@ -38,8 +38,11 @@ def test_default_run_with_no_arguments(train_cli, tmp_path):
         assert part in line
 
 
-def test_resume_is_bit_exact(train_cli, tmp_path):
+# MoE: the router's jitter draws come from the generator state the checkpoint keeps.
+@pytest.mark.parametrize("model", [[], ["+model=gpt_moe_debug"]], ids=["dense", "moe"])
+def test_resume_is_bit_exact(train_cli, tmp_path, model):
     common = [
+        *model,
         *TINY,
         "model.dropout=0.1",
         "optim.decay_steps=40",
