@@ -47,8 +47,11 @@ def assert_same_steps(one, other) -> None:
         (["parallel.ep=2"], 4),  # dp2 x ep2: experts replicated over two ep groups
         (["parallel.ep=2", "parallel.zero=1"], 2),
         (["parallel.ep=2", "parallel.zero=3"], 2),
+        # recomputation repeats the all-to-all in backward; telemetry still counted once
+        (["parallel.ep=2", "parallel.activation_checkpointing=full"], 2),
         (["parallel.ep=2", "parallel.pp=2"], 4),
     ],
+    ids=["ep2", "dp2xep2", "ep2-zero1", "ep2-zero3", "ep2-recompute", "ep2xpp2"],
 )
 def test_expert_parallel_training_matches_one_process(
     train_cli, one_process, tmp_path, layout, nproc
