@@ -10,6 +10,12 @@ A mistake the user can fix (a config field, a corpus, a checkpoint: ValueError w
 config is checked, common.errors.LoomError at any time) is reported as one line naming the
 field, file or value, with exit code 2; LOOM_DEBUG=1 or HYDRA_FULL_ERROR=1 shows its
 traceback instead. Any other exception is a bug and keeps its traceback.
+
+Every end is recorded in `<run>/exit_state.json` (or the file LOOM_EXIT_STATE names; see
+trainer/stop.py): done, preempted or time_limit (SIGTERM, the stop signal or the time limit:
+saved, exit 0), failed (with the error, and retry false for exit code 2). In a multirun
+(`-m`, local or through hydra-submitit-launcher) each point trains in its own directory,
+<trainer.out_dir>/<point number>.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +46,7 @@ from common.errors import (  # noqa: E402
 )
 from common.log import get_logger, log_rank0, rank, setup_logging  # noqa: E402
 from parallel.dist import world_size_from_env  # noqa: E402
+from parallel.launch_env import launch_env  # noqa: E402
 from trainer.config import (  # noqa: E402
     JobConfig,
     check_runnable,
@@ -47,6 +54,7 @@ from trainer.config import (  # noqa: E402
     register_configs,
     validate_job,
 )
+from trainer.stop import exit_state_path, write_exit_state  # noqa: E402
 
 log = get_logger("loom")
 
@@ -69,14 +77,32 @@ def exit_user_error(
 
     every_rank_alike: every rank runs the same checks and hits the same error (nothing is
     distributed yet), so rank 0 speaks for all; otherwise the rank that hit it reports it.
+    The exit state records it as a failure a retry would only repeat.
     """
     if not (every_rank_alike and rank() != 0):
+        line = one_line(text if text is not None else exc)
         if DEBUG:
             traceback.print_exception(type(exc), exc, exc.__traceback__)
         else:
             setup_logging()
-            log.error("%s: %s", label, one_line(text if text is not None else exc))
+            log.error("%s: %s", label, line)
+        record_failure(f"{label}: {line}", retry=False)
     sys.exit(USER_ERROR_EXIT)
+
+
+# The exit state file once the run directory is known (LOOM_EXIT_STATE names it earlier).
+EXIT_STATE: Path | None = (
+    Path(os.environ["LOOM_EXIT_STATE"]) if os.environ.get("LOOM_EXIT_STATE") else None
+)
+
+
+def record_failure(error: str, *, retry: bool) -> None:
+    """Write `failed` to the exit state, if its file is known (never raises)."""
+    if EXIT_STATE is None:
+        return
+    with suppress(OSError, ValueError):
+        env = launch_env()
+        write_exit_state(EXIT_STATE, reason="failed", step=None, env=env, error=error, retry=retry)
 
 
 @contextmanager
@@ -107,7 +133,10 @@ def run(job: JobConfig) -> dict:
 
 def load_and_check(cfg: DictConfig) -> tuple[JobConfig, int]:
     """The typed job and the world size it describes; ValueError names a bad field."""
+    global EXIT_STATE
     job = load_job_config(cfg)
+    sweep_point_dir(job)
+    EXIT_STATE = exit_state_path(job.trainer.out_dir)
     world_size = world_size_from_env()
     if job.trainer.dry_run:
         world_size = job.parallel.world_size_for_plan(world_size)
@@ -115,6 +144,16 @@ def load_and_check(cfg: DictConfig) -> tuple[JobConfig, int]:
     if not job.trainer.dry_run:
         check_runnable(job, world_size=world_size)
     return job, world_size
+
+
+def sweep_point_dir(job: JobConfig) -> None:
+    """In a multirun, point N of the sweep trains in <trainer.out_dir>/N (conf/config.yaml
+    sets hydra.sweep to that), so points never share checkpoints or metrics."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        job.trainer.out_dir = str(Path(job.trainer.out_dir) / str(HydraConfig.get().job.num))
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -132,9 +171,14 @@ def main(cfg: DictConfig) -> None:
         with user_errors(ValueError, LoomError, every_rank_alike=True):
             dry_run(job, world_size=world_size)
         return
-    summary = run(job)
+    try:
+        summary = run(job)
+    except Exception as exc:  # a bug, or a lost peer: recorded, traceback kept
+        record_failure(f"{type(exc).__name__}: {one_line(exc)}", retry=True)
+        raise
     log_rank0(
-        "done: step %d, loss %.4f%s",
+        "%s: step %d, loss %.4f%s",
+        summary["reason"],
         summary["step"],
         summary.get("loss", float("nan")),
         f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else "",

@@ -45,6 +45,12 @@ class ParallelConfig:
     """Directory for offload=nvme."""
     activation_checkpointing: str = "none"
     """Recompute block activations in backward: none | full | selective (keep matmul outputs)."""
+    init_timeout_s: float = 600.0
+    """Seconds a collective may wait until the first step is done (rendezvous, corpus
+    preparation by rank 0, first compilation); a rank that never arrives fails the job."""
+    timeout_s: float = 300.0
+    """Seconds a collective may wait after the first step (torchtitan tightens it likewise):
+    a hung or lost rank fails the job within this, instead of holding the allocation."""
 
     def validate(self) -> None:
         for key in ("tp", "pp", "ep"):
@@ -69,6 +75,9 @@ class ParallelConfig:
             raise ConfigError("parallel.virtual_stages and parallel.pp_microbatches must be >= 1")
         if self.offload not in OFFLOADS:
             raise ConfigError(f"parallel.offload={self.offload!r} must be none, cpu or nvme")
+        for key in ("init_timeout_s", "timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"parallel.{key}={getattr(self, key)} must be > 0")
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise ConfigError(
                 f"parallel.activation_checkpointing={self.activation_checkpointing!r} must be "

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallel.config import ParallelConfig
+from parallel.launch_env import launch_env
 
 # Outermost to innermost, as torchtitan orders them: the innermost axis gets the
 # fastest links (TP within a node, then the all-to-alls of expert parallelism), pipeline
@@ -44,32 +46,53 @@ class World:
 
 
 def resolve_device(preference: str, local_rank: int) -> torch.device:
+    """CPU, or the CUDA device of this local rank; where a launcher shows each process one
+    GPU (a Slurm task bound to its GPU), that one."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device='cuda' but no CUDA device is visible")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        index = 0 if count == 1 else local_rank
+        if index >= count:
+            raise ValueError(
+                f"local rank {local_rank} has no CUDA device: {count} are visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+            )
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The world size torchrun or Slurm describes (1 for a plain process); ValueError names
+    a double launch."""
+    return launch_env().world_size
 
 
 def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
-    """Join the process group that torchrun (or Slurm via torchrun) describes in the env."""
-    world_size = world_size_from_env()
+    """Join the process group that torchrun or Slurm's tasks describe in the environment;
+    collectives may wait parallel.init_timeout_s until `tighten_timeout` is called."""
+    env = launch_env()
+    env.export()
+    world_size = env.world_size
     cfg.check_available(world_size=world_size)
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = env.rank, env.local_rank
     device = resolve_device(device_preference, local_rank)
     dp_size = cfg.data_parallel_size(world_size)
     if world_size == 1:
         return World(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=device)
     backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl":
+        # NCCL's own failure handling: a collective error or timeout tears the process
+        # down, and its flight recorder keeps the last collectives for a post-mortem.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=backend, device_id=device if device.type == "cuda" else None
+            backend=backend,
+            device_id=device if device.type == "cuda" else None,
+            timeout=timedelta(seconds=cfg.init_timeout_s),
         )
     mesh = init_device_mesh(device.type, mesh_shape(cfg, dp_size), mesh_dim_names=MESH_AXES)
     # Flattened axes: "dp", every data-parallel rank (batches, loss sums, dense gradients,
@@ -99,6 +122,20 @@ def mesh_shape(cfg: ParallelConfig, dp_size: int) -> tuple[int, int, int, int, i
     return (cfg.pp, 1 if sharded else edp, edp if sharded else 1, cfg.ep, cfg.tp)
 
 
+def tighten_timeout(world: World, seconds: float) -> None:
+    """Set every process group of the world (the default one and each mesh axis, flattened
+    ones included) to time out after `seconds`; called once the first step is done."""
+    if not world.distributed:
+        return
+    timeout = timedelta(seconds=seconds)
+    groups = [None]
+    if world.mesh is not None:
+        names = list(world.mesh.mesh_dim_names or ()) + ["dp", "fsdp", "edp"]
+        groups += [world.mesh[name].get_group() for name in dict.fromkeys(names)]
+    for group in groups:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
@@ -125,6 +162,15 @@ def all_ranks_agree(flag: bool, world: World) -> bool:
     value = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def max_over_ranks(value: int, world: World) -> int:
+    """The largest of every rank's `value` (one small all-reduce), e.g. a reason to stop."""
+    if not world.distributed:
+        return value
+    out = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return int(out.item())
 
 
 def gather_objects(obj: object, world: World) -> list[object]:

@@ -44,8 +44,38 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_command(*overrides: str, nproc: int = 1) -> list[str]:
+    """launch/train.py with these overrides, under torchrun when nproc > 1."""
+    script = str(ROOT / "launch" / "train.py")
+    if nproc == 1:
+        return [sys.executable, script, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        script,
+        *overrides,
+    ]
+
+
 @pytest.fixture()
-def train_cli(loom_cache):
+def train_env(loom_cache) -> dict[str, str]:
+    """The environment training subprocesses run with (the shared corpus cache)."""
+    launcher = ("LOOM_EXIT_STATE", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "SLURM_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
+    return {**env, "LOOM_CACHE": str(loom_cache), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture()
+def train_cli(train_env):
     """Run launch/train.py in a subprocess as a user would; returns CompletedProcess."""
     import subprocess
 
@@ -55,29 +85,16 @@ def train_cli(loom_cache):
         nproc: int = 1,
         check: bool = True,
         timeout: float = 600,
+        env: dict[str, str] | None = None,
     ):
-        env = {**os.environ, "LOOM_CACHE": str(loom_cache), "PYTHONUNBUFFERED": "1"}
-        script = str(ROOT / "launch" / "train.py")
-        if nproc == 1:
-            cmd = [sys.executable, script, *overrides]
-        else:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "1",
-                "--nproc_per_node",
-                str(nproc),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(free_port()),
-                script,
-                *overrides,
-            ]
+        cmd = train_command(*overrides, nproc=nproc)
         proc = subprocess.run(
-            cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            cmd,
+            cwd=cwd or ROOT,
+            env={**train_env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -108,7 +125,7 @@ def final_weights(run_dir: Path) -> dict:
     """The model state of a run's last checkpoint, whole, by parameter name."""
     from parallel.state import read_full
 
-    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    ckpt = max((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
     return read_full(ckpt / "dcp")["model"]
 
 

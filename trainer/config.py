@@ -140,6 +140,19 @@ class TrainerConfig:
     dry_run: bool = False
     """Build the model on the meta device, report parameters, FLOPs/token and per-rank
     memory to out_dir/dry_run.json, and exit without training."""
+    time_limit: float | None = None
+    """Wall-clock seconds this run may take from its start: it saves and stops (exit state
+    time_limit) while the next step and a save still fit. Under Slurm the job's end time
+    (SLURM_JOB_END_TIME) counts too. None: no limit."""
+    stop_signal: str | None = "USR2"
+    """Besides SIGTERM, the signal that saves and stops the run (Slurm's `--signal=USR2@T`
+    warning before the time limit): USR1 | USR2 | null."""
+    stop_margin_s: float = 30.0
+    """Seconds kept in hand before a time limit, beyond the longest step and save so far."""
+    hang_timeout_s: float | None = None
+    """Seconds without a finished step (or evaluation batch) after which every rank writes
+    its threads' stacks to out_dir/hang/ and the job fails; None: 20x the median step, at
+    least 120 s; 0: no watchdog."""
 
     def validate(self) -> None:
         positive = (
@@ -162,6 +175,12 @@ class TrainerConfig:
             raise ValueError(f"trainer.peak_flops={self.peak_flops} must be > 0 (or null)")
         if not self.resume:
             raise ValueError("trainer.resume must be auto, never or a checkpoint directory")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"trainer.time_limit={self.time_limit} must be > 0 (or null)")
+        if self.stop_signal not in (None, "USR1", "USR2"):
+            raise ValueError(f"trainer.stop_signal={self.stop_signal!r} must be USR1, USR2 or null")
+        if self.stop_margin_s < 0 or (self.hang_timeout_s or 0) < 0:
+            raise ValueError("trainer.stop_margin_s and trainer.hang_timeout_s must be >= 0")
 
 
 @dataclass(kw_only=True)

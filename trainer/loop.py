@@ -7,6 +7,7 @@ the gradient is the same for any split of the global batch into ranks and micro-
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from models.flops import known_peak_flops
 from models.moe import moe_layers, set_aux_loss_weight
 from parallel import dist
 from parallel.engine import TrainingSpec
+from parallel.launch_env import launch_env
 from parallel.parallelize import build_engine
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.config import JobConfig, to_yaml
@@ -39,6 +41,8 @@ from trainer.metrics import MetricsLogger, Throughput, job_flops_per_token, moe_
 from trainer.optim import build_optimizer
 from trainer.precision import LossScaler, autocast
 from trainer.schedule import LRSchedule
+from trainer.stop import StopRequest, deadline_from, exit_state_path, write_exit_state
+from trainer.watchdog import Watchdog
 
 log = get_logger("loom.trainer")
 # Validation rows get sample ids far above any training id, so their objective
@@ -139,12 +143,27 @@ def _rows_mask(real_B: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return real_B.view(-1, *([1] * (labels.dim() - 1))).expand_as(labels)
 
 
+class StopAgreed(Exception):
+    """Every rank agreed to stop (raised between evaluation batches)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Trainer:
     """One training job on this process's share of the world."""
 
     def __init__(self, job: JobConfig, world: dist.World) -> None:
         self.job, self.world, self.t = job, world, job.trainer
         self.run_dir = Path(self.t.out_dir)
+        self.env = launch_env()
+        # The time limit counts from here; the stop signals are handled from fit() on.
+        self.stop = StopRequest(
+            user_signal=self.t.stop_signal,
+            deadline=deadline_from(self.t.time_limit, started=time.time()),
+            margin_s=self.t.stop_margin_s,
+        )
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         self.data = open_data(job, world)
         self.seq_len = self.data.seq_len
@@ -270,16 +289,20 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, between_batches=None) -> dict[str, float]:
         """Validation loss: the weight-averaged loss of every source's validation split,
-        plus each source's own loss when the data is a blend."""
-        losses = {path: self._evaluate_split(val) for path, val, _ in self.data.val}
+        plus each source's own loss when the data is a blend. `between_batches()` runs
+        after each batch (the loop's watchdog beat and stop agreement, which may raise
+        StopAgreed)."""
+        losses = {
+            path: self._evaluate_split(val, between_batches) for path, val, _ in self.data.val
+        }
         out = {"val_loss": sum(w * losses[path] for path, _, w in self.data.val)}
         if len(losses) > 1:
             out.update({f"val_loss/{Path(path).name}": v for path, v in losses.items()})
         return out
 
-    def _evaluate_split(self, val: PackedDataset) -> float:
+    def _evaluate_split(self, val: PackedDataset, between_batches=None) -> float:
         """Summed task losses over the first trainer.eval_samples rows of one split.
 
         Objective randomness is keyed by sample id, so evaluation sees the same masks and
@@ -305,11 +328,15 @@ class Trainer:
             for k in sums:
                 pair = torch.tensor([float(sums[k]), float(counts[k])], dtype=torch.float64)
                 totals[k] = totals.get(k, torch.zeros(2, dtype=torch.float64)) + pair
+            if between_batches is not None:
+                between_batches()
         reduced = [dist.dp_sum(totals[k], world) for k in sorted(totals)]
         return float(sum(t[0] / t[1].clamp(min=1) for t in reduced))
 
     def fit(self) -> dict:
-        """Train from start_step to max_steps; returns a summary of the last step."""
+        """Train from start_step to max_steps, or until a stop is agreed (a signal, the time
+        limit); returns a summary of the last step with the `reason` it ended (done,
+        preempted, time_limit) after writing the exit state."""
         t, world = self.t, self.world
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -331,25 +358,97 @@ class Trainer:
                 self.start_step,
                 t.max_steps,
             )
+        watchdog = None
+        if t.hang_timeout_s != 0:
+            watchdog = Watchdog(
+                self.run_dir,
+                rank=world.rank,
+                timeout_s=t.hang_timeout_s,
+                on_hang=lambda why: self._write_exit_state("failed", None, error=why),
+            ).start()
+        self.stop.install()
+        try:
+            summary = self._loop(metrics, throughput, summary, watchdog)
+        finally:
+            self.stop.uninstall()
+            if watchdog is not None:
+                watchdog.close()
+            metrics.close()
+        dist.barrier(world)  # every rank's checkpoint shard is written
+        self._write_exit_state(summary["reason"], summary["step"])
+        return summary
+
+    def _loop(self, metrics, throughput, summary: dict, watchdog: Watchdog | None) -> dict:
+        t, world = self.t, self.world
         started = time.perf_counter()
+        saved, longest = self.start_step, {"step": 0.0, "eval": 0.0, "save": 0.0}
+
+        def save(step: int) -> None:
+            nonlocal saved
+            tick = time.perf_counter()
+            with watchdog.paused_for() if watchdog else contextlib.nullcontext():
+                self.save(step)
+            longest["save"] = max(longest["save"], time.perf_counter() - tick)
+            saved = step
+
         for step in range(self.start_step + 1, t.max_steps + 1):
+            evaluates = t.eval_every and (step % t.eval_every == 0 or step == t.max_steps)
+            lead = longest["step"] + longest["save"] + (longest["eval"] if evaluates else 0.0)
+            reason = self._agreed_stop(lead_s=lead)
+            if reason is not None:
+                return self._stopped(reason, step - 1, summary, saved=saved, save=save)
             tick = time.perf_counter()
             record = self.train_step(step - 1)
-            throughput.add(t.global_batch_size * self.seq_len, time.perf_counter() - tick)
+            seconds = time.perf_counter() - tick
+            longest["step"] = max(longest["step"], seconds)
+            throughput.add(t.global_batch_size * self.seq_len, seconds)
+            if step == self.start_step + 1:
+                dist.tighten_timeout(world, self.job.parallel.timeout_s)
+            if watchdog is not None:
+                watchdog.beat(seconds)
             summary = {"step": step, **record}
             if step % t.log_every == 0 or step == t.max_steps:
                 self._log(metrics, throughput, summary, elapsed=time.perf_counter() - started)
-            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                val = self.evaluate()
+            if evaluates:
+                tick = time.perf_counter()
+                try:
+                    val = self.evaluate(between_batches=lambda: self._between_eval(watchdog))
+                except StopAgreed as stop:  # the evaluation is dropped, the step is kept
+                    return self._stopped(stop.reason, step, summary, saved=saved, save=save)
+                longest["eval"] = max(longest["eval"], time.perf_counter() - tick)
                 summary["val_loss"] = val["val_loss"]
                 metrics.write(
                     {"step": step, **val, "val_ppl": math.exp(min(val["val_loss"], 50.0))}
                 )
                 log_rank0("step %d | val loss %.4f", step, val["val_loss"])
             if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
-                self.save(step)
-        metrics.close()
-        return summary
+                save(step)
+        return {**summary, "reason": "done"}
+
+    def _between_eval(self, watchdog: Watchdog | None) -> None:
+        if watchdog is not None:
+            watchdog.beat()
+        reason = self._agreed_stop()
+        if reason is not None:
+            raise StopAgreed(reason)
+
+    def _agreed_stop(self, *, lead_s: float = 0.0) -> str | None:
+        """A reason to stop that some rank has, the same on every rank (collective)."""
+        return self.stop.agreed(lambda v: dist.max_over_ranks(v, self.world), lead_s=lead_s)
+
+    def _stopped(self, reason: str, step: int, summary: dict, *, saved: int, save) -> dict:
+        """Stop after `step`: every rank saves it (unless just saved), then the caller
+        writes the exit state."""
+        log_rank0("stopping at step %d: %s", step, reason)
+        if step > saved:
+            save(step)
+        return {**summary, "step": step, "reason": reason}
+
+    def _write_exit_state(self, reason: str, step: int | None, *, error: str | None = None):
+        if self.world.is_main or reason == "failed":
+            write_exit_state(
+                exit_state_path(self.run_dir), reason=reason, step=step, env=self.env, error=error
+            )
 
     def _moe_telemetry(self) -> tuple[dict, dict]:
         """The MoE layers' statistics since the last log, summed over every rank (each rank
