@@ -50,6 +50,7 @@ from parallel.launch_env import launch_env  # noqa: E402
 from trainer.config import (  # noqa: E402
     JobConfig,
     check_runnable,
+    fit_micro_batch,
     load_job_config,
     register_configs,
     validate_job,
@@ -140,6 +141,9 @@ def load_and_check(cfg: DictConfig) -> tuple[JobConfig, int]:
     world_size = world_size_from_env()
     if job.trainer.dry_run:
         world_size = job.parallel.world_size_for_plan(world_size)
+    note = fit_micro_batch(job, world_size=world_size)
+    if note:
+        log_rank0("%s", note)
     validate_job(job, world_size=world_size)
     if not job.trainer.dry_run:
         check_runnable(job, world_size=world_size)
@@ -177,10 +181,10 @@ def main(cfg: DictConfig) -> None:
         record_failure(f"{type(exc).__name__}: {one_line(exc)}", retry=True)
         raise
     log_rank0(
-        "%s: step %d, loss %.4f%s",
+        "%s: step %d%s%s",
         summary["reason"],
         summary["step"],
-        summary.get("loss", float("nan")),
+        f", loss {summary['loss']:.4f}" if "loss" in summary else "",
         f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else "",
     )
 

@@ -129,14 +129,14 @@ def final_weights(run_dir: Path) -> dict:
     return read_full(ckpt / "dcp")["model"]
 
 
-def assert_same_weights(run_a: Path, run_b: Path) -> None:
-    """Two runs ended with the same parameters (rtol 1e-5, atol 1e-6), by name."""
+def assert_same_weights(run_a: Path, run_b: Path, *, atol: float = 1e-6) -> None:
+    """Two runs ended with the same parameters (rtol 1e-5, atol 1e-6 unless given), by name."""
     import torch
 
     wa, wb = final_weights(run_a), final_weights(run_b)
     assert wa.keys() == wb.keys()
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=atol, msg=name)
 
 
 def assert_same_losses(run_a: Path, run_b: Path, *, tol: float = 1e-5) -> None:
@@ -146,3 +146,24 @@ def assert_same_losses(run_a: Path, run_b: Path, *, tol: float = 1e-5) -> None:
     for x, y in zip(a, b, strict=True):
         key = "loss" if "loss" in x else "val_loss"
         assert abs(x[key] - y[key]) < tol, (x["step"], key, x[key], y[key])
+
+
+def worker_pids(out_dir: Path) -> dict[int, int]:
+    """{rank: pid} of the training processes of the run writing to `out_dir` (not torchrun's
+    agent): their command line names the run directory, their environment the rank."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"trainer.out_dir={out_dir}".encode() not in cmdline:
+            continue
+        if b"torch.distributed.run" in cmdline:
+            continue
+        rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), 0)
+        found[rank] = int(proc.name)
+    return found

@@ -17,6 +17,7 @@ from data_pipeline.config import OBJECTIVES, DataConfig
 from models.build import check_pipeline_split
 from models.config import ModelConfig
 from parallel.config import ParallelConfig, check_tp_divisibility
+from trainer.slurm import SlurmConfig
 
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "cosine", "constant")
@@ -193,6 +194,7 @@ class JobConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def register_configs() -> None:
@@ -229,12 +231,39 @@ def load_job_config(cfg: DictConfig | dict) -> JobConfig:
     return job
 
 
+def fit_micro_batch(job: JobConfig, *, world_size: int) -> str | None:
+    """Where each data-parallel rank's share of the global batch is smaller than
+    trainer.micro_batch_size (16 sequences over 8 ranks: 2 each), the share becomes the
+    micro-batch, so a job runs unchanged on more ranks; returns the line saying so."""
+    t = job.trainer
+    try:
+        dp = job.parallel.data_parallel_size(world_size)
+    except (ValueError, ConfigError):
+        return None  # validate_job names the layout's problem
+    share = t.global_batch_size // dp
+    if share < 1 or share >= t.micro_batch_size or t.global_batch_size % dp:
+        return None
+    note = (
+        f"trainer.micro_batch_size={t.micro_batch_size} is more than the {share} rows each of "
+        f"{dp} data-parallel ranks gets of trainer.global_batch_size={t.global_batch_size}: "
+        f"micro-batches of {share}"
+    )
+    t.micro_batch_size = share
+    return note
+
+
 def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
     """Check every group, then the constraints that span groups."""
-    for part in (job.model, job.data, job.optim, job.precision, job.trainer, job.parallel):
+    parts = (job.model, job.data, job.optim, job.precision, job.trainer, job.parallel, job.slurm)
+    for part in parts:
         part.validate()
     t = job.trainer
     dp = job.parallel.data_parallel_size(world_size)
+    if t.global_batch_size % dp:
+        raise ValueError(
+            f"trainer.global_batch_size={t.global_batch_size} does not split over "
+            f"{dp} data-parallel ranks; make it a multiple of {dp}"
+        )
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise ValueError(

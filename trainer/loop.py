@@ -394,7 +394,7 @@ class Trainer:
         for step in range(self.start_step + 1, t.max_steps + 1):
             evaluates = t.eval_every and (step % t.eval_every == 0 or step == t.max_steps)
             lead = longest["step"] + longest["save"] + (longest["eval"] if evaluates else 0.0)
-            reason = self._agreed_stop(lead_s=lead)
+            reason = self._agreed_stop(lead_s=lead, progressed=step > self.start_step + 1)
             if reason is not None:
                 return self._stopped(reason, step - 1, summary, saved=saved, save=save)
             tick = time.perf_counter()
@@ -428,13 +428,15 @@ class Trainer:
     def _between_eval(self, watchdog: Watchdog | None) -> None:
         if watchdog is not None:
             watchdog.beat()
-        reason = self._agreed_stop()
+        # Signals only: the deadline was weighed before the step, this evaluation included.
+        reason = self._agreed_stop(deadline=False)
         if reason is not None:
             raise StopAgreed(reason)
 
-    def _agreed_stop(self, *, lead_s: float = 0.0) -> str | None:
-        """A reason to stop that some rank has, the same on every rank (collective)."""
-        return self.stop.agreed(lambda v: dist.max_over_ranks(v, self.world), lead_s=lead_s)
+    def _agreed_stop(self, **when) -> str | None:
+        """A reason to stop that some rank has, the same on every rank (collective); `when`
+        as for StopRequest.local_reason."""
+        return self.stop.agreed(lambda v: dist.max_over_ranks(v, self.world), **when)
 
     def _stopped(self, reason: str, step: int, summary: dict, *, saved: int, save) -> dict:
         """Stop after `step`: every rank saves it (unless just saved), then the caller

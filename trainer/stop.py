@@ -67,19 +67,28 @@ class StopRequest:
             os._exit(128 + signum)
         self.received = signum
 
-    def local_reason(self, *, lead_s: float = 0.0) -> str | None:
-        """Why this rank wants to stop now, if it does: a signal, or the deadline closer than
-        `lead_s` (the next step and a save) plus the margin."""
+    def local_reason(
+        self, *, lead_s: float = 0.0, progressed: bool = True, deadline: bool = True
+    ) -> str | None:
+        """Why this rank wants to stop now, if it does: a signal, or (with `deadline`) the
+        deadline closer than `lead_s` (the next step and a save) plus the margin. Until
+        this process has trained a step (`progressed`), only preemption counts: a time limit
+        too close to train anything would otherwise requeue the job forever."""
+        if self.received == signal.SIGTERM:
+            return "preempted"
+        if not progressed:
+            return None
         if self.received is not None:
-            return "preempted" if self.received == signal.SIGTERM else "time_limit"
-        if self.deadline is not None and time.time() + lead_s + self.margin_s >= self.deadline:
             return "time_limit"
-        return None
+        near = self.deadline is not None and time.time() + lead_s + self.margin_s >= self.deadline
+        return "time_limit" if deadline and near else None
 
-    def agreed(self, max_over_ranks, *, lead_s: float = 0.0) -> str | None:
+    def agreed(self, max_over_ranks, **when) -> str | None:
         """The reason to stop that some rank has (preempted outranks time_limit), the same
-        on every rank: `max_over_ranks(int) -> int` is one collective."""
-        code = max_over_ranks(_REASON_CODE[self.local_reason(lead_s=lead_s)])
+        on every rank: `max_over_ranks(int) -> int` is one collective; `when` as for
+        local_reason."""
+        local = self.local_reason(**when)
+        code = max_over_ranks(_REASON_CODE[local])
         return next(reason for reason, c in _REASON_CODE.items() if c == code)
 
 

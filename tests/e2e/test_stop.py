@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tests.conftest import ROOT, final_weights, read_metrics, train_command
+from tests.conftest import ROOT, final_weights, read_metrics, train_command, worker_pids
 
 TINY = [
     "model.n_layer=2",
@@ -35,27 +35,6 @@ TINY = [
 
 def exit_state(run_dir: Path) -> dict:
     return json.loads((run_dir / "exit_state.json").read_text())
-
-
-def worker_pids(out_dir: Path) -> dict[int, int]:
-    """{rank: pid} of the training processes of the run writing to `out_dir` (not torchrun's
-    agent): their command line names the run directory, their environment the rank."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"trainer.out_dir={out_dir}".encode() not in cmdline:
-            continue
-        if b"torch.distributed.run" in cmdline:
-            continue
-        rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), 0)
-        found[rank] = int(proc.name)
-    return found
 
 
 def start_and_signal(train_env, overrides, out: Path, *, nproc: int, at_step: int, sig, rank=1):

@@ -7,7 +7,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from trainer.config import JobConfig, load_job_config, register_configs, validate_job
+from trainer.config import (
+    JobConfig,
+    fit_micro_batch,
+    load_job_config,
+    register_configs,
+    validate_job,
+)
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -77,6 +83,23 @@ def test_global_batch_must_split_over_data_parallel_ranks():
     validate_job(job, world_size=2)
     with pytest.raises(ValueError, match="data-parallel size 4"):
         validate_job(job, world_size=4)
+    with pytest.raises(ValueError, match="does not split over 32 data-parallel ranks"):
+        validate_job(job, world_size=32)
+
+
+@pytest.mark.parametrize(("world", "micro"), [(1, 8), (2, 8), (4, 4), (8, 2), (16, 1)])
+def test_a_rank_share_below_the_micro_batch_becomes_the_micro_batch(world, micro):
+    """`torchrun --nproc_per_node 8 launch/train.py +model=glm_large` runs as written: the
+    16 sequences of a step are 2 per rank, so 2 is the micro-batch."""
+    job = compose_job("+model=glm_large")
+    note = fit_micro_batch(job, world_size=world)
+    assert job.trainer.micro_batch_size == micro
+    assert (note is None) == (micro == 8)
+    if note:
+        assert f"micro-batches of {micro}" in note
+    validate_job(job, world_size=world)
+    job = compose_job("trainer.global_batch_size=16", "trainer.micro_batch_size=8")
+    assert fit_micro_batch(job, world_size=32) is None  # validate_job names that one
 
 
 def _unknown_or_restated(listed: dict, defaults: dict, prefix: str = "") -> list[str]:

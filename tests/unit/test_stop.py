@@ -63,6 +63,7 @@ def test_deadline_leaves_room_for_the_next_step_and_a_save():
     stop = StopRequest(user_signal=None, deadline=now + 100, margin_s=10)
     assert stop.local_reason(lead_s=50) is None
     assert stop.local_reason(lead_s=95) == "time_limit"
+    assert stop.local_reason(lead_s=95, progressed=False) is None  # nothing trained yet
     assert deadline_from(60, started=now, env={}) == now + 60
     end = {"SLURM_JOB_END_TIME": str(int(now) + 30)}
     assert deadline_from(60, started=now, env=end) == int(now) + 30
