@@ -44,7 +44,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def train_command(*overrides: str, nproc: int = 1) -> list[str]:
+def train_command(*overrides: str, nproc: int = 1, torchrun_args: tuple = ()) -> list[str]:
     """launch/train.py with these overrides, under torchrun when nproc > 1."""
     script = str(ROOT / "launch" / "train.py")
     if nproc == 1:
@@ -53,6 +53,7 @@ def train_command(*overrides: str, nproc: int = 1) -> list[str]:
         sys.executable,
         "-m",
         "torch.distributed.run",
+        *torchrun_args,
         "--nnodes",
         "1",
         "--nproc_per_node",

@@ -37,10 +37,14 @@ def exit_state(run_dir: Path) -> dict:
     return json.loads((run_dir / "exit_state.json").read_text())
 
 
-def start_and_signal(train_env, overrides, out: Path, *, nproc: int, at_step: int, sig, rank=1):
+def start_and_signal(
+    train_env, overrides, out: Path, *, nproc: int, at_step: int, sig, rank=1, torchrun_args=()
+):
     """Start a run, send `sig` to one rank's process once `at_step` is logged; wait."""
     proc = subprocess.Popen(
-        train_command(*overrides, f"trainer.out_dir={out}", nproc=nproc),
+        train_command(
+            *overrides, f"trainer.out_dir={out}", nproc=nproc, torchrun_args=torchrun_args
+        ),
         cwd=ROOT,
         env=train_env,
         stdout=subprocess.PIPE,
@@ -120,6 +124,31 @@ def test_a_killed_rank_fails_the_job_within_seconds(train_env, tmp_path):
     assert code != 0 and seconds < 30, (code, seconds, output[-2000:])
     state = exit_state(out)
     assert state["reason"] == "failed" and state["retry"] is True, state
+
+
+def test_torchrun_restarts_crashed_workers_from_the_last_checkpoint(train_cli, train_env, tmp_path):
+    """`torchrun --max-restarts 1`: rank 1 killed after the step-4 checkpoint; both workers
+    restart, resume it, and end with the weights of an uninterrupted run, to the bit."""
+    common = [*TINY, "trainer.max_steps=14", "trainer.save_every=4", "trainer.eval_every=0"]
+    whole, restarted = tmp_path / "whole", tmp_path / "restarted"
+    train_cli(*common, f"trainer.out_dir={whole}", nproc=2)
+    code, output, _ = start_and_signal(
+        train_env,
+        common,
+        restarted,
+        nproc=2,
+        at_step=6,
+        sig=signal.SIGKILL,
+        torchrun_args=("--max-restarts", "1"),
+    )
+    assert code == 0, output[-3000:]
+    assert "resumed from" in output
+    state = exit_state(restarted)
+    assert state["reason"] == "done" and state["restart_count"] == 1, state
+    steps = [r["step"] for r in read_metrics(restarted) if "loss" in r]
+    assert steps == list(range(1, 15))
+    wa, wb = final_weights(whole), final_weights(restarted)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_config_errors_are_recorded_as_not_worth_a_retry(train_cli, tmp_path):
