@@ -77,6 +77,7 @@ from models.hf.t5 import (
     embeddings_to_hf,
     n_decoder_layers,
     stack_pairs,
+    t5_fields,
 )
 
 __all__ = [
@@ -274,32 +275,8 @@ def loom_config(hf_cfg, *, name: str = "switch_from_hf") -> ModelConfig:
             f"{_CONFIG}.dense_act_fn={act!r} has no Loom equivalent; supported: "
             f"{sorted(ACT_FROM_HF)}"
         )
-    tied = bool(hf_cfg.tie_word_embeddings)
-    cfg = ModelConfig(
-        name=name,
-        family="t5",
-        objective="span_corruption",
-        vocab_size=hf_cfg.vocab_size,
-        n_layer=hf_cfg.num_layers,
-        n_decoder_layer=hf_cfg.num_decoder_layers,
-        d_model=hf_cfg.d_model,
-        n_head=hf_cfg.num_heads,
-        d_kv=hf_cfg.d_kv,
-        d_ff=hf_cfg.d_ff,
-        max_seq_len=_MAX_SEQ_LEN,
-        dropout=float(hf_cfg.dropout_rate),
-        layer_norm_eps=float(hf_cfg.layer_norm_epsilon),
-        tie_embeddings=tied,
-        scale_logits=tied,
-        init_std=float(hf_cfg.initializer_factor),
-        norm="rmsnorm",
-        activation=ACT_FROM_HF[act],
-        bias=False,
-        position="relative",
-        relative_buckets=hf_cfg.relative_attention_num_buckets,
-        relative_max_distance=hf_cfg.relative_attention_max_distance,
-        moe=_loom_moe(hf_cfg),
-    )
+    fields = t5_fields(hf_cfg, activation=ACT_FROM_HF[act], tied=bool(hf_cfg.tie_word_embeddings))
+    cfg = ModelConfig(name=name, **fields, moe=_loom_moe(hf_cfg))
     cfg.validate()
     return cfg
 

@@ -139,8 +139,16 @@ def loom_config(hf_cfg, *, name: str = "t5_from_hf") -> ModelConfig:
             f"supported: {sorted(_FEED_FORWARD_FROM_HF)}"
         )
     scaled = bool(getattr(hf_cfg, "scale_decoder_outputs", hf_cfg.tie_word_embeddings))
-    cfg = ModelConfig(
-        name=name,
+    fields = t5_fields(hf_cfg, activation=_FEED_FORWARD_FROM_HF[proj], tied=scaled)
+    cfg = ModelConfig(name=name, **fields)
+    cfg.validate()
+    return cfg
+
+
+def t5_fields(hf_cfg, *, activation: str, tied: bool) -> dict:
+    """ModelConfig fields of the T5 stacks an HF T5 or Switch config describes (512 inputs:
+    HF configs carry no input length)."""
+    return dict(
         family="t5",
         objective="span_corruption",
         vocab_size=hf_cfg.vocab_size,
@@ -153,18 +161,16 @@ def loom_config(hf_cfg, *, name: str = "t5_from_hf") -> ModelConfig:
         max_seq_len=512,
         dropout=float(hf_cfg.dropout_rate),
         layer_norm_eps=float(hf_cfg.layer_norm_epsilon),
-        tie_embeddings=scaled,
-        scale_logits=scaled,
+        tie_embeddings=tied,
+        scale_logits=tied,
         init_std=float(hf_cfg.initializer_factor),
         norm="rmsnorm",
-        activation=_FEED_FORWARD_FROM_HF[proj],
+        activation=activation,
         bias=False,
         position="relative",
         relative_buckets=hf_cfg.relative_attention_num_buckets,
         relative_max_distance=hf_cfg.relative_attention_max_distance,
     )
-    cfg.validate()
-    return cfg
 
 
 def build_hf_model(

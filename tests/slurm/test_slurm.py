@@ -79,6 +79,15 @@ def submit(env: dict, out: Path, *overrides: str) -> str:
     return re.search(r"submitted job (\d+)", proc.stdout).group(1)
 
 
+def sbatch_wrap(env: dict, script: str, *, tasks: int, output: Path) -> str:
+    """Submit a one-line batch script of `tasks` tasks run from the repository; its job id."""
+    cmd = ["sbatch", "--parsable", "-n", str(tasks), f"--output={output}", f"--chdir={ROOT}"]
+    proc = subprocess.run(
+        [*cmd, "--wrap", script], env=env, capture_output=True, text=True, check=True
+    )
+    return proc.stdout.strip()
+
+
 def job_info(env: dict, job_id: str) -> dict[str, str]:
     out = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True
@@ -225,14 +234,7 @@ def test_a_double_launch_is_refused_by_name(slurm_env, tmp_path):
         f"launch/train.py trainer.out_dir={tmp_path / 'run'}"
     )
     out = tmp_path / "double.out"
-    proc = subprocess.run(
-        ["sbatch", "--parsable", "-n", "2", f"--output={out}", f"--chdir={ROOT}", "--wrap", script],
-        env=slurm_env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    info = wait_final(slurm_env, proc.stdout.strip())
+    info = wait_final(slurm_env, sbatch_wrap(slurm_env, script, tasks=2, output=out))
     assert info["JobState"] == "FAILED"
     assert out.read_text().count("double launch: 2 Slurm tasks") >= 2
 
@@ -247,14 +249,8 @@ def test_two_torchrun_agents_rendezvous_like_two_nodes(slurm_env, one_process, t
         f"--rdzv-id $SLURM_JOB_ID launch/train.py {overrides}"
     )
     out = tmp_path / "two.out"
-    proc = subprocess.run(
-        ["sbatch", "--parsable", "-n", "2", f"--output={out}", f"--chdir={ROOT}", "--wrap", script],
-        env=slurm_env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert wait_final(slurm_env, proc.stdout.strip())["JobState"] == "COMPLETED", out.read_text()
+    info = wait_final(slurm_env, sbatch_wrap(slurm_env, script, tasks=2, output=out))
+    assert info["JobState"] == "COMPLETED", out.read_text()
     ref = one_process(*COMMON)
     assert_same_losses(ref, run)
     assert_same_weights(ref, run, atol=ATOL)
