@@ -27,25 +27,12 @@ if str(ROOT) not in sys.path:
 from common.errors import USER_ERROR_EXIT, LoomError, one_line  # noqa: E402
 
 
-def compose(overrides: list[str]):
-    """The JobConfig of these overrides, composed as launch/train.py composes it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from trainer.config import load_job_config, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return load_job_config(cfg)
-
-
 def write_script(overrides: list[str]) -> tuple[Path, str]:
     """Check the job and write its batch script; (script path, sbatch options summary)."""
-    from trainer.config import check_runnable, fit_micro_batch, validate_job
+    from trainer.config import check_runnable, compose_job, fit_micro_batch, validate_job
     from trainer.slurm import sbatch_script
 
-    job = compose(overrides)
+    job = compose_job(overrides)
     world = job.slurm.world_size
     fit_micro_batch(job, world_size=world)  # as each rank will
     validate_job(job, world_size=world)

@@ -38,7 +38,8 @@ class ParallelConfig:
     engine: str = "native"
     """native (torch DDP/FSDP2) or deepspeed."""
     backend: str | None = None
-    """torch.distributed backend; None picks nccl on CUDA and gloo on CPU."""
+    """torch.distributed backend; None picks gloo on CPU and, on CUDA, nccl for device
+    tensors with gloo for host-side scalars (cpu:gloo,cuda:nccl)."""
     offload: str = "none"
     """DeepSpeed ZeRO offload of optimizer states (and parameters at ZeRO-3): none | cpu | nvme."""
     nvme_path: str | None = None

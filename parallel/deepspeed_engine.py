@@ -182,9 +182,13 @@ def _skip_shm_comm_build() -> None:
 
 
 def _all_reduce_sum(tensor: Tensor, group: Any) -> Tensor:
-    """Sum over `group`, on the device its backend needs (CPU-offloaded flats under NCCL)."""
-    if dist.get_backend(group) == "nccl":
+    """Sum over `group`, on the device its backend needs (CPU-offloaded flats under NCCL
+    alone; a cpu:gloo,cuda:nccl group takes either)."""
+    backend = str(dist.get_backend(group))
+    if backend == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
+    elif "nccl" in backend:
+        device = tensor.device
     else:
         device = torch.device("cpu")
     out = tensor.to(device)

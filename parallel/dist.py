@@ -81,8 +81,8 @@ def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
     dp_size = cfg.data_parallel_size(world_size)
     if world_size == 1:
         return World(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=device)
-    backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
-    if backend == "nccl":
+    backend = process_group_backend(cfg.backend, device)
+    if "nccl" in backend:
         # NCCL's own failure handling: a collective error or timeout tears the process
         # down, and its flight recorder keeps the last collectives for a post-mortem.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
@@ -111,6 +111,17 @@ def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
         device=device,
         mesh=mesh,
     )
+
+
+def process_group_backend(backend: str | None, device: torch.device) -> str:
+    """gloo on CPU; on CUDA NCCL for device tensors with gloo beside it for the host-side
+    scalars (loss sums, token counts, stop flags), so every collective finds a backend
+    for its tensors' device. An explicit parallel.backend=gloo is taken as it is."""
+    if device.type != "cuda":
+        return backend or "gloo"
+    if backend in (None, "nccl"):
+        return "cpu:gloo,cuda:nccl"
+    return backend
 
 
 def mesh_shape(cfg: ParallelConfig, dp_size: int) -> tuple[int, int, int, int, int]:

@@ -8,6 +8,7 @@ at start-up with the key's full name, and `validate_job` rejects impossible valu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -207,6 +208,18 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
+
+def compose_job(overrides: list[str]) -> JobConfig:
+    """The JobConfig launch/train.py builds from these command-line overrides (conf/ composed
+    by Hydra over the registered schema), for scripts that run outside `hydra.main`."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return load_job_config(cfg)
 
 
 def load_job_config(cfg: DictConfig | dict) -> JobConfig:

@@ -167,7 +167,7 @@ class Trainer:
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         self.data = open_data(job, world)
         self.seq_len = self.data.seq_len
-        vocab = model_vocab_size(job, self.data.loader.vocab_size)
+        vocab = self.vocab_size = model_vocab_size(job, self.data.loader.vocab_size)
         model = build_model(job.model, vocab_size=vocab)
         self.counts = param_counts(model)  # before sharding hides full shapes
         self.scaler = LossScaler(job.precision)
