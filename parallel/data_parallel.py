@@ -54,7 +54,7 @@ def squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return total
 
 
-def clip_grads_(params: list[nn.Parameter], max_norm: float, device: torch.device) -> float:
+def clip_grads_(params: list[nn.Parameter], max_norm: float, device: torch.device) -> torch.Tensor:
     """clip_grad_norm_ for gradients that are DTensors on different meshes (dense ones over
     data parallelism, experts over expert parallelism): the norm reduces each layout over
     the axes that shard it, so every element, every expert, counts once."""
@@ -63,7 +63,7 @@ def clip_grads_(params: list[nn.Parameter], max_norm: float, device: torch.devic
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         local(g).mul_(coef.to(g.dtype))
-    return float(total)
+    return total
 
 
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

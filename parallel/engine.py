@@ -71,8 +71,9 @@ class TrainingSpec:
 
 
 def sum_micro_losses(total: torch.Tensor | None, sums: dict[str, torch.Tensor], keys: list[str]):
-    """Running float64 per-task sums over micro-batches, in `keys` order."""
-    step = torch.stack([sums[k].detach().cpu() for k in keys]).double()
+    """Running float64 per-task sums over micro-batches, in `keys` order, on the device the
+    losses are on (reading them on the host would wait for the GPU every micro-batch)."""
+    step = torch.stack([sums[k].detach() for k in keys]).double()
     return step if total is None else total + step
 
 
@@ -109,13 +110,13 @@ class Engine(ABC):
     ) -> dict[str, torch.Tensor]:
         """Forward and backward of this rank's share of one global batch; gradients
         accumulate over the micro-batches. Returns each task's summed, unweighted loss
-        (float64, CPU), summed over the micro-batches."""
+        (float64, on the device), summed over the micro-batches."""
 
     @abstractmethod
-    def step(self) -> float | None:
+    def step(self) -> torch.Tensor | float | None:
         """Reduce, clip and apply the accumulated gradients, then clear them. Returns the
-        global gradient norm before clipping, or None when the step was skipped (fp16
-        overflow)."""
+        global gradient norm before clipping (a device tensor, so that nothing waits for
+        it before the trainer logs it), or None when the step was skipped (fp16 overflow)."""
 
     @abstractmethod
     def evaluate(self, inputs: Batch, labels: Batch) -> dict[str, torch.Tensor]:

@@ -102,7 +102,7 @@ class NativeEngine(Engine):
             outputs = model(**inputs)
         return self.loss_fn(outputs, labels)
 
-    def step(self) -> float | None:
+    def step(self) -> torch.Tensor | None:
         if self.replicas is not None:
             self.replicas.reduce_gradients()
         finite, grad_norm = self._clip(self.spec.grad_clip or math.inf)
@@ -116,14 +116,15 @@ class NativeEngine(Engine):
             p.grad = None
         return grad_norm
 
-    def _clip(self, max_norm: float) -> tuple[bool, float | None]:
-        """(gradients finite on every rank, pre-clip global norm or None when not finite)."""
+    def _clip(self, max_norm: float) -> tuple[bool, torch.Tensor | None]:
+        """(gradients finite on every rank, pre-clip global norm or None when not finite).
+        Without fp16 loss scaling nothing here waits for the device."""
         finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
         if not finite:
             return False, None
         if self.sharded_norm:
             return True, clip_grads_(self.params, max_norm, self.world.device)
-        return True, float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        return True, torch.nn.utils.clip_grad_norm_(self.params, max_norm).detach()
 
     @property
     def skipped_steps(self) -> int:

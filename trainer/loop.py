@@ -143,6 +143,11 @@ def _rows_mask(real_B: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return real_B.view(-1, *([1] * (labels.dim() - 1))).expand_as(labels)
 
 
+def host_values(record: dict) -> dict:
+    """The record with its tensors (device losses, the gradient norm) read as floats."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+
+
 class StopAgreed(Exception):
     """Every rank agreed to stop (raised between evaluation batches)."""
 
@@ -275,17 +280,19 @@ class Trainer:
         weights = {k: self.world.dp_size / max(n, 1.0) for k, n in zip(keys, counts, strict=True)}
         losses = self.engine.forward_backward(micro, weights)
         grad_norm = self.engine.step()
-        sums = torch.stack([losses[k] for k in keys])
-        task = (dist.dp_sum(sums, self.world) / torch.tensor(counts).clamp(min=1)).tolist()
+        sums = dist.dp_sum(torch.stack([losses[k] for k in keys]), self.world)
+        task = sums / torch.tensor(counts, dtype=sums.dtype, device=sums.device).clamp(min=1)
+        # Losses and the norm stay tensors on the device: they are read (a wait for the
+        # GPU) only when a step is logged, never inside a step.
         record = {
-            "loss": sum(task),
+            "loss": task.sum() if len(keys) > 1 else task[0],
             "lr": lr,
             "grad_norm": grad_norm,
             "loss_scale": self.scaler.scale,
             "skipped_steps": self.engine.skipped_steps,
         }
         if len(keys) > 1:
-            record.update({task_name(k): v for k, v in zip(keys, task, strict=True)})
+            record.update({task_name(k): task[i] for i, k in enumerate(keys)})
         return record
 
     @torch.no_grad()
@@ -423,7 +430,7 @@ class Trainer:
                 log_rank0("step %d | val loss %.4f", step, val["val_loss"])
             if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
                 save(step)
-        return {**summary, "reason": "done"}
+        return host_values({**summary, "reason": "done"})
 
     def _between_eval(self, watchdog: Watchdog | None) -> None:
         if watchdog is not None:
@@ -444,7 +451,7 @@ class Trainer:
         log_rank0("stopping at step %d: %s", step, reason)
         if step > saved:
             save(step)
-        return {**summary, "step": step, "reason": reason}
+        return host_values({**summary, "step": step, "reason": reason})
 
     def _write_exit_state(self, reason: str, step: int | None, *, error: str | None = None):
         if self.world.is_main or reason == "failed":
@@ -470,7 +477,7 @@ class Trainer:
         tps, mfu, seconds_per_step = throughput.read()
         loader = self.data.loader
         record = {
-            **summary,
+            **host_values(summary),
             "tokens_per_s": tps,
             "mfu": mfu,
             "elapsed": elapsed,

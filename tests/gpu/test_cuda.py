@@ -91,3 +91,26 @@ def test_moe_model_trains_on_cuda(train_cli, tmp_path):
     records = read_metrics(tmp_path)
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["mfu"] is not None and 0 < records[-1]["mfu"] < 1
+
+
+def test_training_steps_never_wait_for_the_gpu(loom_cache, tmp_path, monkeypatch):
+    """Between logged steps nothing reads the device: losses, token counts, the gradient
+    norm and (without fp16) the finiteness verdict stay on it. Any synchronising call in
+    these steps raises under torch.cuda.set_sync_debug_mode("error")."""
+    from parallel.dist import init_world
+    from trainer.config import compose_job
+    from trainer.loop import Trainer
+
+    monkeypatch.setenv("LOOM_CACHE", str(loom_cache))
+    job = compose_job(["trainer.device=cuda", "precision=bf16", f"trainer.out_dir={tmp_path}"])
+    trainer = Trainer(job, init_world(job.parallel, device_preference="cuda"))
+    for step in range(2):  # warm-up: allocator, cuBLAS handles, optimizer state
+        trainer.train_step(step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        records = [trainer.train_step(step) for step in range(2, 5)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r["loss"].is_cuda and r["grad_norm"].is_cuda for r in records)
+    assert float(records[-1]["loss"]) < 10
