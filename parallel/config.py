@@ -46,6 +46,10 @@ class ParallelConfig:
     """Directory for offload=nvme."""
     activation_checkpointing: str = "none"
     """Recompute block activations in backward: none | full | selective (keep matmul outputs)."""
+    compile: bool = False
+    """torch.compile each Transformer block (regional, as torchtitan does: after tensor
+    parallelism and activation checkpointing, before FSDP; blocks of one class share their
+    compiled code). Not with parallel.engine=deepspeed."""
     init_timeout_s: float = 600.0
     """Seconds a collective may wait until the first step is done (rendezvous, corpus
     preparation by rank 0, first compilation); a rank that never arrives fails the job."""
@@ -89,6 +93,10 @@ class ParallelConfig:
         """Refuse layouts that cannot run (dry runs may still describe them)."""
         if self.sp and self.tp == 1:
             raise ConfigError("parallel.sp=true needs parallel.tp > 1")
+        if self.compile and self.engine == "deepspeed":
+            raise ConfigError(
+                "parallel.compile=true is not available with parallel.engine=deepspeed"
+            )
         if self.offload != "none" and self.engine != "deepspeed":
             raise ConfigError(f"parallel.offload={self.offload} needs parallel.engine=deepspeed")
         if self.engine == "deepspeed":

@@ -95,7 +95,13 @@ def _tensor_parallel_and_checkpointing(
         )
     if cfg.ep > 1:
         apply_expert_parallel(model, world.mesh["ep"])
-    apply_activation_checkpointing(repeated_blocks(model), cfg.activation_checkpointing)
+    blocks = repeated_blocks(model)
+    apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
+    if cfg.compile:
+        # Regional compilation: each block's call, checkpointing included; with nn modules
+        # inlined (torch's default) the blocks of one class share one compiled graph.
+        for block in blocks:
+            block.compile()
     return model
 
 

@@ -6,6 +6,7 @@ when the data is opened. LOOM_DEBUG=1 (or HYDRA_FULL_ERROR=1) shows the tracebac
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -55,7 +56,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, text: str) -> str:
 def test_config_error_is_one_line(train, tmp_path):
     line = assert_one_line_error(train("model.n_head=3"), "model.n_head")
     assert line == "[rank 0] config error: model.n_head=3 does not divide model.d_model=128"
-    assert not list((tmp_path / "run").glob("*"))  # Hydra makes the run dir; nothing in it
+    # Hydra makes the run dir; nothing is in it but the exit state naming the error, as one
+    # a rerun would only repeat (a Slurm job does not retry it).
+    run = tmp_path / "run"
+    assert [p.name for p in run.iterdir()] == ["exit_state.json"]
+    state = json.loads((run / "exit_state.json").read_text())
+    assert (state["reason"], state["retry"]) == ("failed", False)
+    assert state["error"] == line.removeprefix("[rank 0] ")
 
 
 def test_missing_corpus_is_one_line_naming_the_path(train, tmp_path):

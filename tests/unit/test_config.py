@@ -260,3 +260,11 @@ def test_moe_layouts_that_cannot_run_are_refused(overrides, match):
     job = compose_job("+model=gpt_moe_debug", *overrides)
     with pytest.raises(ValueError, match=match):
         check_runnable(job, world_size=2)
+
+
+def test_compile_is_refused_with_deepspeed():
+    from trainer.config import check_runnable
+
+    job = compose_job("parallel.engine=deepspeed", "parallel.zero=2", "parallel.compile=true")
+    with pytest.raises(ValueError, match=r"parallel.compile=true is not available"):
+        check_runnable(job, world_size=2)
