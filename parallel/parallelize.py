@@ -206,7 +206,13 @@ def _fully_shard(model: nn.Module, world: World, *, reshard: bool, precision: st
                 mp_policy=policy,
             )
             experts.set_gradient_divide_factor(float(world.dp_size))
-    for block in repeated_blocks(model):
+    blocks = repeated_blocks(model)
+    for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    # Explicit prefetch, as torchtitan sets it: each block's all-gather starts while the
+    # block before it computes (forward), the one after it (backward).
+    for before, after in zip(blocks, blocks[1:], strict=False):
+        before.set_modules_to_forward_prefetch([after])
+        after.set_modules_to_backward_prefetch([before])
     return model
