@@ -66,20 +66,19 @@ def clip_grads_(params: list[nn.Parameter], max_norm: float, device: torch.devic
     return total
 
 
-def _buckets(items: list, key=lambda t: t) -> list[list]:
-    """Consecutive runs of items whose tensors (`key(item)`) share dtype and device, of at
-    most BUCKET_NUMEL elements each (a larger tensor makes a bucket of its own)."""
-    runs: dict[tuple, list[list]] = defaultdict(list)
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive runs of same-dtype tensors of at most BUCKET_NUMEL elements each (a larger
+    tensor makes a bucket of its own)."""
+    runs: dict[tuple, list[list[torch.Tensor]]] = defaultdict(list)
     sizes: dict[tuple, int] = defaultdict(int)
-    for item in items:
-        t = key(item)
-        kind = (t.dtype, t.device)
-        if not runs[kind] or sizes[kind] + t.numel() > BUCKET_NUMEL:
-            runs[kind].append([])
-            sizes[kind] = 0
-        runs[kind][-1].append(item)
-        sizes[kind] += t.numel()
-    return [run for group in runs.values() for run in group]
+    for t in tensors:
+        key = (t.dtype, t.device)
+        if not runs[key] or sizes[key] + t.numel() > BUCKET_NUMEL:
+            runs[key].append([])
+            sizes[key] = 0
+        runs[key][-1].append(t)
+        sizes[key] += t.numel()
+    return [run for kind in runs.values() for run in kind]
 
 
 def _copy_back(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
@@ -134,42 +133,6 @@ class ReplicaSync:
             members = [p for p in self.params if id(p) in expert_ids]
             self.sets.append(_Replicas(members, expert_group or group, zero1=zero1))
         self._set_of = {id(p): rs for rs in self.sets for p in rs.params}
-        self._plan: list[_Bucket] = []
-        self._expected: int | None = None  # backward passes per step, when overlapping
-        self._next = 0  # the first planned bucket not yet launched this step
-        if reduce and self.size > 1:
-            self._plan_overlap()
-
-    def _plan_overlap(self) -> None:
-        """Buckets in reverse parameter order (about the order backward finishes them), the
-        same on every rank; a hook counts each parameter's gradient accumulations."""
-        for rs in self.sets:
-            for members in _buckets(list(reversed(rs.params)), key=local):
-                self._plan.append(_Bucket(members, rs))
-        self._bucket_of = {id(p): b for b in self._plan for p in b.params}
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._accumulated)
-
-    def begin_step(self, backward_passes: int) -> None:
-        """Overlap this step's reduction with its backward: each bucket's all-reduce starts
-        (asynchronously, in plan order on every rank) once all its parameters have had
-        their last of `backward_passes` gradient accumulations."""
-        if not self._plan:
-            return
-        self._expected, self._next = backward_passes, 0
-        for b in self._plan:
-            b.reset()
-
-    def _accumulated(self, p: nn.Parameter) -> None:
-        if self._expected is None:
-            return
-        bucket = self._bucket_of[id(p)]
-        bucket.counts[id(p)] = bucket.counts.get(id(p), 0) + 1
-        if bucket.counts[id(p)] == self._expected:
-            bucket.ready += 1
-        while self._next < len(self._plan) and self._plan[self._next].complete:
-            self._plan[self._next].launch()
-            self._next += 1
 
     def owns(self, p: nn.Parameter) -> bool:
         return self._set_of[id(p)].owns(p)
@@ -185,13 +148,6 @@ class ReplicaSync:
     def reduce_gradients(self) -> None:
         if not self.reduce or self.size == 1:
             return
-        if self._expected is not None:  # begun: finish the overlapped buckets in plan order
-            for bucket in self._plan[self._next :]:
-                bucket.launch()
-            for bucket in self._plan:
-                bucket.finish(self.size)
-            self._expected = None
-            return
         for rs in self.sets:
             grads = [local(p.grad) for p in rs.params if p.grad is not None]
             for bucket in _buckets(grads):
@@ -205,41 +161,6 @@ class ReplicaSync:
     def broadcast_parameters(self) -> None:
         for rs in self.sets:
             rs.broadcast()
-
-
-class _Bucket:
-    """Parameters whose gradients are all-reduced together, and this step's progress."""
-
-    def __init__(self, params: list[nn.Parameter], rs: _Replicas):
-        self.params, self.rs = params, rs
-        self.reset()
-
-    def reset(self) -> None:
-        self.counts: dict[int, int] = {}
-        self.ready = 0
-        self.handle = self.flat = self.grads = None
-
-    @property
-    def complete(self) -> bool:
-        return self.ready == len(self.params)
-
-    @torch.no_grad()
-    def launch(self) -> None:
-        self.grads = [local(p.grad) for p in self.params if p.grad is not None]
-        if not self.grads:
-            return
-        self.flat = _flatten_dense_tensors(self.grads)
-        if self.rs.size > 1:
-            self.handle = dist.all_reduce(self.flat, group=self.rs.group, async_op=True)
-
-    @torch.no_grad()
-    def finish(self, divide_by: int) -> None:
-        if self.handle is not None:
-            self.handle.wait()
-        if self.grads:
-            self.flat.div_(divide_by)
-            _copy_back(self.grads, self.flat)
-        self.reset()
 
 
 class _Replicas:

@@ -85,8 +85,6 @@ class NativeEngine(Engine):
         self, micro_batches: list[MicroBatch], weights: dict[str, float]
     ) -> dict[str, torch.Tensor]:
         self.model.train()
-        if self.replicas is not None:
-            self.replicas.begin_step(len(micro_batches))
         totals, keys = None, sorted(micro_batches[0][1])
         for i, (inputs, labels) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
