@@ -5,9 +5,11 @@ and, with `--signal=USR2@T`, warns T seconds before the time limit. `StopRequest
 either signal into a flag and nothing else: the loop asks at every step boundary (and
 between evaluation batches) whether any rank has it, with one collective, so every rank
 stops at the same step, saves the same checkpoint and exits 0. A second signal exits at
-once. Without any signal, a deadline (`trainer.time_limit` seconds from the start, or the
-Slurm job's end time, SLURM_JOB_END_TIME) stops the run when the next step and a save
-would no longer fit before it.
+once, unless it comes within REPEAT_S of the first: Slurm signals every process of a job
+step and torchrun forwards the signal again, so copies arrive within moments. Without
+any signal, a deadline (`trainer.time_limit` seconds from the start, or the Slurm job's
+end time, SLURM_JOB_END_TIME) stops the run when the next step and a save would no
+longer fit before it.
 
 `<run>/exit_state.json` says why the run stopped (LOOM_EXIT_STATE names another file):
 
@@ -36,6 +38,7 @@ _SIGNALS = {"USR1": signal.SIGUSR1, "USR2": signal.SIGUSR2}
 # What each signal means: SIGTERM is preemption (or the end itself); the user signal is the
 # early warning `--signal=USR2@T` sends before the time limit.
 _REASON_CODE = {None: 0, "time_limit": 1, "preempted": 2}
+REPEAT_S = 5.0  # a signal again within this many seconds is a copy of the first
 
 
 class StopRequest:
@@ -63,9 +66,16 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received is not None:  # the second signal: no more grace
-            os._exit(128 + signum)
-        self.received = signum
+        now = time.monotonic()
+        if self.received is not None:
+            # Slurm signals every process of a job step and torchrun forwards the signal
+            # again: copies within REPEAT_S are the same request; a later one ends at once.
+            if now - self._received_at > REPEAT_S:
+                os._exit(128 + signum)
+            if signum == signal.SIGTERM:  # preemption outranks an earlier warning
+                self.received = signum
+            return
+        self.received, self._received_at = signum, now
 
     def local_reason(
         self, *, lead_s: float = 0.0, progressed: bool = True, deadline: bool = True
