@@ -126,31 +126,6 @@ def test_a_killed_rank_fails_the_job_within_seconds(train_env, tmp_path):
     assert state["reason"] == "failed" and state["retry"] is True, state
 
 
-def test_torchrun_restarts_crashed_workers_from_the_last_checkpoint(train_cli, train_env, tmp_path):
-    """`torchrun --max-restarts 1`: rank 1 killed after the step-4 checkpoint; both workers
-    restart, resume it, and end with the weights of an uninterrupted run, to the bit."""
-    common = [*TINY, "trainer.max_steps=14", "trainer.save_every=4", "trainer.eval_every=0"]
-    whole, restarted = tmp_path / "whole", tmp_path / "restarted"
-    train_cli(*common, f"trainer.out_dir={whole}", nproc=2)
-    code, output, _ = start_and_signal(
-        train_env,
-        common,
-        restarted,
-        nproc=2,
-        at_step=6,
-        sig=signal.SIGKILL,
-        torchrun_args=("--max-restarts", "1"),
-    )
-    assert code == 0, output[-3000:]
-    assert "resumed from" in output
-    state = exit_state(restarted)
-    assert state["reason"] == "done" and state["restart_count"] == 1, state
-    steps = [r["step"] for r in read_metrics(restarted) if "loss" in r]
-    assert steps == list(range(1, 15))
-    wa, wb = final_weights(whole), final_weights(restarted)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 def test_config_errors_are_recorded_as_not_worth_a_retry(train_cli, tmp_path):
     state = tmp_path / "state.json"
     env = {"LOOM_EXIT_STATE": str(state)}
