@@ -77,6 +77,7 @@ from models.hf.t5 import (
     embeddings_to_hf,
     n_decoder_layers,
     stack_pairs,
+    stack_sizes,
     t5_fields,
 )
 
@@ -188,13 +189,7 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | 
     check_vocab_size(vocab_size)
     moe = cfg.moe
     return SwitchTransformersConfig(
-        vocab_size=vocab_size,
-        d_model=cfg.d_model,
-        d_kv=cfg.head_dim,
-        d_ff=cfg.ffn_size,
-        num_layers=cfg.n_layer,
-        num_decoder_layers=n_decoder_layers(cfg),
-        num_heads=cfg.n_head,
+        **stack_sizes(cfg, vocab_size),
         num_experts=moe.num_experts,
         num_sparse_encoder_layers=_num_sparse(cfg, "encoder"),
         num_sparse_decoder_layers=_num_sparse(cfg, "decoder"),

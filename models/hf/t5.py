@@ -108,13 +108,7 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | 
     _check(cfg)
     check_vocab_size(vocab_size)
     return T5Config(
-        vocab_size=vocab_size,
-        d_model=cfg.d_model,
-        d_kv=cfg.head_dim,
-        d_ff=cfg.ffn_size,
-        num_layers=cfg.n_layer,
-        num_decoder_layers=n_decoder_layers(cfg),
-        num_heads=cfg.n_head,
+        **stack_sizes(cfg, vocab_size),
         relative_attention_num_buckets=cfg.relative_buckets,
         relative_attention_max_distance=cfg.relative_max_distance,
         dropout_rate=cfg.dropout,
@@ -123,6 +117,19 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | 
         feed_forward_proj=_FEED_FORWARD[cfg.activation],
         tie_word_embeddings=cfg.tie_embeddings,
         **TOKENS.config_token_ids(token_ids),
+    )
+
+
+def stack_sizes(cfg: ModelConfig, vocab_size: int) -> dict:
+    """The size fields T5Config and SwitchTransformersConfig share, from a Loom T5 config."""
+    return dict(
+        vocab_size=vocab_size,
+        d_model=cfg.d_model,
+        d_kv=cfg.head_dim,
+        d_ff=cfg.ffn_size,
+        num_layers=cfg.n_layer,
+        num_decoder_layers=n_decoder_layers(cfg),
+        num_heads=cfg.n_head,
     )
 
 
