@@ -33,6 +33,7 @@ from models.blocks import (
     TransformerBlock,
     block_from_config,
     check_seq_len,
+    chunked_row_losses,
     init_normal_,
     make_norm,
     sequence_length,
@@ -64,6 +65,8 @@ class Bert(TiedOutputMixin, nn.Module):
     # heads; parameter-free modules (the rotary tables) run on every stage.
     pipeline_first = ("wte", "wpe", "tte", "emb_ln", "emb_proj", "drop")
     pipeline_last = ("ln_f", "mlm_dense", "mlm_act", "mlm_ln", "lm_head", "pooler", "nsp_head")
+    # Tokens per slice of the chunked MLM loss (forward with `labels`); 0: the whole sequence.
+    loss_chunk_tokens = 0
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
@@ -163,10 +166,19 @@ class Bert(TiedOutputMixin, nn.Module):
             x_BTD = block(x_BTD, attn_mask=attn_mask, rope=rope)
         return x_BTD if self.ln_f is None else self.ln_f(x_BTD)
 
-    def heads(self, x_BTD: torch.Tensor) -> dict[str, torch.Tensor]:
-        h_BTE = self.mlm_ln(self.mlm_act(self.mlm_dense(x_BTD)))
+    def mlm_head(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.mlm_ln(self.mlm_act(self.mlm_dense(x_BTD))))
+
+    def heads(
+        self, x_BTD: torch.Tensor, labels_BT: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         pooled_BD = torch.tanh(self.pooler(x_BTD[:, 0]))
-        return {"logits": self.lm_head(h_BTE), "nsp_logits": self.nsp_head(pooled_BD)}
+        if labels_BT is None:
+            return {"logits": self.mlm_head(x_BTD), "nsp_logits": self.nsp_head(pooled_BD)}
+        row_losses_B = chunked_row_losses(
+            self.mlm_head, x_BTD, labels_BT, chunk_tokens=self.loss_chunk_tokens
+        )
+        return {"row_losses": row_losses_B, "nsp_logits": self.nsp_head(pooled_BD)}
 
     def forward(
         self,
@@ -176,6 +188,7 @@ class Bert(TiedOutputMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """{"logits": (B, T, V), "nsp_logits": (B, 2)} for token ids (B, T).
 
@@ -183,6 +196,8 @@ class Bert(TiedOutputMixin, nn.Module):
         (B, T), True (or 1) for real tokens and False (0) for padding, which no query may
         attend to. `position_ids` (B, T) overrides 0..T-1. `attn_mask` (boolean, broadcast to
         (B, 1, T, T), True = may attend), e.g. a document mask, further restricts attention.
+        With MLM `labels` (B, T) the MLM logits are not returned but scored a slice at a time:
+        "row_losses" (B,) summed cross-entropy replaces "logits" (`chunked_row_losses`).
 
         A pipeline stage is this model with the modules of other stages set to None: without
         the embeddings `input_ids` is the previous stage's hidden states (B, T, D), and
@@ -203,7 +218,7 @@ class Bert(TiedOutputMixin, nn.Module):
         t = sequence_length(input_ids, attention_mask, position_ids, attn_mask)
         mask = combine_masks(attention_mask, attn_mask, shape=(input_ids.shape[0], t))
         x_BTD = self.encode(x_BTD, attn_mask=mask, position_ids_BT=position_ids)
-        return x_BTD if self.lm_head is None else self.heads(x_BTD)
+        return x_BTD if self.lm_head is None else self.heads(x_BTD, labels)
 
 
 def combine_masks(

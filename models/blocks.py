@@ -18,11 +18,12 @@ Shape legend (suffixes of tensor names):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
 from models.moe import MoE
@@ -36,6 +37,7 @@ __all__ = [
     "TransformerBlock",
     "apply_rotary",
     "causal_mask",
+    "chunked_row_losses",
     "make_norm",
 ]
 
@@ -378,6 +380,48 @@ def scale_residual_init_(blocks: Iterable[TransformerBlock], *, std: float, n_la
             block.mlp.experts.w_out.mul_(1 / math.sqrt(2 * n_layer))
         else:
             nn.init.normal_(block.mlp.fc_out.weight, mean=0.0, std=residual_std)
+
+
+def chunked_row_losses(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    x_BTD: torch.Tensor,
+    labels_BT: torch.Tensor,
+    *,
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """Summed fp32 cross-entropy of each row (B,) of `head(x_BTD)` against `labels_BT`,
+    computed a slice of the sequence at a time so the (B, T, V) logits never exist whole.
+
+    Each slice's head and loss run under activation checkpointing: forward keeps only the
+    slice's summed loss, and backward recomputes one slice's logits at a time. The cost is
+    one more forward pass of the head; the logits held at once are about `chunk_tokens`
+    rows of V (0: the whole sequence in one slice). Labels of -100 are not scored, as in
+    `F.cross_entropy`. `head` may be tensor-parallel (vocabulary-sharded logits, under
+    `loss_parallel`). Hidden states holding a 1/k slice of the sequence (sequence
+    parallelism: the head's input hook gathers the same slice from every rank, rank by
+    rank) are matched with the labels of those positions.
+    """
+    b, t_local = x_BTD.shape[:2]
+    t = labels_BT.shape[1]
+    if t % t_local:
+        raise ValueError(f"labels of length {t} do not match hidden states of length {t_local}")
+    labels_BKT = labels_BT.reshape(b, t // t_local, t_local)
+    step = max(1, chunk_tokens // (b * (t // t_local))) if chunk_tokens > 0 else t_local
+    total_B = None
+    for start in range(0, t_local, step):
+        x_BCD = x_BTD[:, start : start + step]
+        labels_BC = labels_BKT[:, :, start : start + step].reshape(b, -1)
+        sums_B = checkpoint(_row_losses, head, x_BCD, labels_BC, use_reentrant=False)
+        total_B = sums_B if total_B is None else total_B + sums_B
+    return total_B
+
+
+def _row_losses(head, x_BCD: torch.Tensor, labels_BC: torch.Tensor) -> torch.Tensor:
+    logits_BCV = head(x_BCD)
+    per_token = F.cross_entropy(
+        logits_BCV.flatten(0, 1).float(), labels_BC.flatten(), reduction="none"
+    )
+    return per_token.view(labels_BC.shape).sum(1)
 
 
 class TiedOutputMixin:

@@ -30,6 +30,7 @@ from models.blocks import (
     TiedOutputMixin,
     block_from_config,
     check_seq_len,
+    chunked_row_losses,
     init_normal_,
     scale_residual_init_,
     sequence_length,
@@ -62,6 +63,8 @@ class GLM(TiedOutputMixin, nn.Module):
     # head; every stage rebuilds the attention mask from `sep`.
     pipeline_first = ("wte", "wpe", "wbpe", "drop")
     pipeline_last = ("ln_f", "lm_head")
+    # Tokens per slice of the chunked loss (forward with `labels`); 0: the whole sequence.
+    loss_chunk_tokens = 0
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
@@ -122,12 +125,15 @@ class GLM(TiedOutputMixin, nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         sep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits (B, T, V) for token ids (B, T).
 
         `position_ids` (int64 [B, 2, T]): row 0 positions in the corrupted text, row 1 block
         positions; None means 0..T-1 and all zeros. `sep` (int64 [B]): length of Part A of
-        each row; None makes the whole row Part A (fully bidirectional).
+        each row; None makes the whole row Part A (fully bidirectional). With `labels` (B, T)
+        the logits are not returned but scored a slice at a time: {"row_losses": (B,) summed
+        cross-entropy} (`chunked_row_losses`).
 
         A pipeline stage is this model with the modules of other stages set to None: without
         the embeddings `input_ids` is the previous stage's hidden states (B, T, D), and
@@ -148,4 +154,12 @@ class GLM(TiedOutputMixin, nn.Module):
             mask_B1TS = blank_infilling_mask(sep_B, t, device=x_BTD.device)
         for block in self.blocks.values():
             x_BTD = block(x_BTD, attn_mask=mask_B1TS)
-        return x_BTD if self.lm_head is None else self.head(x_BTD)
+        if self.lm_head is None:
+            return x_BTD
+        if labels is not None:
+            return {
+                "row_losses": chunked_row_losses(
+                    self.head, x_BTD, labels, chunk_tokens=self.loss_chunk_tokens
+                )
+            }
+        return self.head(x_BTD)

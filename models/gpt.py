@@ -20,6 +20,7 @@ from models.blocks import (
     block_from_config,
     causal_mask,
     check_seq_len,
+    chunked_row_losses,
     init_normal_,
     make_norm,
     scale_residual_init_,
@@ -42,6 +43,8 @@ class GPT(TiedOutputMixin, nn.Module):
     # head; parameter-free modules (the rotary tables) run on every stage.
     pipeline_first = ("wte", "wpe", "drop")
     pipeline_last = ("ln_f", "lm_head")
+    # Tokens per slice of the chunked loss (forward with `labels`); 0: the whole sequence.
+    loss_chunk_tokens = 0
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
@@ -105,13 +108,15 @@ class GPT(TiedOutputMixin, nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits (B, T, V) for token ids (B, T).
 
         `position_ids` (B, T) overrides 0..T-1 (e.g. restarting at document boundaries in
         packed sequences) for learned and rotary positions; `attn_mask` (boolean, True = may
         attend, broadcast to (B, H, T, T)) further restricts attention and is combined with
-        the causal mask.
+        the causal mask. With `labels` (B, T) the logits are not returned but scored a slice
+        at a time: {"row_losses": (B,) summed cross-entropy} (`chunked_row_losses`).
 
         A pipeline stage is this model with the modules of other stages set to None: without
         the embeddings `input_ids` is the previous stage's hidden states (B, T, D), and
@@ -132,4 +137,12 @@ class GPT(TiedOutputMixin, nn.Module):
             attn_mask = attn_mask & causal_mask(t, device=attn_mask.device)
         for block in self.blocks.values():
             x_BTD = block(x_BTD, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
-        return x_BTD if self.lm_head is None else self.head(x_BTD)
+        if self.lm_head is None:
+            return x_BTD
+        if labels is not None:
+            return {
+                "row_losses": chunked_row_losses(
+                    self.head, x_BTD, labels, chunk_tokens=self.loss_chunk_tokens
+                )
+            }
+        return self.head(x_BTD)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.blocks import chunked_row_losses
 from models.config import ModelConfig
 from models.moe import MoE
 
@@ -348,6 +349,8 @@ class T5(nn.Module):
     pipeline_refusal = (
         "every decoder stage needs the encoder output and the decoder's cross-attention masks"
     )
+    # Tokens per slice of the chunked loss (forward with `labels`); 0: the whole sequence.
+    loss_chunk_tokens = 0
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
@@ -446,11 +449,14 @@ class T5(nn.Module):
         decoder_input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits (B, T, V) of the decoder for encoder ids (B, S) and decoder ids (B, T).
 
         Masks are (B, S) / (B, T), True (or 1) for real tokens; padded keys get no
-        attention. The decoder is causal whatever `decoder_attention_mask` says.
+        attention. The decoder is causal whatever `decoder_attention_mask` says. With `labels`
+        (B, T) the logits are not returned but scored a slice at a time: {"row_losses": (B,)
+        summed cross-entropy} (`chunked_row_losses`).
         """
         attention_mask_BS = _check_mask("attention_mask", attention_mask, input_ids)
         decoder_mask_BT = _check_mask(
@@ -463,4 +469,10 @@ class T5(nn.Module):
             attention_mask_BS=attention_mask_BS,
             decoder_attention_mask_BT=decoder_mask_BT,
         )
+        if labels is not None:
+            return {
+                "row_losses": chunked_row_losses(
+                    self.head, y_BTD, labels, chunk_tokens=self.loss_chunk_tokens
+                )
+            }
         return self.head(y_BTD)

@@ -418,6 +418,8 @@ class PipelineEngine(NativeEngine):
         the real batch (evaluation padding, always the last rows) are left out."""
         keys = next(stage.output_keys for stage in self.stages if stage.is_last)
         if keys is not None:
+            # The schedule hands a one-element tuple over as its tensor.
+            output = (output,) if isinstance(output, torch.Tensor) else output
             output = dict(zip(keys, output, strict=True))
         if self._padded:
             real = int((rows_M < self._real_rows).sum())

@@ -151,6 +151,10 @@ class TrainerConfig:
     warning before the time limit): USR1 | USR2 | null."""
     stop_margin_s: float = 30.0
     """Seconds kept in hand before a time limit, beyond the longest step and save so far."""
+    loss_chunk_tokens: int = 0
+    """Score the language-model logits this many tokens at a time, inside the model, so
+    the (tokens x vocabulary) logits are never held whole (their backward recomputes one
+    slice at a time: one more forward of the output layer); 0 keeps whole logits."""
     hang_timeout_s: float | None = None
     """Seconds without a finished step (or evaluation batch) after which every rank writes
     its threads' stacks to out_dir/hang/ and the job fails; None: 20x the median step, at
@@ -168,7 +172,7 @@ class TrainerConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"trainer.{key}={getattr(self, key)} must be > 0")
-        for key in ("eval_every", "save_every"):
+        for key in ("eval_every", "save_every", "loss_chunk_tokens"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key}={getattr(self, key)} must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):

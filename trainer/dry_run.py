@@ -69,7 +69,9 @@ def memory_estimate(
     in_flight = min(p.pp, max(1, t.global_batch_size // (t.micro_batch_size * dp)))
     base = 2 * act_bytes * s * b * h * 34 / p.tp * layers * in_flight
     scores = 2 * act_bytes * s * b * 5 * a * s / p.tp * layers * in_flight
-    logits = 2 * 4 * s * b * vocab / p.tp  # fp32 logits and their gradient
+    # fp32 logits and their gradient, for the tokens scored at once (trainer.loss_chunk_tokens)
+    scored = min(t.loss_chunk_tokens, s * b) if t.loss_chunk_tokens > 0 else s * b
+    logits = 2 * 4 * scored * vocab / p.tp
     states = weights + grads + moments
     return {
         "data_parallel": dp,

@@ -36,7 +36,7 @@ from parallel.launch_env import launch_env
 from parallel.parallelize import build_engine
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.config import JobConfig, to_yaml
-from trainer.loss import summed_losses, target_counts, task_name
+from trainer.loss import summed_losses, target_counts, task_name, with_chunked_labels
 from trainer.metrics import MetricsLogger, Throughput, job_flops_per_token, moe_metrics
 from trainer.optim import build_optimizer
 from trainer.precision import LossScaler, autocast
@@ -174,6 +174,7 @@ class Trainer:
         self.seq_len = self.data.seq_len
         vocab = self.vocab_size = model_vocab_size(job, self.data.loader.vocab_size)
         model = build_model(job.model, vocab_size=vocab)
+        model.loss_chunk_tokens = self.t.loss_chunk_tokens
         self.counts = param_counts(model)  # before sharding hides full shapes
         self.scaler = LossScaler(job.precision)
         self.engine = build_engine(
@@ -271,7 +272,7 @@ class Trainer:
         if self.moe:  # one row's aux losses weigh as a row of the objective (DDP-averaged)
             weight = self.world.dp_size / self.t.global_batch_size * self.scaler.scale
             set_aux_loss_weight(self.engine.module, weight)
-        micro = [split_batch(b) for b in self.data.loader.next_batch()]
+        micro = [self._split(b) for b in self.data.loader.next_batch()]
         keys = sorted(micro[0][1])
         local = [sum(target_counts(labels)[k] for _, labels in micro) for k in keys]
         counts = dist.dp_sum(torch.tensor(local, dtype=torch.float64), self.world).tolist()
@@ -294,6 +295,12 @@ class Trainer:
         if len(keys) > 1:
             record.update({task_name(k): task[i] for i, k in enumerate(keys)})
         return record
+
+    def _split(self, batch: dict) -> tuple[dict, dict]:
+        """(model inputs, labels) of a micro-batch; the inputs carry the language-model
+        labels too when the loss is chunked inside the model."""
+        inputs, labels = split_batch(batch)
+        return with_chunked_labels(inputs, labels, self.t.loss_chunk_tokens), labels
 
     @torch.no_grad()
     def evaluate(self, between_batches=None) -> dict[str, float]:
@@ -331,6 +338,7 @@ class Trainer:
             labels = {
                 k: torch.where(_rows_mask(real, v), v, IGNORE_INDEX) for k, v in labels.items()
             }
+            inputs = with_chunked_labels(inputs, labels, self.t.loss_chunk_tokens)
             sums, counts = self.engine.evaluate(inputs, labels), target_counts(labels)
             for k in sums:
                 pair = torch.tensor([float(sums[k]), float(counts[k])], dtype=torch.float64)

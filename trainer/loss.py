@@ -5,6 +5,10 @@ that returns a bare tensor returns "logits"). Each task's loss is its summed tok
 cross-entropy divided by its number of scored targets in the whole global batch (all
 micro-batches, all data-parallel ranks), and the training loss is the sum over tasks:
 the gradient is then the same for any split of the global batch.
+
+With `trainer.loss_chunk_tokens` > 0 the language-model labels go into the model's forward
+(`with_chunked_labels`), which scores its logits a slice at a time and returns the summed
+loss of each row as "row_losses" in place of "logits" (models.blocks.chunked_row_losses).
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ def as_logits_dict(outputs: torch.Tensor | dict[str, torch.Tensor]) -> dict[str,
     return {"logits": outputs} if isinstance(outputs, torch.Tensor) else outputs
 
 
+def with_chunked_labels(inputs: dict, labels: dict, chunk_tokens: int) -> dict:
+    """The model inputs, plus the "labels" task's targets when the loss is chunked."""
+    if chunk_tokens <= 0 or "labels" not in labels:
+        return inputs
+    return {**inputs, "labels": labels["labels"]}
+
+
 def target_counts(labels: dict[str, torch.Tensor]) -> dict[str, int]:
     return {key: int((value != IGNORE_INDEX).sum()) for key, value in labels.items()}
 
@@ -31,6 +42,10 @@ def summed_losses(
     sums = {}
     for key, target in labels.items():
         name = key[: -len("labels")] + "logits"
+        scored = key[: -len("labels")] + "row_losses"
+        if scored in logits:  # scored inside the model (chunked): summed per row
+            sums[key] = logits[scored].sum()
+            continue
         if name not in logits:
             raise ValueError(f"the objective's {key!r} has no matching model output {name!r}")
         value = logits[name]

@@ -47,6 +47,15 @@ def test_memory_estimate_follows_the_layout():
     )
     assert tp2["weights_gib"] == pytest.approx(one["weights_gib"] / 2)
     assert tp2["activations_gib"] == pytest.approx(one["activations_gib"] / 2)
+    # 8 rows x 1024 tokens scored 1024 tokens at a time: an eighth of the logits.
+    chunked = memory_estimate(
+        compose_job("+model=gpt2_small", "trainer.loss_chunk_tokens=1024"),
+        params=100_000_000,
+        vocab=50257,
+        world_size=1,
+    )
+    assert one["logits_gib"] == pytest.approx(2 * 4 * 8 * 1024 * 50257 / 1024**3)
+    assert chunked["logits_gib"] == pytest.approx(one["logits_gib"] / 8)
 
 
 def test_vocab_resolution():
