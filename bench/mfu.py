@@ -12,8 +12,10 @@ the known peak of the GPU and precision; null on CPU unless given). Peak memory 
 torch.cuda.max_memory_allocated over the timed steps, against `total_gib` of
 trainer/dry_run.py's estimate (without attention scores: SDPA does not keep them).
 With --micro-batches, the job runs once per micro-batch size (global batch = micro-batch:
-one micro-batch per step) and the best MFU is marked. Prints one line per run and writes
-them as JSON lines to <trainer.out_dir>/mfu.jsonl. Nothing is asserted.
+one micro-batch per step) and the best MFU is marked. With --profile N, N more steps run
+under torch.profiler and the kernels (CPU ops off the GPU) that take the most device time
+are printed, to explain where a step's time goes. Prints one line per run and writes them
+as JSON lines to <trainer.out_dir>/mfu.jsonl. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -41,11 +43,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--micro-batches", default=None, help="comma-separated sizes to sweep")
+    parser.add_argument("--profile", type=int, default=0, help="profiled steps after timing")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed by --profile")
     parser.add_argument("overrides", nargs="*")
     return parser.parse_args()
 
 
-def measure(overrides: list[str], *, steps: int, warmup: int) -> dict:
+def profile_steps(trainer: Trainer, first: int, steps: int, *, cuda: bool, top: int) -> str:
+    """The `top` kernels (ops on CPU) by total device time over `steps` training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for step in range(first, first + steps):
+            record = trainer.train_step(step)
+        float(record["loss"])
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
+def measure(
+    overrides: list[str], *, steps: int, warmup: int, profile: int = 0, top: int = 15
+) -> dict:
     job = compose_job([*overrides, "trainer.tensorboard=false"])
     fit_micro_batch(job, world_size=1)
     validate_job(job)
@@ -75,6 +94,9 @@ def measure(overrides: list[str], *, steps: int, warmup: int) -> dict:
             expert_params=trainer.counts["expert"],
         )
         measured = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        kernels = (
+            profile_steps(trainer, warmup + steps, profile, cuda=cuda, top=top) if profile else None
+        )
         return {
             "model": job.model.name,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -88,6 +110,7 @@ def measure(overrides: list[str], *, steps: int, warmup: int) -> dict:
             "peak_memory_gib": measured,
             "estimated_memory_gib": estimate["total_gib"],
             "loss": float(record["loss"]),
+            "profile": kernels,
         }
     finally:
         shutdown(world)
@@ -106,7 +129,13 @@ def main() -> None:
                 f"trainer.global_batch_size={size}",
             ]
         )
-        r = measure([*args.overrides, *extra], steps=args.steps, warmup=args.warmup)
+        r = measure(
+            [*args.overrides, *extra],
+            steps=args.steps,
+            warmup=args.warmup,
+            profile=args.profile,
+            top=args.top,
+        )
         results.append(r)
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
@@ -117,6 +146,8 @@ def main() -> None:
             f"(estimate {r['estimated_memory_gib']:.2f} GiB)",
             flush=True,
         )
+        if r["profile"]:
+            print(r["profile"], flush=True)
     best = max(results, key=lambda r: r["mfu"] or r["tokens_per_s"])
     if len(results) > 1:
         print(f"best: micro-batch {best['micro_batch_size']}")
