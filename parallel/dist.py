@@ -22,6 +22,9 @@ from parallel.launch_env import launch_env
 # stages span the slowest. `ep` is carved out of data parallelism: dp = dp_replicate x
 # dp_shard x ep.
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "ep", "tp")
+# Flattened axes (see init_world): dp = dp_replicate x dp_shard x ep, fsdp = dp_shard x ep,
+# edp = dp_replicate x dp_shard.
+FLAT_AXES = ("dp", "fsdp", "edp")
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ def tighten_timeout(world: World, seconds: float) -> None:
     timeout = timedelta(seconds=seconds)
     groups = [None]
     if world.mesh is not None:
-        names = list(world.mesh.mesh_dim_names or ()) + ["dp", "fsdp", "edp"]
+        names = list(world.mesh.mesh_dim_names or ()) + list(FLAT_AXES)
         groups += [world.mesh[name].get_group() for name in dict.fromkeys(names)]
     for group in groups:
         dist.distributed_c10d._set_pg_timeout(timeout, group)

@@ -9,6 +9,9 @@ Large Transformer Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes per layer for 16-b
 activations, doubled for fp32, divided by TP, for the layers of one pipeline stage with
 PP micro-batches in flight (1F1B); the 5*a*s/h term is the attention-score matrix, which
 fused SDPA kernels do not store, so it is reported separately as an upper bound.
+Communication per rank and step, by mesh axis and collective, follows the formula of
+parallel/comm_model.py (which a distributed run's comm.json checks against a measured step),
+with the bytes a rank sends over ring links beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import torch
 
 from common.log import log_rank0
 from models import build_model, param_counts
+from parallel.comm import CommTally, summary_lines
+from parallel.comm_model import expected_comm
+from trainer.comm_report import job_comm_layout
 from trainer.config import JobConfig
 from trainer.metrics import job_flops_per_token
 
@@ -86,6 +92,18 @@ def memory_estimate(
     }
 
 
+def comm_estimate(job: JobConfig, *, world_size: int, vocab: int, seq_len: int) -> dict:
+    """{"volumes": {kind: {axis: {"bytes", "calls"}}} per rank and step, "shape": degree of
+    each mesh axis}, or {"error": why} for a layout the formula does not describe."""
+    if job.parallel.engine != "native":
+        return {"error": f"the formula describes parallel.engine=native, not {job.parallel.engine}"}
+    try:
+        layout = job_comm_layout(job, world_size=world_size, vocab_size=vocab, seq_len=seq_len)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"volumes": expected_comm(layout).to_json(), "shape": layout.shape()}
+
+
 def dry_run(job: JobConfig, *, world_size: int) -> dict:
     vocab = resolve_vocab(job)
     seq_len = job.data.seq_len or job.model.max_seq_len
@@ -119,6 +137,7 @@ def dry_run(job: JobConfig, *, world_size: int) -> dict:
             world_size=world_size,
             expert_params=counts["expert"],
         ),
+        "comm_per_rank": comm_estimate(job, world_size=world_size, vocab=vocab, seq_len=seq_len),
     }
     out = Path(job.trainer.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,4 +179,15 @@ def _print(r: dict, path: Path) -> None:
         mem["logits_gib"],
         mem["total_gib"],
     )
+    _print_comm(r["comm_per_rank"])
     log_rank0("written to %s", path)
+
+
+def _print_comm(comm: dict) -> None:
+    if "error" in comm:
+        log_rank0("communication: not estimated (%s)", comm["error"])
+        return
+    lines = summary_lines(CommTally.from_json(comm["volumes"]), shape=comm["shape"])
+    log_rank0("communication per rank and step (formula)%s", ":" if lines else ": none")
+    for line in lines:
+        log_rank0("  %s", line)

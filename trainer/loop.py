@@ -35,6 +35,7 @@ from parallel.engine import TrainingSpec
 from parallel.launch_env import launch_env
 from parallel.parallelize import build_engine
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
+from trainer.comm_report import CommAccounting
 from trainer.config import JobConfig, to_yaml
 from trainer.loss import summed_losses, target_counts, task_name, with_chunked_labels
 from trainer.metrics import MetricsLogger, Throughput, job_flops_per_token, moe_metrics
@@ -397,6 +398,14 @@ class Trainer:
         t, world = self.t, self.world
         started = time.perf_counter()
         saved, longest = self.start_step, {"step": 0.0, "eval": 0.0, "save": 0.0}
+        comm = CommAccounting(
+            self.job,
+            world,
+            vocab_size=self.vocab_size,
+            seq_len=self.seq_len,
+            start_step=self.start_step,
+            run_dir=self.run_dir,
+        )
 
         def save(step: int) -> None:
             nonlocal saved
@@ -413,12 +422,14 @@ class Trainer:
             if reason is not None:
                 return self._stopped(reason, step - 1, summary, saved=saved, save=save)
             tick = time.perf_counter()
-            record = self.train_step(step - 1)
+            with comm.count(step):  # one step of the run: bytes per collective and axis
+                record = self.train_step(step - 1)
             seconds = time.perf_counter() - tick
             longest["step"] = max(longest["step"], seconds)
             throughput.add(t.global_batch_size * self.seq_len, seconds)
             if step == self.start_step + 1:
                 dist.tighten_timeout(world, self.job.parallel.timeout_s)
+            comm.report(step)
             if watchdog is not None:
                 watchdog.beat(seconds)
             summary = {"step": step, **record}
