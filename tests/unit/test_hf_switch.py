@@ -174,7 +174,9 @@ def test_hf_to_loom_logits_match(variant):
     batch = _inputs()
     ours.load_state_dict(from_hf(theirs.state_dict(), cfg), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(_ours(ours, batch), theirs(**batch).logits, atol=1e-5, rtol=1e-5)
+        # fp32 sums in another order: the untied GELU variant's logits differ by up to 1.2e-5
+        # on some CPUs, so the bound is 2e-5.
+        torch.testing.assert_close(_ours(ours, batch), theirs(**batch).logits, atol=2e-5, rtol=1e-5)
     assert (ours.lm_head.weight is ours.shared.weight) == cfg.tie_embeddings
 
 
