@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from common.errors import ConfigError
 from data_pipeline.tokenizers import check_spec
 
-OBJECTIVES = ("clm", "mlm", "mlm_nsp", "mlm_sop", "span_corruption", "glm_blank")
-MLM_UNITS = ("token", "word", "span")
+OBJECTIVES = ("clm", "mlm", "mlm_nsp", "mlm_sop", "span_corruption", "glm_blank", "unilm")
+MLM_UNITS = ("token", "word", "span", "ngram")
+UNILM_TASKS = ("bidirectional", "seq2seq", "left_to_right", "right_to_left")
 # Objectives whose inputs keep the documents of a packed row apart (data.document_attention):
 # the others cut segments at document boundaries already (the pair tasks, which need attention
 # between their two segments) or rearrange the row (span corruption, blank infilling).
@@ -26,7 +27,15 @@ DOCUMENT_ATTENTION_OBJECTIVES = ("clm", "mlm")
 # Shortest seq_len that holds one sample: mlm needs [CLS] x [SEP], the pair tasks
 # [CLS] a [SEP] b [SEP], span corruption a kept token, a sentinel and <eos>, blank infilling
 # a token and a span of two around its mask.
-MIN_SEQ_LEN = {"clm": 1, "mlm": 3, "mlm_nsp": 5, "mlm_sop": 5, "span_corruption": 3, "glm_blank": 4}
+MIN_SEQ_LEN = {
+    "clm": 1,
+    "mlm": 3,
+    "mlm_nsp": 5,
+    "mlm_sop": 5,
+    "span_corruption": 3,
+    "glm_blank": 4,
+    "unilm": 5,
+}
 # Shares that add up to 1 on paper may exceed it by a rounding error in floating point.
 _SHARE_SLACK = 1e-9
 
@@ -82,7 +91,8 @@ class MlmConfig:
     replace_with_random: float = 0.1
     """... and share replaced by a random token; the rest keep their token."""
     unit: str = "token"
-    """What is masked together: token | word (whole-word masking) | span (SpanBERT)."""
+    """What is masked together: token | word (whole-word masking) | span (SpanBERT) |
+    ngram (UniLM: one token 80% of the time, a bigram or a trigram 10% each)."""
     span_p: float = 0.2
     """unit=span: parameter of the geometric span-length distribution."""
     span_max: int = 10
@@ -121,6 +131,30 @@ class SpanCorruptionConfig:
         _in_interval("data.span_corruption.noise_density", self.noise_density)
         if not _real("data.span_corruption.mean_span", self.mean_span) >= 1.0:
             raise ConfigError(f"data.span_corruption.mean_span={self.mean_span!r} must be >= 1")
+
+
+@dataclass(kw_only=True)
+class UnilmConfig:
+    """UniLM's mix of language-modelling tasks: the share of samples trained under each
+    self-attention mask (Dong et al. 2019: 1/3 bidirectional, 1/3 sequence-to-sequence, 1/6
+    each unidirectional)."""
+
+    bidirectional: float = 1 / 3
+    """Every token sees every other (with next sentence prediction, as BERT)."""
+    seq2seq: float = 1 / 3
+    """The source segment sees itself; the target sees the source and its own left."""
+    left_to_right: float = 1 / 6
+    """Each token sees itself and the tokens on its left."""
+    right_to_left: float = 1 / 6
+    """Each token sees itself and the tokens on its right."""
+
+    def validate(self) -> None:
+        """ConfigError naming the data.unilm field of any impossible value."""
+        shares = {k: getattr(self, k) for k in UNILM_TASKS}
+        for key, value in shares.items():
+            _in_interval(f"data.unilm.{key}", value, closed_low=True, closed_high=True)
+        if abs(sum(shares.values()) - 1.0) > 1e-6:
+            raise ConfigError(f"data.unilm shares {shares} add up to {sum(shares.values())}, not 1")
 
 
 @dataclass(kw_only=True)
@@ -185,7 +219,7 @@ class DataConfig:
     prepares it without a validation split (then set trainer.eval_every=0)."""
     objective: str | None = None
     """Pretraining objective applied to each batch; None takes model.objective. One of
-    clm | mlm | mlm_nsp | mlm_sop | span_corruption | glm_blank."""
+    clm | mlm | mlm_nsp | mlm_sop | span_corruption | glm_blank | unilm."""
     document_attention: bool = False
     """Stop attention and position ids from crossing document boundaries in packed rows."""
     num_workers: int = 0
@@ -193,6 +227,7 @@ class DataConfig:
     mlm: MlmConfig = field(default_factory=MlmConfig)
     span_corruption: SpanCorruptionConfig = field(default_factory=SpanCorruptionConfig)
     glm: GlmConfig = field(default_factory=GlmConfig)
+    unilm: UnilmConfig = field(default_factory=UnilmConfig)
 
     def validate(self) -> None:
         """ConfigError naming the field and value of anything that cannot run."""
@@ -208,6 +243,7 @@ class DataConfig:
         self.mlm.validate()
         self.span_corruption.validate()
         self.glm.validate()
+        self.unilm.validate()
 
     def check_objective(self, name: str, *, seq_len: int | None = None) -> None:
         """The constraints between these fields and objective `name` (data.objective, or

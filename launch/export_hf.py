@@ -13,8 +13,10 @@ state is read, never the optimizer's. The model config is the `model` section of
 resolved config: `config.yaml` beside the weights, else RUN_DIR/config.yaml two levels above
 the checkpoint, or --config. It writes `config.json` + `model.safetensors` with
 `save_pretrained` and reloads them to compare every tensor (--no-verify skips that). A T5 with
-mixture-of-experts layers (model.moe) becomes a SwitchTransformersForConditionalGeneration,
-and --to-loom reads one back (models/hf/switch.py says what converts).
+mixture-of-experts layers (model.moe) becomes a SwitchTransformersForConditionalGeneration and
+a BERT without the sentence-pair head (model.pair_head=false, the roberta_* recipes) a
+RobertaForMaskedLM; --to-loom reads both back (models/hf/switch.py and models/hf/roberta.py
+say what converts).
 
 The run's tokenizer is written too, so `transformers.pipeline(...)` and
 `AutoTokenizer.from_pretrained(DIR)` work offline. It is found from the run config's `data`
@@ -23,8 +25,9 @@ else the built-in sample corpus prepared under data.cache_dir / $LOOM_CACHE / ~/
 for data.tokenizer, data.seq_len and the objective (the byte tokenizer needs no file);
 --tokenizer names it instead (a prepared corpus, a tokenizer.json, a SentencePiece .model or
 `byte`). Every kind becomes a `tokenizer.json` with the family's special tokens (GPT:
-eos/pad/unk; BERT: [CLS] A [SEP] (B [SEP]) and [MASK]; T5: text <eos>), and the HF config takes
-the tokenizer's eos/pad (and T5's decoder-start) ids. The written tokenizer is reloaded and
+eos/pad/unk; BERT: [CLS] A [SEP] (B [SEP]) and [MASK]; RoBERTa: [CLS] A (<eos> B) [SEP] and
+[MASK]; T5: text <eos>), and the HF config takes the tokenizer's eos/pad (RoBERTa's bos/eos,
+and T5's decoder-start) ids. The written tokenizer is reloaded and
 must encode a set of probe texts to Loom's ids and decode them back as Loom does; a tokenizer
 that cannot be found or represented is left out, and the reason is printed and written to
 the folder's README.md, which always says where the export came from.
@@ -141,6 +144,17 @@ def _model_config(raw: DictConfig, path: Path) -> ModelConfig:
 def load_model_config(path: Path) -> ModelConfig:
     """ModelConfig from a YAML file: its `model` section, or the whole file if it has none."""
     return _model_config(_load_yaml(path, what="model config"), path)
+
+
+def _check_has_hf_class(cfg: ModelConfig) -> None:
+    """ConfigError, before any weight is read, for a model no installed transformers class
+    computes: NEZHA's relative sinusoids (transformers has dropped its Nezha model)."""
+    if cfg.position == "relative_sinusoidal":
+        raise ConfigError(
+            f"model {cfg.name!r} has model.position=relative_sinusoidal (NEZHA), which no "
+            "Hugging Face class computes: transformers has no Nezha model any more (deprecated "
+            "after v4.40.2, since removed) and its BERT classes have learned positions only"
+        )
 
 
 def _run_config_path(checkpoint: Path) -> Path:
@@ -397,11 +411,19 @@ def _remove_tokenizer_files(output: Path) -> None:
 
 
 def write_tokenizer(
-    tokenizer, output: Path, *, family: str, max_length: int, vocab_size: int
+    tokenizer,
+    output: Path,
+    *,
+    family: str,
+    max_length: int,
+    vocab_size: int,
+    model: ModelConfig | None = None,
 ) -> tuple[list[str], str | None]:
     """Write `tokenizer` into the HF folder `output`: (file names, None), or ([], why not).
 
-    Nothing is written unless the reloaded tokenizer matches Loom's on PROBE_TEXTS.
+    The conventions are the family's, or those of the HF model the config `model` converts
+    to (a BERT without the pair head is a RoBERTa). Nothing is written unless the reloaded
+    tokenizer matches Loom's on PROBE_TEXTS.
     """
     from models.hf.tokenizer import save_tokenizer
 
@@ -416,7 +438,7 @@ def write_tokenizer(
         save_tokenizer(
             _as_hf_tokenizer(tokenizer),
             staging,
-            conventions=hf_convert.token_conventions(family),
+            conventions=hf_convert.token_conventions(family, model),
             special_ids=tokenizer.special_tokens,
             max_length=max_length,
         )
@@ -481,7 +503,7 @@ _SPECIAL_TEXT_NOTE = (
 
 def _tokenizer_notes(tokenizer, cfg: ModelConfig) -> list[str]:
     notes = [_SPECIAL_TEXT_NOTE]
-    conventions = hf_convert.token_conventions(cfg.family)
+    conventions = hf_convert.token_conventions(cfg.family, cfg)
     if conventions.single is not None:
         single, pair = (
             " ".join(part.partition(":")[0] for part in parts)
@@ -535,7 +557,12 @@ def _export_tokenizer(tok, source: str, output: Path, cfg: ModelConfig, *, vocab
     problem = source
     if tok is not None:
         _, problem = write_tokenizer(
-            tok, output, family=cfg.family, max_length=cfg.max_seq_len, vocab_size=vocab
+            tok,
+            output,
+            family=cfg.family,
+            max_length=cfg.max_seq_len,
+            vocab_size=vocab,
+            model=cfg,
         )
     if problem is not None:
         print(f"{PROG}: warning: no tokenizer written: {problem}", file=sys.stderr)
@@ -563,7 +590,8 @@ def export_to_hf(
     config = config or _run_config_path(checkpoint)
     run = _load_yaml(config, what="run config (give --config)")
     cfg = _model_config(run, config)
-    hf_convert.token_conventions(cfg.family)  # an unconvertible family fails before reading
+    _check_has_hf_class(cfg)
+    hf_convert.token_conventions(cfg.family, cfg)  # an unconvertible model fails before reading
     state_dict, facts = read_model_state(checkpoint)
     rows = vocab_rows(cfg, state_dict)
     _check_loads(cfg, state_dict, rows=rows)

@@ -1,4 +1,4 @@
-"""BERT-style bidirectional encoder with MLM and NSP/SOP heads; ALBERT options included.
+"""BERT-style bidirectional encoder with MLM and NSP/SOP heads; ALBERT and RoBERTa options.
 
 BERT (Devlin et al. 2019): word + learned position + token-type embeddings, LayerNorm and
 dropout, then `n_layer` post-LN blocks (`cfg.pre_ln=False`; pre-LN also works and adds a final
@@ -6,10 +6,17 @@ norm), then two heads: the masked-LM head (dense, activation, LayerNorm, and a d
 the word embeddings with its own output bias) on every position, and the sentence-pair head
 (pooler dense + tanh on the [CLS] position, then a 2-way classifier) used by NSP and SOP.
 
+RoBERTa (Liu et al. 2019) is this model without the sentence-pair head (`cfg.pair_head=False`:
+its `mlm` objective has no pair task, so neither the pooler nor the classifier exists).
+
 ALBERT (Lan et al. 2020): `cfg.embedding_size` = E < d_model factorises the embeddings (the
 tables have width E, LayerNorm'ed in width E and projected E -> D by `emb_proj`; the MLM head
 maps back to width E before its decoder) and `cfg.share_layers` applies one block's weights
 `n_layer` times.
+
+NEZHA (Wei et al. 2019) is BERT with `cfg.position="relative_sinusoidal"`: no position table;
+every attention layer adds fixed sinusoids of the distance clip(j - i, -k, k) to its keys and
+values (`models.blocks.RelativeSinusoidal`, k = `cfg.max_relative_position`).
 
 Module names follow `models/gpt.py` where they mean the same thing (`wte`, `wpe`,
 `blocks.N.attn.qkv`, ...), so tensor-parallel plans written for GPT blocks apply unchanged.
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 
 from models.blocks import (
+    RelativeSinusoidal,
     RotaryEmbedding,
     TiedOutputMixin,
     TransformerBlock,
@@ -55,14 +63,15 @@ def _head_activation(name: str) -> nn.Module:
 
 
 class Bert(TiedOutputMixin, nn.Module):
-    """Encoder returning {"logits": (B, T, V) MLM logits, "nsp_logits": (B, 2)}.
+    """Encoder returning {"logits": (B, T, V) MLM logits, "nsp_logits": (B, 2)}; without the
+    pair head (`cfg.pair_head=False`) "nsp_logits" is left out.
 
     With `cfg.share_layers` the single block lives at `blocks.0` and runs `n_layer` times;
     pipeline stages cannot split such a model by blocks.
     """
 
     # Pipeline split: the first stage holds the embeddings, the last the final norm and both
-    # heads; parameter-free modules (the rotary tables) run on every stage.
+    # heads; parameter-free modules (the rotary and relative tables) run on every stage.
     pipeline_first = ("wte", "wpe", "tte", "emb_ln", "emb_proj", "drop")
     pipeline_last = ("ln_f", "mlm_dense", "mlm_act", "mlm_ln", "lm_head", "pooler", "nsp_head")
     # Tokens per slice of the chunked MLM loss (forward with `labels`); 0: the whole sequence.
@@ -87,6 +96,12 @@ class Bert(TiedOutputMixin, nn.Module):
             if cfg.position == "rotary"
             else None
         )
+        # NEZHA: no position table; every layer adds fixed sinusoids of the clipped distance.
+        self.relative = (
+            RelativeSinusoidal(cfg.head_dim, max_relative_position=cfg.max_relative_position)
+            if cfg.position == "relative_sinusoidal"
+            else None
+        )
         # A dict keyed by layer index keeps block names stable when a pipeline stage deletes
         # the blocks it does not own (as in GPT).
         n_blocks = 1 if cfg.share_layers else cfg.n_layer
@@ -99,8 +114,8 @@ class Bert(TiedOutputMixin, nn.Module):
         self.mlm_act = _head_activation(cfg.activation)
         self.mlm_ln = make_norm(cfg.norm, e, eps=eps, bias=cfg.bias)
         self.lm_head = nn.Linear(e, vocab_size, bias=cfg.bias)
-        self.pooler = nn.Linear(d, d, bias=cfg.bias)
-        self.nsp_head = nn.Linear(d, 2, bias=cfg.bias)
+        self.pooler = nn.Linear(d, d, bias=cfg.bias) if cfg.has_pair_head else None
+        self.nsp_head = nn.Linear(d, 2, bias=cfg.bias) if cfg.has_pair_head else None
         self.tie_weights()
         self.init_weights()
 
@@ -162,8 +177,13 @@ class Bert(TiedOutputMixin, nn.Module):
             if position_ids_BT is None:
                 position_ids_BT = torch.arange(x_BTD.shape[1], device=x_BTD.device)
             rope = self.rotary(position_ids_BT)
+        extra = {}
+        if self.relative is not None:
+            # The distances come from the length each layer attends over, which is the whole
+            # sequence even where the hidden states hold a slice (sequence parallelism).
+            extra["relative"] = self.relative(position_ids_BT, device=x_BTD.device)
         for block in self.layers():
-            x_BTD = block(x_BTD, attn_mask=attn_mask, rope=rope)
+            x_BTD = block(x_BTD, attn_mask=attn_mask, rope=rope, **extra)
         return x_BTD if self.ln_f is None else self.ln_f(x_BTD)
 
     def mlm_head(self, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -172,13 +192,16 @@ class Bert(TiedOutputMixin, nn.Module):
     def heads(
         self, x_BTD: torch.Tensor, labels_BT: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        pooled_BD = torch.tanh(self.pooler(x_BTD[:, 0]))
         if labels_BT is None:
-            return {"logits": self.mlm_head(x_BTD), "nsp_logits": self.nsp_head(pooled_BD)}
-        row_losses_B = chunked_row_losses(
-            self.mlm_head, x_BTD, labels_BT, chunk_tokens=self.loss_chunk_tokens
-        )
-        return {"row_losses": row_losses_B, "nsp_logits": self.nsp_head(pooled_BD)}
+            out = {"logits": self.mlm_head(x_BTD)}
+        else:
+            row_losses_B = chunked_row_losses(
+                self.mlm_head, x_BTD, labels_BT, chunk_tokens=self.loss_chunk_tokens
+            )
+            out = {"row_losses": row_losses_B}
+        if self.nsp_head is not None:
+            out["nsp_logits"] = self.nsp_head(torch.tanh(self.pooler(x_BTD[:, 0])))
+        return out
 
     def forward(
         self,
@@ -190,7 +213,8 @@ class Bert(TiedOutputMixin, nn.Module):
         attn_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """{"logits": (B, T, V), "nsp_logits": (B, 2)} for token ids (B, T).
+        """{"logits": (B, T, V), "nsp_logits": (B, 2)} for token ids (B, T) ("nsp_logits"
+        only with the pair head).
 
         `token_type_ids` (B, T): segment of each token (0 when omitted). `attention_mask`
         (B, T), True (or 1) for real tokens and False (0) for padding, which no query may

@@ -13,12 +13,15 @@ Shape legend (suffixes of tensor names):
     K  head size (d_model // n_head unless given explicitly)
     R  half a head size, K // 2 (one rotary frequency per pair of channels)
     F  MLP inner size, ffn_size
+    P  rows of the relative position table: 2k + 1 clipped distances -k..k (fewer when
+       the sequence is shorter than k + 1)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +36,17 @@ __all__ = [
     "MLP",
     "NORMS",
     "MultiHeadAttention",
+    "RelativePositions",
+    "RelativeSinusoidal",
     "RotaryEmbedding",
     "TransformerBlock",
     "apply_rotary",
     "causal_mask",
     "chunked_row_losses",
     "make_norm",
+    "relative_attention",
+    "relative_index",
+    "relative_sinusoid_table",
 ]
 
 # MLP activations. The gated one multiplies an activated branch by a linear one (GLU
@@ -129,6 +137,129 @@ def apply_rotary(x_BHTK: torch.Tensor, rope: Rope) -> torch.Tensor:
     return (x * cos + rotated * sin).to(x_BHTK.dtype)
 
 
+def relative_sinusoid_table(
+    max_relative_position: int, head_dim: int, *, device: torch.device | None = None
+) -> torch.Tensor:
+    """NEZHA's fixed (2k + 1, K) table, float32: row p, for the clipped distance p - k, holds
+    sin(p / 10000**(2c / K)) in channel 2c and cos(p / 10000**(2c / K)) in channel 2c + 1.
+
+    The row index p = clip(j - i, -k, k) + k, not the distance itself, is the sinusoid's
+    argument: that is what NEZHA's released code (and the former transformers port) computes.
+    The paper's formula takes the distance; the two tables differ by a rotation of each
+    (sin, cos) channel pair by the fixed angle k / 10000**(2c / K), an orthogonal map that
+    the query, key, value and output projections absorb exactly, so both describe the same
+    models, and this one loads NEZHA's released weights. Computed in float64 and rounded
+    once, like the released table.
+    """
+    k = max_relative_position
+    p_P = torch.arange(2 * k + 1, dtype=torch.float64, device=device)
+    exponent_R = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
+    inv_freq_R = 10000.0**-exponent_R
+    angles_PR = p_P[:, None] * inv_freq_R
+    return torch.stack([angles_PR.sin(), angles_PR.cos()], dim=-1).flatten(1).float()
+
+
+class RelativePositions(NamedTuple):
+    """What relative_sinusoidal attention needs from the model, built once per forward pass
+    (`RelativeSinusoidal`) and handed to every layer, like the rotary tables."""
+
+    table_PK: torch.Tensor
+    """(2k + 1, K) float32 table of `relative_sinusoid_table`; its length gives k."""
+    position_ids: torch.Tensor | None = None
+    """(T,) or (B, T) positions whose differences are the distances; None = 0..T-1."""
+
+
+class RelativeSinusoidal(nn.Module):
+    """Functional relative position encoding (NEZHA, Wei et al. 2019), in the form of Shaw et
+    al. 2018: in every attention layer the key and the value of position j, seen from query
+    i, get a_ij = table[clip(j - i, -k, k) + k] added, with one FIXED sinusoidal table (see
+    `relative_sinusoid_table`) shared by keys and values, by every head and every layer.
+
+    The module holds no tensors (nothing is learned, nothing enters the state dict, and it
+    builds on the meta device); `forward` returns the table and the positions for
+    `MultiHeadAttention`, which computes the distances from the length it attends over.
+    """
+
+    def __init__(self, head_dim: int, *, max_relative_position: int):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"relative sinusoids need an even head size, got {head_dim}")
+        if max_relative_position < 1:
+            raise ValueError(f"max_relative_position={max_relative_position} must be >= 1")
+        self.head_dim = head_dim
+        self.max_relative_position = max_relative_position
+
+    def forward(
+        self, position_ids: torch.Tensor | None = None, *, device: torch.device | None = None
+    ) -> RelativePositions:
+        table_PK = relative_sinusoid_table(self.max_relative_position, self.head_dim, device=device)
+        return RelativePositions(table_PK, position_ids)
+
+
+def relative_index(rel: RelativePositions, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table rows used, index) for self-attention over `t` tokens: index[..., i, j] is the
+    row of the table for query i and key j, clip(j - i, -k, k) shifted to start at 0.
+
+    Without position ids the index is (T, T), shared by the batch, and only the distances a
+    row of t tokens can reach are kept (2 min(k, t - 1) + 1 rows of the table); with them it
+    is (T, T) or (B, 1, T, T) over the whole table.
+    """
+    table_PK, position_ids = rel
+    k = (table_PK.shape[0] - 1) // 2
+    if position_ids is None:
+        reach = min(k, t - 1)
+        pos_T = torch.arange(t, device=table_PK.device)
+        distance_TT = pos_T[None, :] - pos_T[:, None]
+        return table_PK[k - reach : k + reach + 1], distance_TT.clamp(-reach, reach) + reach
+    distance = position_ids[..., None, :] - position_ids[..., :, None]
+    index = distance.clamp(-k, k) + k
+    return table_PK, index[:, None] if index.dim() == 3 else index
+
+
+def relative_attention(
+    q_BHTK: torch.Tensor,
+    k_BHTK: torch.Tensor,
+    v_BHTK: torch.Tensor,
+    *,
+    table_PK: torch.Tensor,
+    index: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention with relative position terms in the keys and the values (Shaw et al. 2018):
+
+        e_ij = q_i . (k_j + a_ij) / sqrt(K),   z_i = sum_j softmax_j(e_ij + mask_ij) (v_j + a_ij)
+
+    with a_ij = table_PK[index[..., i, j]] (see `relative_index`). The scores are computed
+    explicitly (memory O(T^2) per head, like SDPA's math backend), never with the
+    (T, T, K) table of every pair: a_ij takes only P distinct values, so the key term is
+    q_i . a_p for each p, a (T, P) matmul, gathered into (T, T); the value term sums each
+    query's probabilities by p (a scatter-add into (T, P)), then multiplies by the table.
+    Both cost O(T P K) per head, not O(T^2 K). The softmax runs in float32; dropout acts on
+    the probabilities before both value terms, as in NEZHA's code. `attn_mask` broadcasts to
+    (B, H, T, T): boolean (True = may attend) or additive float. On CUDA the scatter-add
+    (and the gather's backward) accumulate atomically unless
+    `torch.use_deterministic_algorithms(True)` selects their deterministic kernels.
+    """
+    b, h, t, head_dim = q_BHTK.shape
+    table_PK = table_PK.to(q_BHTK.dtype)
+    index_BHTT = index.expand(b, h, t, t)
+    scores_BHTT = q_BHTK @ k_BHTK.transpose(-2, -1)
+    key_terms_BHTP = q_BHTK @ table_PK.transpose(0, 1)
+    scores_BHTT = (scores_BHTT + key_terms_BHTP.gather(-1, index_BHTT)) / math.sqrt(head_dim)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores_BHTT = scores_BHTT.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores_BHTT = scores_BHTT + attn_mask
+    probs_BHTT = torch.softmax(scores_BHTT.float(), dim=-1).to(v_BHTK.dtype)
+    if dropout_p > 0:
+        probs_BHTT = F.dropout(probs_BHTT, p=dropout_p)
+    per_distance_BHTP = probs_BHTT.new_zeros(b, h, t, table_PK.shape[0])
+    per_distance_BHTP = per_distance_BHTP.scatter_add(-1, index_BHTT, probs_BHTT)
+    return probs_BHTT @ v_BHTK + per_distance_BHTP @ table_PK
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with one fused qkv projection and `F.scaled_dot_product_attention`.
 
@@ -137,6 +268,11 @@ class MultiHeadAttention(nn.Module):
     parallelism needs no re-ordering, and `forward` infers the (local) head count from the
     width it receives. `head_dim` defaults to d_model // n_head; setting it decouples the
     attention width n_head * head_dim from d_model (T5's d_kv, GPT-3 13B's 5140 = 40 x 128.5).
+
+    Given `relative` positions (NEZHA) the attention core is `relative_attention`, explicit
+    scores instead of SDPA; everything else runs SDPA. The relative terms act per head on
+    head-sized vectors, with one table for all heads, so a rank holding some of the heads
+    (tensor parallelism) computes its own heads' share unchanged.
     """
 
     def __init__(
@@ -168,13 +304,15 @@ class MultiHeadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         rope: Rope | None = None,
+        relative: RelativePositions | None = None,
     ) -> torch.Tensor:
         """Attend over `x_BTD`.
 
         `attn_mask` broadcasts to (B, H, T, S): boolean (True = may attend) or additive float
         (e.g. a padding mask or a relative-position bias). With `is_causal` as well, the causal
         constraint is merged into it. `rope` is a (cos, sin) pair from `RotaryEmbedding`,
-        applied to the queries and keys (not the values).
+        applied to the queries and keys (not the values). `relative` (from
+        `RelativeSinusoidal`) adds NEZHA's relative terms to keys and values.
         """
         b, t, _ = x_BTD.shape
         qkv_BTH3K = self.qkv(x_BTD).view(b, t, -1, 3, self.head_dim)
@@ -184,6 +322,9 @@ class MultiHeadAttention(nn.Module):
         if attn_mask is not None and is_causal:
             attn_mask = _merge_causal(attn_mask, t, t)
             is_causal = False
+        if relative is not None:
+            y_BTD = self._relative(q_BHTK, k_BHTK, v_BHTK, relative, attn_mask, is_causal)
+            return self.out(y_BTD)
         y_BHTK = F.scaled_dot_product_attention(
             q_BHTK,
             k_BHTK,
@@ -194,6 +335,22 @@ class MultiHeadAttention(nn.Module):
         )
         y_BTD = y_BHTK.transpose(1, 2).reshape(b, t, -1)
         return self.out(y_BTD)
+
+    def _relative(self, q_BHTK, k_BHTK, v_BHTK, relative, attn_mask, is_causal) -> torch.Tensor:
+        b, _, t, _ = q_BHTK.shape
+        if is_causal:
+            attn_mask = causal_mask(t, device=q_BHTK.device)
+        table_PK, index = relative_index(relative, t)
+        y_BHTK = relative_attention(
+            q_BHTK,
+            k_BHTK,
+            v_BHTK,
+            table_PK=table_PK,
+            index=index,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return y_BHTK.transpose(1, 2).reshape(b, t, -1)
 
 
 def _activation(name: str) -> nn.Module:
@@ -289,8 +446,11 @@ class TransformerBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         rope: Rope | None = None,
+        relative: RelativePositions | None = None,
     ) -> torch.Tensor:
         mask = {"attn_mask": attn_mask, "is_causal": is_causal, "rope": rope}
+        if relative is not None:
+            mask["relative"] = relative
         if self.pre_ln:
             a_BTD = self.attn(self.ln1(x_BTD), **mask)
             x_BTD = x_BTD + self.drop(a_BTD)

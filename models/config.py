@@ -11,8 +11,10 @@ from common.errors import ConfigError
 FAMILIES = ("gpt", "bert", "t5", "glm")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "gated_gelu")
-POSITIONS = ("learned", "rotary", "relative", "none")
+POSITIONS = ("learned", "rotary", "relative", "relative_sinusoidal", "none")
 DROP_POLICIES = ("position", "probs")
+# Objectives that score a sentence-pair label (NSP, SOP) on BERT's pair head.
+PAIR_OBJECTIVES = ("mlm_nsp", "mlm_sop", "unilm")
 AUX_LOSS_REDUCTIONS = ("mean", "sum")
 
 
@@ -140,13 +142,20 @@ FAMILY_FIELDS: dict[str, dict[str, tuple[tuple[object, ...], str]]] = {
         "share_layers": ((False,), "cross-layer sharing is ALBERT's"),
         "n_decoder_layer": ((None,), "GPT has no separate decoder stack"),
         "scale_logits": ((False,), "logit scaling is T5's"),
+        "pair_head": ((None,), "the sentence-pair head is BERT's"),
         "pre_ln": ((True,), "GPT is pre-LN (a post-LN stack would need no final norm)"),
-        "position": (("learned", "rotary", "none"), "the relative bias is T5's"),
+        "position": (
+            ("learned", "rotary", "none"),
+            "the relative bias is T5's, the relative sinusoids NEZHA's (family bert)",
+        ),
     },
     "bert": {
         "n_decoder_layer": ((None,), "BERT is an encoder without a decoder stack"),
         "scale_logits": ((False,), "logit scaling is T5's"),
-        "position": (("learned", "rotary"), "the relative bias is T5's"),
+        "position": (
+            ("learned", "rotary", "relative_sinusoidal"),
+            "the bucketed relative bias is T5's",
+        ),
     },
     "glm": {
         "activation": (("gelu_tanh",), "GLM's blocks use the tanh GELU"),
@@ -157,12 +166,14 @@ FAMILY_FIELDS: dict[str, dict[str, tuple[tuple[object, ...], str]]] = {
         "share_layers": ((False,), "cross-layer sharing is ALBERT's"),
         "n_decoder_layer": ((None,), "GLM has no separate decoder stack"),
         "scale_logits": ((False,), "logit scaling is T5's"),
+        "pair_head": ((None,), "the sentence-pair head is BERT's"),
     },
     "t5": {
         "norm": (("rmsnorm",), "T5 normalises with RMSNorm"),
         "position": (("relative",), "T5 encodes positions with its relative bias"),
         "bias": ((False,), "T5's layers have no biases"),
         "pre_ln": ((True,), "T5's blocks are pre-norm"),
+        "pair_head": ((None,), "the sentence-pair head is BERT's"),
     },
 }
 
@@ -208,9 +219,14 @@ class ModelConfig:
     bias: bool = True
     """Biases in linear layers and norms (T5 has none)."""
     position: str = "learned"
-    """Position encoding: learned | rotary | relative (T5 buckets) | none."""
+    """Position encoding: learned | rotary | relative (T5 buckets) | relative_sinusoidal
+    (NEZHA: fixed sinusoids of the clipped distance added to keys and values; BERT family) |
+    none."""
     rotary_base: float = 10000.0
     """Base of the rotary frequencies (position=rotary)."""
+    max_relative_position: int = 64
+    """position=relative_sinusoidal: the k of clip(j - i, -k, k), in tokens; farther keys share
+    the distance k (NEZHA: 64). The fixed table has 2k + 1 rows."""
     type_vocab_size: int = 0
     """Token-type (segment) embeddings (BERT: 2); 0 disables them."""
     embedding_size: int | None = None
@@ -227,12 +243,21 @@ class ModelConfig:
     """T5 relative position bias: distance beyond which all offsets share a bucket."""
     scale_logits: bool = False
     """Multiply the decoder output by d_model**-0.5 before a tied projection (T5 v1.0)."""
+    pair_head: bool | None = None
+    """BERT family: the [CLS] pooler and 2-way classifier that mlm_nsp and mlm_sop train.
+    None builds them (BERT, ALBERT); false leaves them out, for objectives without a pair task
+    (RoBERTa's mlm). The other families have no such head and keep None."""
     moe: MoeConfig = field(default_factory=MoeConfig)
     """Mixture-of-experts layers (num_experts 0: dense)."""
 
     @property
     def head_dim(self) -> int:
         return self.d_kv if self.d_kv is not None else self.d_model // self.n_head
+
+    @property
+    def has_pair_head(self) -> bool:
+        """Whether the model builds the sentence-pair head (BERT, unless pair_head=false)."""
+        return self.family == "bert" and self.pair_head is not False
 
     @property
     def ffn_size(self) -> int:
@@ -267,8 +292,14 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.{key}={getattr(self, key)!r} is unknown; choose one of {allowed}"
                 )
-        if self.position == "rotary" and self.head_dim % 2:
-            raise ConfigError(f"model.position=rotary needs an even head size, got {self.head_dim}")
+        if self.position in ("rotary", "relative_sinusoidal") and self.head_dim % 2:
+            raise ConfigError(
+                f"model.position={self.position} needs an even head size, got {self.head_dim}"
+            )
+        if self.max_relative_position < 1:
+            raise ConfigError(
+                f"model.max_relative_position={self.max_relative_position} must be >= 1"
+            )
         for key in ("type_vocab_size", "relative_buckets", "relative_max_distance"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0")
@@ -281,6 +312,7 @@ class ModelConfig:
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.layer_norm_eps and model.init_std must be > 0")
         self._check_family()
+        self.check_objective(self.objective)
         self.moe.validate(n_layer=min(self.n_layer, self.n_decoder_layer or self.n_layer))
         if self.moe.enabled and self.share_layers:
             raise ConfigError(
@@ -293,6 +325,15 @@ class ModelConfig:
                 f"model.moe.drop_policy=probs with model.family={self.family}: later tokens "
                 "would decide which earlier ones are dropped, which a causal model must not "
                 "see; use drop_policy=position"
+            )
+
+    def check_objective(self, objective: str) -> None:
+        """ConfigError if this model cannot train `objective` (model.objective, or a
+        data.objective overriding it): a pair task needs the pair head."""
+        if objective in PAIR_OBJECTIVES and self.pair_head is False:
+            raise ConfigError(
+                f"objective {objective} scores a sentence-pair label, but model.pair_head=false "
+                "builds no pair head; set model.pair_head=null or use objective mlm"
             )
 
     def _check_family(self) -> None:

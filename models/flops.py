@@ -24,9 +24,17 @@ These terms are the GPT ones. Variants change only the weight count: a gated MLP
 (activation=gated_gelu) has three d_model x ffn_size matrices instead of two, and an explicit
 head size (d_kv) makes the attention width, in the projections and in the score term,
 n_head * head_dim rather than d_model. Rotary position embeddings add no matmul (their
-elementwise rotation is left out like the activations). GLM counts as a GPT of its shape
-(both position tables are lookups); BERT and T5 have their own counts below, each in the
-same convention. Every family's arithmetic lives in this module.
+elementwise rotation is left out like the activations). NEZHA's relative sinusoids
+(position=relative_sinusoidal) add two matmuls per layer against a constant table of
+P = 2 min(k, seq_len - 1) + 1 rows: the queries times the table (T x K by K x P) and the
+probabilities summed by distance times the table (T x P by P x K). The table needs no
+gradient, so each costs 2 * P * n_head * head_dim FLOPs per token forward and as much
+backward (the input gradient only): 8 * n_layer * n_head * head_dim * P per token, a sixth
+of the score term at seq_len 512 and k = 64 (8 x 129 against 12 x 512), 1.4% of
+NEZHA-base's total. Their gather and scatter-add move memory and are left out like the
+softmax. GLM counts as a GPT of its shape (both position tables are lookups); BERT and T5
+have their own counts below, each in the same convention. Every family's arithmetic lives
+in this module.
 
 Mixture-of-experts layers count their active parameters: a token meets top_k experts and
 the router (d_model x E), so FLOPs, and MFU from them, grow with top_k, not with E.
@@ -149,15 +157,26 @@ def bert_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
     """BERT and ALBERT. N_matmul per token: every applied layer's projections (a shared
     ALBERT block counts n_layer times: it runs n_layer times), the E -> D embedding
     projection when E != D, the MLM head's transform (D x E) and decoder (V x E) over all
-    positions, and the pooler and NSP classifier, which run on one position per sequence,
-    so their weights count 1 / seq_len per token."""
+    positions, and the pooler and NSP classifier (when built: not for RoBERTa), which run on
+    one position per sequence, so their weights count 1 / seq_len per token. NEZHA's relative
+    sinusoids add their two table matmuls (module docstring)."""
     d, e = cfg.d_model, cfg.embedding_size if cfg.embedding_size is not None else cfg.d_model
     attention = cfg.n_layer * 4 * d * cfg.n_head * cfg.head_dim
     n_matmul = attention + _mlp_params(cfg, cfg.n_layer) + d * e + vocab_size * e
     if e != d:
         n_matmul += e * d
-    n_matmul += (d * d + 2 * d) / seq_len
-    return float(6 * n_matmul + _attention(cfg, n_layer=cfg.n_layer, keys=seq_len))
+    if cfg.has_pair_head:
+        n_matmul += (d * d + 2 * d) / seq_len
+    scores = _attention(cfg, n_layer=cfg.n_layer, keys=seq_len)
+    return float(6 * n_matmul + scores + _relative_sinusoids(cfg, seq_len=seq_len))
+
+
+def _relative_sinusoids(cfg: ModelConfig, *, seq_len: int) -> int:
+    """FLOPs per token of NEZHA's two matmuls against the fixed table (module docstring)."""
+    if cfg.position != "relative_sinusoidal":
+        return 0
+    rows = 2 * min(cfg.max_relative_position, seq_len - 1) + 1
+    return 8 * cfg.n_layer * cfg.n_head * cfg.head_dim * rows
 
 
 def t5_matmul_params(cfg: ModelConfig, *, vocab_size: int) -> tuple[int, int, int]:

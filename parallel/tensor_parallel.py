@@ -288,7 +288,8 @@ def bert_plan(cfg: ModelConfig, sp: bool) -> Plan:
     if cfg.pre_ln:
         gather = sp and not gathered_by_blocks
         plan["ln_f"] = ReplicateParallel(input_layouts=Shard(1) if gather else Replicate())
-    for name in ("mlm_dense", "mlm_ln", "pooler", "nsp_head"):
+    heads = ("mlm_dense", "mlm_ln") + (("pooler", "nsp_head") if cfg.has_pair_head else ())
+    for name in heads:
         plan[name] = ReplicateParallel()
     plan["lm_head"] = _logits(False)
     return plan

@@ -129,6 +129,10 @@ class TrainerConfig:
     """Steps between checkpoints; 0 saves only at the end."""
     keep: int = 2
     """Newest checkpoints kept on disk."""
+    init_from: str | None = None
+    """Weights to start from (trainer/init_from.py): a Loom run directory, a checkpoint
+    directory or a folder written by export_hf.py --to-loom; optimizer, step and data start
+    afresh. A checkpoint of this run's own, when resuming, takes precedence."""
     resume: str = "auto"
     """auto (newest complete checkpoint in out_dir, if any) | never | a checkpoint directory."""
     out_dir: str = "runs/${model.name}"
@@ -179,6 +183,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.device={self.device!r} must be auto, cpu or cuda")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ValueError(f"trainer.peak_flops={self.peak_flops} must be > 0 (or null)")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            raise ValueError(f"trainer.init_from={self.init_from!r} does not exist")
         if not self.resume:
             raise ValueError("trainer.resume must be auto, never or a checkpoint directory")
         if self.time_limit is not None and self.time_limit <= 0:
@@ -296,6 +302,7 @@ def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
             f"data.seq_len={seq_len} exceeds model.max_seq_len={job.model.max_seq_len}"
         )
     job.data.check_objective(objective, seq_len=seq_len)
+    job.model.check_objective(objective)
     if job.parallel.ep > 1 and not job.model.moe.enabled:
         raise ConfigError(
             f"parallel.ep={job.parallel.ep} needs experts to split: set model.moe.num_experts > 0"

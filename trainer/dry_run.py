@@ -8,7 +8,8 @@ ranks. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomput
 Large Transformer Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes per layer for 16-bit
 activations, doubled for fp32, divided by TP, for the layers of one pipeline stage with
 PP micro-batches in flight (1F1B); the 5*a*s/h term is the attention-score matrix, which
-fused SDPA kernels do not store, so it is reported separately as an upper bound.
+fused SDPA kernels do not store, so it is reported separately as an upper bound (and
+counted in the total for attention that computes its scores explicitly: NEZHA's).
 Communication per rank and step, by mesh axis and collective, follows the formula of
 parallel/comm_model.py (which a distributed run's comm.json checks against a measured step),
 with the bytes a rank sends over ring links beside it.
@@ -75,6 +76,7 @@ def memory_estimate(
     in_flight = min(p.pp, max(1, t.global_batch_size // (t.micro_batch_size * dp)))
     base = 2 * act_bytes * s * b * h * 34 / p.tp * layers * in_flight
     scores = 2 * act_bytes * s * b * 5 * a * s / p.tp * layers * in_flight
+    explicit = m.position == "relative_sinusoidal"
     # fp32 logits and their gradient, for the tokens scored at once (trainer.loss_chunk_tokens)
     scored = min(t.loss_chunk_tokens, s * b) if t.loss_chunk_tokens > 0 else s * b
     logits = 2 * 4 * scored * vocab / p.tp
@@ -87,7 +89,8 @@ def memory_estimate(
         "activations_gib": base / _GIB,
         "attention_scores_gib": scores / _GIB,
         "logits_gib": logits / _GIB,
-        "total_gib": (states + base + logits) / _GIB,
+        # Attention with explicit scores (NEZHA's relative positions) keeps them.
+        "total_gib": (states + base + logits + (scores if explicit else 0)) / _GIB,
         "total_with_scores_gib": (states + base + scores + logits) / _GIB,
     }
 

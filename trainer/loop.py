@@ -37,6 +37,7 @@ from parallel.parallelize import build_engine
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.comm_report import CommAccounting
 from trainer.config import JobConfig, to_yaml
+from trainer.init_from import init_weights, read_weights
 from trainer.loss import summed_losses, target_counts, task_name, with_chunked_labels
 from trainer.metrics import MetricsLogger, Throughput, job_flops_per_token, moe_metrics
 from trainer.optim import build_optimizer
@@ -176,6 +177,8 @@ class Trainer:
         vocab = self.vocab_size = model_vocab_size(job, self.data.loader.vocab_size)
         model = build_model(job.model, vocab_size=vocab)
         model.loss_chunk_tokens = self.t.loss_chunk_tokens
+        if self.t.init_from is not None:
+            init_weights(model, read_weights(self.t.init_from), source=self.t.init_from)
         self.counts = param_counts(model)  # before sharding hides full shapes
         self.scaler = LossScaler(job.precision)
         self.engine = build_engine(

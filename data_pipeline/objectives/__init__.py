@@ -40,6 +40,7 @@ _REGISTRY = {
     "mlm_sop": "data_pipeline.objectives.mlm:MaskedLM",
     "span_corruption": "data_pipeline.objectives.span_corruption:SpanCorruption",
     "glm_blank": "data_pipeline.objectives.glm:BlankInfilling",
+    "unilm": "data_pipeline.objectives.unilm:UnifiedLM",
 }
 
 

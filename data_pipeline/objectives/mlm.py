@@ -4,8 +4,10 @@ Legend: B = batch, S = sample_len (seq_len + 1 tokens per packed row), T = seq_l
 to the model), N = T - 3, the content budget of a pair sequence.
 
 Objectives (data.objective):
-    mlm       [CLS] row[:T-2] [SEP]; no pair task. With data.document_attention, position
-              ids restart and attention stops at the row's document boundaries.
+    mlm       [CLS] row[:T-2] [SEP]; no pair task. The row runs across documents with the
+              <eos> that ends each one between them (RoBERTa's FULL-SENTENCES), and
+              attention crosses it; with data.document_attention, position ids restart and
+              attention stops at the row's document boundaries instead.
     mlm_nsp   [CLS] A [SEP] B [SEP] <pad>...; nsp_labels 0 = B is the text that follows A,
               1 = B is not the continuation.
     mlm_sop   [CLS] A [SEP] B [SEP] <pad>... with A, B consecutive in one document, swapped
@@ -42,12 +44,14 @@ Masking (data.mlm): `mask_prob` of the non-special tokens of the final sequence 
 starts one plus the continuation tokens after it, see `word_start_table`); or `span` (SpanBERT:
 span lengths in words drawn from a geometric distribution with parameter span_p truncated to
 1..span_max and renormalised, mean 3.8 words at the defaults, at random word anchors, until
-the budget is met). Whole units are taken in random order while they fit the budget (one that
-would overflow it is skipped), so words and spans may leave it a token or two short. Of the
-chosen tokens, replace_with_mask become [MASK], replace_with_random a uniformly drawn
-non-special token, the rest stay; labels hold the original id there and -100 elsewhere.
-Special tokens ([CLS], [SEP], <pad>, <eos>, ...) are never chosen. Masks are redrawn for every
-sample id, so masking is dynamic (RoBERTa) for free.
+the budget is met); or `ngram` (UniLM: spans of 1, 2 or 3 tokens with probabilities 0.8,
+0.1, 0.1, drawn the same way over tokens). Whole units are taken in random order while they
+fit the budget (one that would overflow it is skipped), so words and spans may leave it a
+token or two short. Of the chosen tokens, replace_with_mask become [MASK],
+replace_with_random a uniformly drawn non-special token, the rest stay; labels hold the
+original id there and -100 elsewhere. Special tokens ([CLS], [SEP], <pad>, <eos>, ...) are
+never chosen. Masks are redrawn for every sample id, so masking is dynamic (RoBERTa) for
+free.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ _MASK_SALT = 2
 _MAX_JUMP_FRACTION = 0.125
 # Span masking gives up after this many anchors in a row that cannot start a span.
 _MAX_FAILED_ANCHORS = 32
+
+# UniLM's n-gram masking: P(1, 2, 3 tokens) of a masked unit.
+NGRAM_PROBS = np.array([0.8, 0.1, 0.1])
 
 _WHITESPACE_BYTES = frozenset(b" \t\n\r\x0b\x0c")
 # How byte-level BPE (GPT-2's byte-to-unicode map) and SentencePiece spell whitespace.
@@ -126,19 +133,22 @@ def sample_spans(
     budget: int,
     rng: np.random.Generator,
     *,
-    p: float,
-    max_len: int,
+    p: float = 0.2,
+    max_len: int = 10,
+    probs: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """SpanBERT span selection over words: (chosen bool [n_words], drawn span lengths).
 
-    Each span draws a length in words from `span_length_probs` and a random anchor word,
-    then covers that many consecutive words, stopping early at an already chosen word, the
-    end of the sequence, or a word that would overflow `budget` (in tokens).
+    Each span draws a length in units from `probs` (P(length = 1..), by default
+    `span_length_probs(p, max_len)`) and a random anchor unit, then covers that many
+    consecutive units, stopping early at an already chosen unit, the end of the sequence,
+    or a unit that would overflow `budget` (in tokens).
     """
     n = len(unit_len)
     chosen = np.zeros(n, dtype=bool)
     drawn: list[int] = []
-    probs = span_length_probs(p, max_len)
+    probs = span_length_probs(p, max_len) if probs is None else probs
+    max_len = len(probs)
     total, failures = 0, 0
     while total < budget and failures < _MAX_FAILED_ANCHORS and n:
         length = int(rng.choice(max_len, p=probs)) + 1
@@ -266,7 +276,8 @@ class MaskedLM:
         self.is_special = np.zeros(v, dtype=bool)
         self.is_special[[i for i in special.values() if i < v]] = True
         self.random_ids = np.flatnonzero(~self.is_special)
-        self.tables = word_start_table(tokenizer) if self.mlm.unit != "token" else None
+        by_word = self.mlm.unit in ("word", "span")
+        self.tables = word_start_table(tokenizer) if by_word else None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens_BS = batch["tokens"].numpy()
@@ -276,8 +287,7 @@ class MaskedLM:
                 f"{self.name}: batch tokens have {s} columns, expected seq_len + 1 = "
                 f"{self.seq_len + 1}"
             )
-        bound_BS = self._doc_bounds(batch, tokens_BS)
-        sent_BS = bound_BS | _optional(batch, "sent_start", (b, s))
+        bound_BS, sent_BS = self._boundaries(batch, tokens_BS)
         ids = batch["sample_ids"].tolist()
         rows = [self._assemble(tokens_BS[i], bound_BS[i], sent_BS[i], ids[i]) for i in range(b)]
         input_ids_BT = np.stack([r[0] for r in rows])
@@ -295,6 +305,13 @@ class MaskedLM:
             out["attn_mask"] = document_mask(doc_start_BT)
         return out
 
+    def _boundaries(
+        self, batch: dict[str, torch.Tensor], tokens_BS: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(document starts, sentence-or-document starts), each bool [B, S]."""
+        bound_BS = self._doc_bounds(batch, tokens_BS)
+        return bound_BS, bound_BS | _optional(batch, "sent_start", tokens_BS.shape)
+
     def _doc_bounds(self, batch: dict[str, torch.Tensor], tokens_BS: np.ndarray) -> np.ndarray:
         """Where documents begin: the loader's doc_start, after every <eos>, and column 0."""
         bound_BS = _optional(batch, "doc_start", tokens_BS.shape).copy()
@@ -306,17 +323,36 @@ class MaskedLM:
         self, tokens_S: np.ndarray, bound_S: np.ndarray, sent_S: np.ndarray, sample_id: int
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """(input ids [T], token types [T], pair label) of one row, before masking."""
-        t = self.seq_len
         if not self.pairs:
-            ids_T = np.concatenate([[self.cls_id], tokens_S[: t - 2], [self.sep_id]])
-            return ids_T.astype(np.int64), np.zeros(t, dtype=np.int64), IGNORE_INDEX
+            return self._single(tokens_S)
+        layout = nsp_layout if self.name == "mlm_nsp" else sop_layout
+        ids_T, types_T, label, _ = self._pair(
+            tokens_S, bound_S, sent_S, sample_id, layout, self.mlm.pair_swap_prob
+        )
+        return ids_T, types_T, label
+
+    def _single(self, tokens_S: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """[CLS] row[:T-2] [SEP], token types 0, no pair label."""
+        t = self.seq_len
+        ids_T = np.concatenate([[self.cls_id], tokens_S[: t - 2], [self.sep_id]])
+        return ids_T.astype(np.int64), np.zeros(t, dtype=np.int64), IGNORE_INDEX
+
+    def _pair(
+        self,
+        tokens_S: np.ndarray,
+        bound_S: np.ndarray,
+        sent_S: np.ndarray,
+        sample_id: int,
+        layout,
+        prob: float,
+    ) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(ids [T], token types [T], pair label, length of [CLS] A [SEP]) of the pair that
+        `layout` (nsp_layout or sop_layout, with probability `prob`) picks from the row."""
+        t = self.seq_len
         rng = sample_rng(self.seed, sample_id, salt=_PAIR_SALT)
         pieces = _pieces(tokens_S, bound_S, self.eos_id) or [(0, 0)]
-        layout = nsp_layout if self.name == "mlm_nsp" else sop_layout
-        prob_key = "negative_prob" if self.name == "mlm_nsp" else "swap_prob"
-        segments, label = layout(
-            rng, pieces, sent_S, budget=t - 3, **{prob_key: self.mlm.pair_swap_prob}
-        )
+        prob_key = "negative_prob" if layout is nsp_layout else "swap_prob"
+        segments, label = layout(rng, pieces, sent_S, budget=t - 3, **{prob_key: prob})
         (a0, a1), (b0, b1) = segments
         ids_T = np.full(t, self.pad_id, dtype=np.int64)
         types_T = np.zeros(t, dtype=np.int64)
@@ -324,7 +360,7 @@ class MaskedLM:
         seq = np.concatenate(parts)
         ids_T[: len(seq)] = seq
         types_T[a1 - a0 + 2 : len(seq)] = 1
-        return ids_T, types_T, label
+        return ids_T, types_T, label, a1 - a0 + 2
 
     def _mask(self, input_ids_BT: np.ndarray, sample_ids: list[int]) -> dict[str, torch.Tensor]:
         """Choose, replace and label the masked tokens of every row."""
@@ -375,6 +411,8 @@ class MaskedLM:
             chosen, _ = sample_spans(
                 unit_len, budget, rng, p=self.mlm.span_p, max_len=self.mlm.span_max
             )
+        elif self.mlm.unit == "ngram":
+            chosen, _ = sample_spans(unit_len, budget, rng, probs=NGRAM_PROBS)
         else:
             chosen = _greedy_units(unit_len, budget, rng)
         return pos[chosen[unit_of]]

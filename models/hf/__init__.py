@@ -1,6 +1,7 @@
 """Conversion between Loom checkpoints and Hugging Face `transformers` models, by family.
 
-Each family module (`models.hf.gpt2`, `models.hf.bert`, `models.hf.t5`) defines
+Each conversion module (`models.hf.gpt2`, `models.hf.bert`, `models.hf.roberta`,
+`models.hf.t5`, `models.hf.switch`) defines
 `hf_config(cfg, *, vocab_size, token_ids=None)`, `to_hf(state_dict, cfg)`,
 `from_hf(state_dict, cfg)` and `TOKENS` (its tokenizer conventions, a
 `models.hf.common.TokenConventions`), and may define `build_hf_model(cfg, *, vocab_size,
@@ -8,6 +9,12 @@ token_ids=None)` (when the plain class of `hf_config` needs adjusting, e.g. an u
 and `loom_config(hf_config, *, name)` (the reverse of `hf_config`). What the families share
 lives in `models.hf.common`; `models.hf.tokenizer` writes a run's tokenizer in the form
 `transformers` loads. Modules and `transformers` (a dev dependency) are imported on first use.
+
+A family converts to one HF model, save where the Loom config says otherwise: a T5 with
+mixture-of-experts layers is a Switch Transformer, and a BERT without the sentence-pair head
+(`model.pair_head=false`) is a RoBERTa (`RobertaForMaskedLM`; BertForPreTraining needs the NSP
+head). The functions below take the family and, where it decides the model, the Loom config
+(or, from the HF side, the HF config, whose `model_type` names the model).
 
 Vocabulary rows, for every family: the HF model has `cfg.vocab_size` rows when that is set,
 else all the rows of the Loom checkpoint (padding included). `to_hf` drops Loom's padded rows
@@ -41,22 +48,32 @@ __all__ = [
     "token_conventions",
 ]
 
-# family -> (conversion module, transformers class)
-_FAMILIES: dict[str, tuple[str, str]] = {
+# HF model -> (conversion module, transformers class); a family's default model has its name.
+_MODELS: dict[str, tuple[str, str]] = {
     "gpt": ("models.hf.gpt2", "GPT2LMHeadModel"),
     "bert": ("models.hf.bert", "BertForPreTraining"),
+    "roberta": ("models.hf.roberta", "RobertaForMaskedLM"),
     "t5": ("models.hf.t5", "T5ForConditionalGeneration"),
+    "switch": ("models.hf.switch", "SwitchTransformersForConditionalGeneration"),
 }
-# A T5 with mixture-of-experts layers is a Switch Transformer on the Hugging Face side.
-_SWITCH = ("models.hf.switch", "SwitchTransformersForConditionalGeneration")
+_FAMILIES = ("bert", "gpt", "t5")
 _NO_COUNTERPART = {
     "glm": "GLM (Du et al. 2022) has no Hugging Face transformers implementation to convert to",
 }
-# HF `model_type` of a config.json -> Loom family.
-_MODEL_TYPES = {"gpt2": "gpt", "bert": "bert", "t5": "t5", "switch_transformers": "t5"}
+# HF `model_type` of a config.json -> (Loom family, HF model).
+_MODEL_TYPES = {
+    "gpt2": ("gpt", "gpt"),
+    "bert": ("bert", "bert"),
+    "roberta": ("bert", "roberta"),
+    "t5": ("t5", "t5"),
+    "switch_transformers": ("t5", "switch"),
+}
 
 
-def _entry(family: str, *, experts: bool = False) -> tuple[str, str]:
+def _model(family: str, cfg: ModelConfig | None = None, hf_cfg: Any = None) -> str:
+    """The HF model (a key of _MODELS) that `family` converts to, given the Loom config or,
+    from the HF side, the HF config: a T5 with experts is Switch, a BERT without the pair
+    head RoBERTa."""
     if family in _NO_COUNTERPART:
         raise ConfigError(f"model.family={family!r}: {_NO_COUNTERPART[family]}")
     if family not in _FAMILIES:
@@ -64,18 +81,20 @@ def _entry(family: str, *, experts: bool = False) -> tuple[str, str]:
             f"model.family={family!r} has no Hugging Face conversion; "
             f"choose one of {sorted(_FAMILIES)}"
         )
-    return _SWITCH if experts and family == "t5" else _FAMILIES[family]
-
-
-def _experts(cfg: ModelConfig | None = None, hf_cfg: Any = None) -> bool:
-    """Whether the conversion is a mixture of experts (Loom's moe, HF's Switch)."""
     if cfg is not None:
-        return cfg.moe.enabled
-    return getattr(hf_cfg, "model_type", None) == "switch_transformers"
+        if family == "t5" and cfg.moe.enabled:
+            return "switch"
+        if family == "bert" and not cfg.has_pair_head:
+            return "roberta"
+    elif hf_cfg is not None:
+        found = _MODEL_TYPES.get(getattr(hf_cfg, "model_type", None))
+        if found is not None and found[0] == family:
+            return found[1]
+    return family
 
 
-def _module(family: str, *, experts: bool = False) -> ModuleType:
-    name = _entry(family, experts=experts)[0]
+def _module(family: str, cfg: ModelConfig | None = None, hf_cfg: Any = None) -> ModuleType:
+    name = _MODELS[_model(family, cfg, hf_cfg)][0]
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:
@@ -85,18 +104,19 @@ def _module(family: str, *, experts: bool = False) -> ModuleType:
 
 
 def hf_model_class(family: str, cfg: ModelConfig | None = None, *, hf_cfg: Any = None) -> type:
-    """The `transformers` model class a family converts to (GPT2LMHeadModel, ...; a T5
-    with experts, given its Loom or HF config, converts to SwitchTransformers)."""
+    """The `transformers` model class a family converts to (GPT2LMHeadModel, ...; given its
+    Loom or HF config, a T5 with experts converts to SwitchTransformers and a BERT without
+    the pair head to RobertaForMaskedLM)."""
     import transformers
 
-    return getattr(transformers, _entry(family, experts=_experts(cfg, hf_cfg))[1])
+    return getattr(transformers, _MODELS[_model(family, cfg, hf_cfg)][1])
 
 
 def hf_config(
     family: str, cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None
 ) -> Any:
     """The `transformers` config of `cfg` with `vocab_size` vocabulary rows."""
-    module = _module(family, experts=_experts(cfg))
+    module = _module(family, cfg)
     return module.hf_config(cfg, vocab_size=vocab_size, token_ids=token_ids)
 
 
@@ -104,35 +124,36 @@ def build_hf_model(
     family: str, cfg: ModelConfig, *, vocab_size: int, token_ids: dict[str, int] | None = None
 ) -> torch.nn.Module:
     """A freshly initialised HF model of `cfg` (on the current default device, meta works)."""
-    module = _module(family, experts=_experts(cfg))
+    module = _module(family, cfg)
     if hasattr(module, "build_hf_model"):
         return module.build_hf_model(cfg, vocab_size=vocab_size, token_ids=token_ids)
     config = module.hf_config(cfg, vocab_size=vocab_size, token_ids=token_ids)
     return hf_model_class(family, cfg)(config)
 
 
-def token_conventions(family: str) -> Any:
-    """The family's `TokenConventions`: tokenizer roles, added tokens, config token ids."""
-    return _module(family).TOKENS
+def token_conventions(family: str, cfg: ModelConfig | None = None) -> Any:
+    """The `TokenConventions` of the family (of the model `cfg` converts to, when given):
+    tokenizer roles, added tokens, config token ids."""
+    return _module(family, cfg).TOKENS
 
 
 def to_hf(
     family: str, state_dict: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Loom state dict -> state dict of `hf_model_class(family)`."""
-    return _module(family, experts=_experts(cfg)).to_hf(state_dict, cfg)
+    return _module(family, cfg).to_hf(state_dict, cfg)
 
 
 def from_hf(
     family: str, state_dict: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """State dict of `hf_model_class(family)` -> Loom state dict for `cfg`."""
-    return _module(family, experts=_experts(cfg)).from_hf(state_dict, cfg)
+    return _module(family, cfg).from_hf(state_dict, cfg)
 
 
 def loom_config(family: str, hf_cfg: Any, *, name: str | None = None) -> ModelConfig:
     """Loom ModelConfig equivalent to an HF config, where the family module can derive it."""
-    module = _module(family, experts=_experts(hf_cfg=hf_cfg))
+    module = _module(family, hf_cfg=hf_cfg)
     if not hasattr(module, "loom_config"):
         raise ConfigError(
             f"{module.__name__} cannot derive a Loom config from a Hugging Face one; "
@@ -149,4 +170,4 @@ def family_of(hf_cfg: Any) -> str:
             f"Hugging Face model_type={model_type!r} has no Loom family; "
             f"supported: {sorted(_MODEL_TYPES)}"
         )
-    return _MODEL_TYPES[model_type]
+    return _MODEL_TYPES[model_type][0]

@@ -29,6 +29,10 @@ TINY = [
         ("gpt_debug", ["parallel.tp=2"], 2),
         ("gpt_debug", ["parallel.tp=2", "parallel.sp=true"], 2),
         ("bert_debug", ["parallel.tp=2"], 2),
+        # NEZHA's relative terms are per head, so TP splits them with the heads.
+        ("nezha_debug", ["parallel.tp=2"], 2),
+        ("nezha_debug", ["parallel.zero=3"], 2),
+        ("roberta_debug", ["parallel.tp=2"], 2),
         ("gpt_debug", ["parallel.tp=2", "parallel.zero=3"], 4),
     ],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import assert_same_weights, read_metrics
+from tests.conftest import assert_same_losses, assert_same_weights, read_metrics
 
 TINY = [
     "model.n_layer=2",
@@ -33,6 +33,19 @@ def test_lamb_under_zero_matches_single_process(train_cli, one_process, tmp_path
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5, (zero, x["step"], x["loss"], y["loss"])
+    assert_same_weights(one, two)
+
+
+@pytest.mark.parametrize("model", ["roberta_debug"])
+def test_recipe_under_zero3_on_two_ranks_matches_single_process(
+    train_cli, one_process, tmp_path, model
+):
+    """A family recipe with its own objective and heads (RoBERTa: mlm, no pair head) sharded
+    by ZeRO-3 over DP=2: losses within 1e-5 of one process, and the same final weights."""
+    common = [f"+model={model}", *TINY, "trainer.max_steps=6"]
+    one, two = one_process(*common), tmp_path / "two"
+    train_cli(*common, "parallel.zero=3", f"trainer.out_dir={two}", nproc=2)
+    assert_same_losses(one, two)
     assert_same_weights(one, two)
 
 

@@ -21,7 +21,16 @@ SHORT = [
 
 @pytest.mark.parametrize(
     "model",
-    ["bert_debug", "albert_debug", "t5_debug", "t5_v1_1_debug", "glm_debug", "gpt_rotary_debug"],
+    [
+        "bert_debug",
+        "albert_debug",
+        "roberta_debug",
+        "nezha_debug",
+        "t5_debug",
+        "t5_v1_1_debug",
+        "glm_debug",
+        "gpt_rotary_debug",
+    ],
 )
 def test_family_trains_with_falling_loss(train_cli, tmp_path, model):
     train_cli(f"+model={model}", *SHORT, f"trainer.out_dir={tmp_path}")

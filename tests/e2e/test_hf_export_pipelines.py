@@ -1,6 +1,6 @@
 """A user's path to transformers: `launch/train.py` writes a run, `launch/export_hf.py` exports
 its checkpoint exactly as the README shows, and `transformers.pipeline` uses the folder offline
-(text generation from GPT, fill-mask from BERT), agreeing with the Loom model."""
+(text generation from GPT, fill-mask from BERT and RoBERTa), agreeing with the Loom model."""
 
 from __future__ import annotations
 
@@ -89,9 +89,16 @@ def test_gpt_run_generates_with_text_generation_pipeline(train_cli, loom_cache, 
     assert text.startswith(prompt)
 
 
-def test_bert_run_fills_masks_with_fill_mask_pipeline(train_cli, loom_cache, tmp_path):
-    run, out = train_and_export(train_cli, loom_cache, tmp_path, "bert_debug")
+@pytest.mark.parametrize(
+    ("model", "hf_class"),
+    [("bert_debug", "BertForPreTraining"), ("roberta_debug", "RobertaForMaskedLM")],
+)
+def test_bert_run_fills_masks_with_fill_mask_pipeline(
+    train_cli, loom_cache, tmp_path, model, hf_class
+):
+    run, out = train_and_export(train_cli, loom_cache, tmp_path, model)
     fill = transformers.pipeline("fill-mask", model=str(out), device="cpu")
+    assert fill.model.config.architectures == [hf_class]
     predictions = fill("The [MASK] statement", top_k=3)
     assert len(predictions) == 3
 

@@ -18,7 +18,15 @@ from models.blocks import TransformerBlock
 from models.flops import flops_per_token
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
-NAMES = ("bert_debug", "bert_base", "bert_large", "albert_debug")
+NAMES = (
+    "bert_debug",
+    "bert_base",
+    "bert_large",
+    "albert_debug",
+    "roberta_debug",
+    "roberta_base",
+    "roberta_large",
+)
 VOCAB = 366  # the byte tokenizer's
 
 
@@ -60,6 +68,26 @@ def test_parameter_count_by_hand():
     heads = (d * d + d + 2 * d + v) + (d * d + d) + (2 * d + 2)  # MLM transform, pooler, NSP
     model = build_model(cfg, vocab_size=v)
     assert param_counts(model)["total"] == embeddings + layers * block + heads
+
+
+def test_without_the_pair_head_there_is_no_pooler_classifier_or_nsp_output():
+    """RoBERTa (pair_head=false): bert_debug's count less the pooler and the NSP classifier,
+    and the outputs and FLOPs of the MLM head alone."""
+    d, t = 128, 128
+    ours = debug_bert("roberta_debug")
+    bert = debug_bert("bert_debug", type_vocab_size=1, layer_norm_eps=1e-5)
+    assert ours.pooler is None and ours.nsp_head is None
+    assert not any(name.startswith(("pooler", "nsp_head")) for name, _ in ours.named_parameters())
+    removed = (d * d + d) + (2 * d + 2)
+    assert param_counts(bert)["total"] - param_counts(ours)["total"] == removed
+    out = ours(ids(3, 20))
+    assert set(out) == {"logits"} and out["logits"].shape == (3, 20, VOCAB)
+    labels = torch.full((3, 20), -100)
+    labels[:, 3] = 7
+    assert set(ours(ids(3, 20), labels=labels)) == {"row_losses"}
+    gap = flops_per_token(bert.cfg, vocab_size=VOCAB, seq_len=t)
+    gap -= flops_per_token(ours.cfg, vocab_size=VOCAB, seq_len=t)
+    assert gap == pytest.approx(6 * (d * d + 2 * d) / t, rel=1e-9)
 
 
 # ---- forward ------------------------------------------------------------------------------

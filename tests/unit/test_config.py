@@ -125,7 +125,7 @@ def test_yaml_files_list_only_schema_keys_with_non_default_values():
     defaults = OmegaConf.to_container(OmegaConf.structured(JobConfig), resolve=False)
     conf = Path(CONF)
     files = [conf / "config.yaml", *sorted(conf.glob("*/*.yaml"))]
-    assert len(files) == 42  # config.yaml and every group file
+    assert len(files) == 51  # config.yaml and every group file
     problems = []
     for path in files:
         listed = OmegaConf.to_container(OmegaConf.load(path)) or {}
@@ -227,6 +227,10 @@ def test_layouts_that_cannot_run_are_refused_before_any_work(overrides, world, m
         (("+model=glm_debug", "model.activation=relu"), r"model\.activation='relu' .*glm"),
         (("+model=t5_debug", "model.norm=layernorm"), r"model\.norm='layernorm' .*t5"),
         (("+model=bert_debug", "model.n_decoder_layer=2"), r"model\.n_decoder_layer=2"),
+        (("model.pair_head=false",), r"model\.pair_head=False is not supported by family=gpt"),
+        # A pair task needs the pair head, whether the model's objective or data.objective's.
+        (("+model=bert_debug", "model.pair_head=false"), r"mlm_nsp .*model\.pair_head=false"),
+        (("+model=roberta_debug", "data.objective=mlm_sop"), r"mlm_sop .*model\.pair_head"),
     ],
 )
 def test_family_field_rules_are_checked_with_the_config(overrides, match):

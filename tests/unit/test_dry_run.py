@@ -66,3 +66,17 @@ def test_vocab_resolution():
         resolve_vocab(compose_job("model.vocab_size=1000", "model.make_vocab_size_divisible_by=64"))
         == 1024
     )
+
+
+def test_explicit_attention_scores_count_in_the_total():
+    """NEZHA's relative attention keeps its scores: the estimate's total includes them."""
+    fused = memory_estimate(
+        compose_job("+model=bert_base"), params=10**8, vocab=21128, world_size=1
+    )
+    nezha = memory_estimate(
+        compose_job("+model=nezha_base"), params=10**8, vocab=21128, world_size=1
+    )
+    assert fused["total_gib"] == pytest.approx(
+        fused["total_with_scores_gib"] - fused["attention_scores_gib"]
+    )
+    assert nezha["total_gib"] == pytest.approx(nezha["total_with_scores_gib"])

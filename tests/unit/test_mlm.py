@@ -420,3 +420,138 @@ def test_every_reserved_token_is_special():
     assert all(obj.is_special[SP[t]] for t in SPECIAL_TOKENS)
     assert not obj.is_special[:256].any()
     assert len(obj.random_ids) == 256
+
+
+# ---- RoBERTa (roberta_* recipes): FULL-SENTENCES rows, dynamic masking over epochs -----------
+
+
+class _KeepIds:
+    """The objective, with each row's global sample id kept beside its output."""
+
+    def __init__(self, obj: MaskedLM):
+        self.obj = obj
+
+    def __call__(self, batch: dict) -> dict:
+        return {**self.obj(batch), "sample_ids": batch["sample_ids"]}
+
+
+@pytest.fixture(scope="module")
+def roberta_epochs(tmp_path_factory) -> tuple[list[dict], int, HFTokenizer]:
+    """The mlm rows of a tiny byte-level BPE corpus (RoBERTa's kind of tokenizer) read through
+    the loader for a little over two epochs: one record per sample, with its stored row and
+    epoch."""
+    from data_pipeline.loader import build_loader
+    from data_pipeline.prepare import prepare_corpus
+    from tests.unit.test_dataset import random_docs
+
+    path = tmp_path_factory.mktemp("roberta") / "corpus"
+    prepare_corpus(
+        random_docs(80, seed=5), path, tokenizer_spec="bpe:400", seq_len=63, val_fraction=0.0
+    )
+    loader = build_loader(
+        [(str(path), 1.0)],
+        global_batch_size=8,
+        micro_batch_size=4,
+        dp_rank=0,
+        dp_size=1,
+        seed=3,
+        transform=None,
+    )
+    tok = loader.tokenizer
+    obj = MaskedLM("mlm", cfg=DataConfig(), tokenizer=tok, seq_len=63, seed=3)
+    loader.transform = _KeepIds(obj)
+    n = len(loader.datasets[0])
+    records = []
+    for _ in range(-(-2 * n // 8) + 1):
+        for micro in loader.next_batch():
+            g = micro["sample_ids"].numpy()
+            source, k = loader.samples.locate(g)
+            rows = loader.samples.rows(0, k)
+            for i in range(len(g)):
+                records.append(
+                    {
+                        "id": int(g[i]),
+                        "row": int(rows[i]),
+                        "epoch": int(k[i]) // n,
+                        "tokens": unmasked(micro)[i],
+                        **{key: micro[key][i] for key in ("input_ids", "labels")},
+                        "attention_mask": micro["attention_mask"][i],
+                    }
+                )
+    assert loader.epoch >= 2 and len({r["id"] for r in records}) == len(records)
+    return records, n, tok
+
+
+def test_roberta_rows_run_across_documents_with_eos_between_them(roberta_epochs):
+    """FULL-SENTENCES: [CLS] row [SEP], the row packed across documents with <eos> between
+    them, no padding and attention across the boundaries (no document mask or positions)."""
+    records, _, tok = roberta_epochs
+    eos, special = tok.special_tokens["<eos>"], set(tok.special_tokens.values())
+    crossing = 0
+    for r in records:
+        seq = r["tokens"]
+        assert seq[0] == tok.special_tokens["[CLS]"] and seq[-1] == tok.special_tokens["[SEP]"]
+        assert r["attention_mask"].all()
+        inner = seq[1:-1]
+        at = torch.nonzero(inner == eos).flatten().tolist()
+        assert set(inner.tolist()) & special <= {eos}  # the only special token inside a row
+        crossing += any(0 < i < len(inner) - 1 and inner[i + 1] != eos for i in at)
+        assert (r["labels"][seq == eos] == IGNORE_INDEX).all()  # separators are never masked
+    assert crossing > len(records) // 2  # most rows hold the end of one document and the next
+
+
+def _content(tokens: torch.Tensor, tok) -> torch.Tensor:
+    return ~torch.isin(tokens, torch.tensor(list(tok.special_tokens.values())))
+
+
+def _within_4_sigma(count: float, mean: float, var: float) -> bool:
+    return abs(count - mean) <= 4 * var**0.5
+
+
+def test_a_row_read_again_in_the_next_epoch_gets_a_new_mask(roberta_epochs):
+    """Dynamic masking: the same stored row, read in epochs 0 and 1 under different global
+    sample ids, gives the same tokens with different masked positions, and the two masks
+    overlap as independent draws do (hypergeometric, within 4 sigma)."""
+    records, n, tok = roberta_epochs
+    by_row: dict[int, dict[int, dict]] = {}
+    for r in records:
+        by_row.setdefault(r["row"], {}).setdefault(r["epoch"], r)
+    pairs = [(e[0], e[1]) for e in by_row.values() if 0 in e and 1 in e]
+    assert len(pairs) == n  # every row was read in both epochs
+    overlap, mean, var = 0, 0.0, 0.0
+    for first, second in pairs:
+        assert first["id"] != second["id"]
+        assert torch.equal(first["tokens"], second["tokens"])
+        a, b = first["labels"] != IGNORE_INDEX, second["labels"] != IGNORE_INDEX
+        assert a.sum() == b.sum() and not torch.equal(a, b)
+        k, m = int(a.sum()), int(_content(first["tokens"], tok).sum())
+        overlap += int((a & b).sum())
+        mean += k * k / m
+        var += k * (k / m) * ((m - k) / m) * ((m - k) / (m - 1))
+    assert _within_4_sigma(overlap, mean, var), (overlap, mean, var)
+
+
+def test_roberta_masking_rates_are_within_binomial_bounds(roberta_epochs):
+    """Every row predicts round(15%) of its content tokens; of those, [MASK] / a random token /
+    the token itself follow 80/10/10 within 4 binomial sigmas (a random pick equals the token
+    with probability 1 / |non-special ids|), over every read of every epoch."""
+    records, _, tok = roberta_epochs
+    mask_id = tok.special_tokens["[MASK]"]
+    n_random_ids = tok.vocab_size - len(tok.special_tokens)
+    counts = {"mask": 0, "random": 0, "kept": 0}
+    for r in records:
+        chosen = r["labels"] != IGNORE_INDEX
+        assert int(chosen.sum()) == max(1, round(0.15 * int(_content(r["tokens"], tok).sum())))
+        inputs, labels = r["input_ids"][chosen], r["labels"][chosen]
+        counts["mask"] += int((inputs == mask_id).sum())
+        counts["kept"] += int((inputs == labels).sum())
+        counts["random"] += int(((inputs != mask_id) & (inputs != labels)).sum())
+        assert _content(inputs[inputs != mask_id], tok).all()  # random picks are never special
+    total = sum(counts.values())
+    probs = {
+        "mask": 0.8,
+        "random": 0.1 * (1 - 1 / n_random_ids),
+        "kept": 0.1 + 0.1 / n_random_ids,
+    }
+    for key, p in probs.items():
+        assert _within_4_sigma(counts[key], total * p, total * p * (1 - p)), (key, counts)
