@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 from common.errors import ConfigError
 from data_pipeline.tokenizers import check_spec
 
-OBJECTIVES = ("clm", "mlm", "mlm_nsp", "mlm_sop", "span_corruption", "glm_blank", "unilm")
+OBJECTIVES = (
+    "clm",
+    "mlm",
+    "mlm_nsp",
+    "mlm_sop",
+    "mlm_sbo",
+    "mlm_struct",
+    "span_corruption",
+    "glm_blank",
+    "unilm",
+)
 MLM_UNITS = ("token", "word", "span", "ngram")
 UNILM_TASKS = ("bidirectional", "seq2seq", "left_to_right", "right_to_left")
 # Objectives whose inputs keep the documents of a packed row apart (data.document_attention):
@@ -32,6 +42,8 @@ MIN_SEQ_LEN = {
     "mlm": 3,
     "mlm_nsp": 5,
     "mlm_sop": 5,
+    "mlm_struct": 5,
+    "mlm_sbo": 3,
     "span_corruption": 3,
     "glm_blank": 4,
     "unilm": 5,
@@ -99,6 +111,15 @@ class MlmConfig:
     """unit=span: longest span, in words."""
     pair_swap_prob: float = 0.5
     """mlm_nsp / mlm_sop: share of pairs that are negative (random next / swapped order)."""
+    shuffle_prob: float = 0.05
+    """mlm_struct (StructBERT's word structural objective): share of the unmasked,
+    non-overlapping n-grams of shuffle_len tokens whose order is shuffled (paper: 5%)."""
+    shuffle_len: int = 3
+    """mlm_struct: tokens per shuffled n-gram (paper: K = 3, trigrams)."""
+    sbo_max_targets: int = 15
+    """mlm_sbo: tokens of one masked span that the span boundary objective scores, at
+    relative positions 0..n-1; later tokens of a longer span are scored by MLM only
+    (SpanBERT's --max-pair-targets 15)."""
 
     def validate(self) -> None:
         """ConfigError naming the data.mlm field of any impossible value."""
@@ -114,6 +135,9 @@ class MlmConfig:
             )
         _in_interval("data.mlm.span_p", self.span_p, closed_high=True)
         _positive_int("data.mlm.span_max", self.span_max)
+        _in_interval("data.mlm.shuffle_prob", self.shuffle_prob, closed_low=True, closed_high=True)
+        _positive_int("data.mlm.shuffle_len", self.shuffle_len, minimum=2)
+        _positive_int("data.mlm.sbo_max_targets", self.sbo_max_targets)
 
 
 @dataclass(kw_only=True)
@@ -219,7 +243,8 @@ class DataConfig:
     prepares it without a validation split (then set trainer.eval_every=0)."""
     objective: str | None = None
     """Pretraining objective applied to each batch; None takes model.objective. One of
-    clm | mlm | mlm_nsp | mlm_sop | span_corruption | glm_blank | unilm."""
+    clm | mlm | mlm_nsp | mlm_sop | mlm_sbo | mlm_struct | span_corruption | glm_blank |
+    unilm."""
     document_attention: bool = False
     """Stop attention and position ids from crossing document boundaries in packed rows."""
     num_workers: int = 0

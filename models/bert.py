@@ -6,6 +6,12 @@ norm), then two heads: the masked-LM head (dense, activation, LayerNorm, and a d
 the word embeddings with its own output bias) on every position, and the sentence-pair head
 (pooler dense + tanh on the [CLS] position, then a 2-way classifier) used by NSP and SOP.
 
+StructBERT (Wang et al. 2019) is BERT with a 3-way pair classifier (`cfg.pair_classes=3`:
+the second segment follows the first, precedes it, or comes from another document).
+
+SpanBERT (Joshi et al. 2020) is RoBERTa's single-segment model (no pair head) with a span
+boundary head (`cfg.sbo_max_targets` > 0, `SpanBoundaryHead`) trained by objective mlm_sbo.
+
 RoBERTa (Liu et al. 2019) is this model without the sentence-pair head (`cfg.pair_head=False`:
 its `mlm` objective has no pair task, so neither the pooler nor the classifier exists).
 
@@ -48,7 +54,7 @@ from models.blocks import (
 )
 from models.config import ModelConfig
 
-__all__ = ["Bert", "combine_masks"]
+__all__ = ["Bert", "SpanBoundaryHead", "combine_masks"]
 
 
 def _head_activation(name: str) -> nn.Module:
@@ -62,9 +68,47 @@ def _head_activation(name: str) -> nn.Module:
     raise ValueError(f"model.activation={name!r} is unknown")
 
 
+class SpanBoundaryHead(nn.Module):
+    """SpanBERT's span boundary objective (Joshi et al. 2020, sec. 3.2): each masked token
+    x_i of a span (s, e) is predicted from the encoder outputs of the boundary tokens
+    x_{s-1}, x_{e+1} and an embedding p of its relative position i - s:
+        h1 = LayerNorm(act(W1 [x_{s-1}; x_{e+1}; p])),  y = LayerNorm(act(W2 h1)),
+    then the MLM head's output projection (tied to the word embeddings) gives the logits.
+    Returns y (B, K, E) for K target slots per row; the positions are gathered first, so
+    the head runs on the K (about 15% of T) slots, not on every token. SpanBERT's code
+    sizes p at 200 and the table at its 15 --max-pair-targets rows (cfg.sbo_position_size,
+    cfg.sbo_max_targets).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, width: int):
+        super().__init__()
+        d, eps, p = cfg.d_model, cfg.layer_norm_eps, cfg.sbo_position_size
+        self.position = nn.Embedding(cfg.sbo_max_targets, p)
+        self.dense1 = nn.Linear(2 * d + p, d, bias=cfg.bias)
+        self.ln1 = make_norm(cfg.norm, d, eps=eps, bias=cfg.bias)
+        self.dense2 = nn.Linear(d, width, bias=cfg.bias)
+        self.ln2 = make_norm(cfg.norm, width, eps=eps, bias=cfg.bias)
+        self.act = _head_activation(cfg.activation)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        left_BK: torch.Tensor,
+        right_BK: torch.Tensor,
+        pos_BK: torch.Tensor,
+    ) -> torch.Tensor:
+        d = x_BTD.shape[-1]
+        left_BKD = torch.gather(x_BTD, 1, left_BK[..., None].expand(-1, -1, d))
+        right_BKD = torch.gather(x_BTD, 1, right_BK[..., None].expand(-1, -1, d))
+        h0_BKH = torch.cat([left_BKD, right_BKD, self.position(pos_BK)], dim=-1)
+        h1_BKD = self.ln1(self.act(self.dense1(h0_BKH)))
+        return self.ln2(self.act(self.dense2(h1_BKD)))
+
+
 class Bert(TiedOutputMixin, nn.Module):
-    """Encoder returning {"logits": (B, T, V) MLM logits, "nsp_logits": (B, 2)}; without the
-    pair head (`cfg.pair_head=False`) "nsp_logits" is left out.
+    """Encoder returning {"logits": (B, T, V) MLM logits, "nsp_logits": (B, C)}, C =
+    `cfg.pair_classes` (2; StructBERT's next/previous/random: 3); without the pair head
+    (`cfg.pair_head=False`) "nsp_logits" is left out.
 
     With `cfg.share_layers` the single block lives at `blocks.0` and runs `n_layer` times;
     pipeline stages cannot split such a model by blocks.
@@ -73,7 +117,16 @@ class Bert(TiedOutputMixin, nn.Module):
     # Pipeline split: the first stage holds the embeddings, the last the final norm and both
     # heads; parameter-free modules (the rotary and relative tables) run on every stage.
     pipeline_first = ("wte", "wpe", "tte", "emb_ln", "emb_proj", "drop")
-    pipeline_last = ("ln_f", "mlm_dense", "mlm_act", "mlm_ln", "lm_head", "pooler", "nsp_head")
+    pipeline_last = (
+        "ln_f",
+        "mlm_dense",
+        "mlm_act",
+        "mlm_ln",
+        "lm_head",
+        "pooler",
+        "nsp_head",
+        "sbo",
+    )
     # Tokens per slice of the chunked MLM loss (forward with `labels`); 0: the whole sequence.
     loss_chunk_tokens = 0
 
@@ -115,7 +168,9 @@ class Bert(TiedOutputMixin, nn.Module):
         self.mlm_ln = make_norm(cfg.norm, e, eps=eps, bias=cfg.bias)
         self.lm_head = nn.Linear(e, vocab_size, bias=cfg.bias)
         self.pooler = nn.Linear(d, d, bias=cfg.bias) if cfg.has_pair_head else None
-        self.nsp_head = nn.Linear(d, 2, bias=cfg.bias) if cfg.has_pair_head else None
+        classes = cfg.pair_classes
+        self.nsp_head = nn.Linear(d, classes, bias=cfg.bias) if cfg.has_pair_head else None
+        self.sbo = SpanBoundaryHead(cfg, width=e) if cfg.sbo_max_targets > 0 else None
         self.tie_weights()
         self.init_weights()
 
@@ -190,7 +245,11 @@ class Bert(TiedOutputMixin, nn.Module):
         return self.lm_head(self.mlm_ln(self.mlm_act(self.mlm_dense(x_BTD))))
 
     def heads(
-        self, x_BTD: torch.Tensor, labels_BT: torch.Tensor | None = None
+        self,
+        x_BTD: torch.Tensor,
+        labels_BT: torch.Tensor | None = None,
+        *,
+        sbo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         if labels_BT is None:
             out = {"logits": self.mlm_head(x_BTD)}
@@ -201,6 +260,10 @@ class Bert(TiedOutputMixin, nn.Module):
             out = {"row_losses": row_losses_B}
         if self.nsp_head is not None:
             out["nsp_logits"] = self.nsp_head(torch.tanh(self.pooler(x_BTD[:, 0])))
+        if sbo is not None:
+            if self.sbo is None:
+                raise ValueError("sbo_* inputs need the span boundary head: model.sbo_max_targets")
+            out["sbo_logits"] = self.lm_head(self.sbo(x_BTD, *sbo))
         return out
 
     def forward(
@@ -212,9 +275,16 @@ class Bert(TiedOutputMixin, nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        sbo_left: torch.Tensor | None = None,
+        sbo_right: torch.Tensor | None = None,
+        sbo_pos: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """{"logits": (B, T, V), "nsp_logits": (B, 2)} for token ids (B, T) ("nsp_logits"
+        """{"logits": (B, T, V), "nsp_logits": (B, C)} for token ids (B, T) ("nsp_logits"
         only with the pair head).
+
+        With the span boundary head, `sbo_left`, `sbo_right` (B, K) (positions of the tokens
+        around each target's span) and `sbo_pos` (B, K) (its relative position in the span)
+        add "sbo_logits" (B, K, V) (`SpanBoundaryHead`; objective mlm_sbo).
 
         `token_type_ids` (B, T): segment of each token (0 when omitted). `attention_mask`
         (B, T), True (or 1) for real tokens and False (0) for padding, which no query may
@@ -242,7 +312,10 @@ class Bert(TiedOutputMixin, nn.Module):
         t = sequence_length(input_ids, attention_mask, position_ids, attn_mask)
         mask = combine_masks(attention_mask, attn_mask, shape=(input_ids.shape[0], t))
         x_BTD = self.encode(x_BTD, attn_mask=mask, position_ids_BT=position_ids)
-        return x_BTD if self.lm_head is None else self.heads(x_BTD, labels)
+        if self.lm_head is None:
+            return x_BTD
+        sbo = None if sbo_left is None else (sbo_left, sbo_right, sbo_pos)
+        return self.heads(x_BTD, labels, sbo=sbo)
 
 
 def combine_masks(

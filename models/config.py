@@ -14,7 +14,10 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "gated_gelu")
 POSITIONS = ("learned", "rotary", "relative", "relative_sinusoidal", "none")
 DROP_POLICIES = ("position", "probs")
 # Objectives that score a sentence-pair label (NSP, SOP) on BERT's pair head.
-PAIR_OBJECTIVES = ("mlm_nsp", "mlm_sop", "unilm")
+PAIR_OBJECTIVES = ("mlm_nsp", "mlm_sop", "unilm", "mlm_struct")
+# Classes of each pair objective's label (model.pair_classes must match): StructBERT's
+# sentence structural objective tells next, previous and random apart.
+PAIR_CLASSES = {"mlm_nsp": 2, "mlm_sop": 2, "unilm": 2, "mlm_struct": 3}
 AUX_LOSS_REDUCTIONS = ("mean", "sum")
 
 
@@ -247,6 +250,15 @@ class ModelConfig:
     """BERT family: the [CLS] pooler and 2-way classifier that mlm_nsp and mlm_sop train.
     None builds them (BERT, ALBERT); false leaves them out, for objectives without a pair task
     (RoBERTa's mlm). The other families have no such head and keep None."""
+    pair_classes: int = 2
+    """BERT family, pair head: classes of its classifier (NSP, SOP: 2; StructBERT's mlm_struct:
+    3, next / previous / random). Must match the objective's label; 2 without a pair head."""
+    sbo_max_targets: int = 0
+    """BERT family: SpanBERT's span boundary head (objective mlm_sbo) with this many rows of
+    relative positions inside a span (SpanBERT: 15, as data.mlm.sbo_max_targets); 0 builds no
+    such head."""
+    sbo_position_size: int = 200
+    """Width of the span boundary head's relative position embeddings (SpanBERT: 200)."""
     moe: MoeConfig = field(default_factory=MoeConfig)
     """Mixture-of-experts layers (num_experts 0: dense)."""
 
@@ -312,6 +324,16 @@ class ModelConfig:
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.layer_norm_eps and model.init_std must be > 0")
         self._check_family()
+        self._check_sbo()
+        if isinstance(self.pair_classes, bool) or not isinstance(self.pair_classes, int):
+            raise ConfigError(f"model.pair_classes={self.pair_classes!r} must be an integer")
+        if self.pair_classes < 2:
+            raise ConfigError(f"model.pair_classes={self.pair_classes} must be >= 2")
+        if self.pair_classes != 2 and not self.has_pair_head:
+            raise ConfigError(
+                f"model.pair_classes={self.pair_classes} needs the sentence-pair head "
+                "(family bert, model.pair_head not false); leave it at 2"
+            )
         self.check_objective(self.objective)
         self.moe.validate(n_layer=min(self.n_layer, self.n_decoder_layer or self.n_layer))
         if self.moe.enabled and self.share_layers:
@@ -329,11 +351,37 @@ class ModelConfig:
 
     def check_objective(self, objective: str) -> None:
         """ConfigError if this model cannot train `objective` (model.objective, or a
-        data.objective overriding it): a pair task needs the pair head."""
+        data.objective overriding it): a pair task needs the pair head, with as many classes
+        as its label has."""
         if objective in PAIR_OBJECTIVES and self.pair_head is False:
             raise ConfigError(
                 f"objective {objective} scores a sentence-pair label, but model.pair_head=false "
                 "builds no pair head; set model.pair_head=null or use objective mlm"
+            )
+        need = PAIR_CLASSES.get(objective)
+        if need is not None and self.has_pair_head and self.pair_classes != need:
+            raise ConfigError(
+                f"objective {objective} scores a {need}-class pair label, but "
+                f"model.pair_classes={self.pair_classes}; set model.pair_classes={need}"
+            )
+        if (objective == "mlm_sbo") != (self.sbo_max_targets > 0):
+            raise ConfigError(
+                f"objective {objective} with model.sbo_max_targets={self.sbo_max_targets}: "
+                "the span boundary head (sbo_max_targets > 0) trains with objective mlm_sbo, "
+                "and mlm_sbo needs it"
+            )
+
+    def _check_sbo(self) -> None:
+        """The span boundary head: BERT family only, sizes >= 0 / > 0."""
+        if self.sbo_max_targets < 0 or self.sbo_position_size <= 0:
+            raise ConfigError(
+                f"model.sbo_max_targets={self.sbo_max_targets} must be >= 0 and "
+                f"model.sbo_position_size={self.sbo_position_size} > 0"
+            )
+        if self.sbo_max_targets and self.family != "bert":
+            raise ConfigError(
+                f"model.sbo_max_targets={self.sbo_max_targets} is not supported by "
+                f"family={self.family} (the span boundary head is SpanBERT's); set it to 0"
             )
 
     def _check_family(self) -> None:

@@ -158,7 +158,9 @@ def bert_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
     ALBERT block counts n_layer times: it runs n_layer times), the E -> D embedding
     projection when E != D, the MLM head's transform (D x E) and decoder (V x E) over all
     positions, and the pooler and NSP classifier (when built: not for RoBERTa), which run on
-    one position per sequence, so their weights count 1 / seq_len per token. NEZHA's relative
+    one position per sequence, so their weights count 1 / seq_len per token. SpanBERT's span
+    boundary head runs on its K target slots per row, so its weights (two dense layers and
+    the decoder again) count K / seq_len per token. NEZHA's relative
     sinusoids add their two table matmuls (module docstring)."""
     d, e = cfg.d_model, cfg.embedding_size if cfg.embedding_size is not None else cfg.d_model
     attention = cfg.n_layer * 4 * d * cfg.n_head * cfg.head_dim
@@ -166,9 +168,22 @@ def bert_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
     if e != d:
         n_matmul += e * d
     if cfg.has_pair_head:
-        n_matmul += (d * d + 2 * d) / seq_len
+        n_matmul += (d * d + cfg.pair_classes * d) / seq_len
+    if cfg.sbo_max_targets:
+        n_matmul += _sbo_share(seq_len) * _sbo_params(cfg, d=d, e=e, vocab_size=vocab_size)
     scores = _attention(cfg, n_layer=cfg.n_layer, keys=seq_len)
     return float(6 * n_matmul + scores + _relative_sinusoids(cfg, seq_len=seq_len))
+
+
+def _sbo_share(seq_len: int) -> float:
+    """Share of a row's tokens that SpanBERT's span boundary head runs on: its K target
+    slots per row at the default mask_prob 0.15 (data_pipeline.objectives.sbo.sbo_slots)."""
+    return max(1, round(0.15 * (seq_len - 2))) / seq_len
+
+
+def _sbo_params(cfg: ModelConfig, *, d: int, e: int, vocab_size: int) -> int:
+    """Matmul weights of the span boundary head: W1 ((2D + P) x D), W2 (D x E), decoder."""
+    return (2 * d + cfg.sbo_position_size) * d + d * e + vocab_size * e
 
 
 def _relative_sinusoids(cfg: ModelConfig, *, seq_len: int) -> int:

@@ -289,6 +289,8 @@ def bert_plan(cfg: ModelConfig, sp: bool) -> Plan:
         gather = sp and not gathered_by_blocks
         plan["ln_f"] = ReplicateParallel(input_layouts=Shard(1) if gather else Replicate())
     heads = ("mlm_dense", "mlm_ln") + (("pooler", "nsp_head") if cfg.has_pair_head else ())
+    if cfg.sbo_max_targets:  # SpanBERT's span boundary head, before the shared lm_head
+        heads += tuple(f"sbo.{name}" for name in ("position", "dense1", "ln1", "dense2", "ln2"))
     for name in heads:
         plan[name] = ReplicateParallel()
     plan["lm_head"] = _logits(False)

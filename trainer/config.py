@@ -303,6 +303,11 @@ def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
         )
     job.data.check_objective(objective, seq_len=seq_len)
     job.model.check_objective(objective)
+    if objective == "mlm_sbo" and job.data.mlm.sbo_max_targets > job.model.sbo_max_targets:
+        raise ConfigError(
+            f"data.mlm.sbo_max_targets={job.data.mlm.sbo_max_targets} exceeds the span "
+            f"boundary head's model.sbo_max_targets={job.model.sbo_max_targets} positions"
+        )
     if job.parallel.ep > 1 and not job.model.moe.enabled:
         raise ConfigError(
             f"parallel.ep={job.parallel.ep} needs experts to split: set model.moe.num_experts > 0"

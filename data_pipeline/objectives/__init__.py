@@ -38,6 +38,8 @@ _REGISTRY = {
     "mlm": "data_pipeline.objectives.mlm:MaskedLM",
     "mlm_nsp": "data_pipeline.objectives.mlm:MaskedLM",
     "mlm_sop": "data_pipeline.objectives.mlm:MaskedLM",
+    "mlm_struct": "data_pipeline.objectives.structbert:StructuralLM",
+    "mlm_sbo": "data_pipeline.objectives.sbo:SpanBoundaryLM",
     "span_corruption": "data_pipeline.objectives.span_corruption:SpanCorruption",
     "glm_blank": "data_pipeline.objectives.glm:BlankInfilling",
     "unilm": "data_pipeline.objectives.unilm:UnifiedLM",

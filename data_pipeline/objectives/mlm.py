@@ -202,14 +202,20 @@ def nsp_layout(
     *,
     budget: int,
     negative_prob: float,
+    split_anywhere: bool = False,
 ) -> tuple[list[tuple[int, int]], int]:
-    """Segments [(a0, a1), (b0, b1)] of the row and the NSP label (see the module docstring)."""
+    """Segments [(a0, a1), (b0, b1)] of the row and the NSP label (see the module docstring).
+
+    `split_anywhere` draws A's end from the whole piece rather than its first half, so A and
+    B have the same length distribution (mlm_struct swaps them for its "previous" class).
+    """
     i = _longest(pieces)
     s, e = pieces[i]
     room = min(e - s, budget)
     if room < 2:
         return [(s, s + room), (s, s)], IGNORE_INDEX
-    k = _split_point(rng, sent_S, s + 1, s + max(1, room // 2))
+    last = s + room - 1 if split_anywhere else s + max(1, room // 2)
+    k = _split_point(rng, sent_S, s + 1, last)
     b_room = min(e - k, budget - (k - s))
     others = [piece for j, piece in enumerate(pieces) if j != i]
     j, neg_room = k, 0

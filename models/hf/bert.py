@@ -174,6 +174,7 @@ def _check_convertible(cfg: ModelConfig) -> None:
             "BertForPreTraining has the NSP head; without it the model is RoBERTa's "
             "(RobertaForMaskedLM)",
         ),
+        "pair_classes": (cfg.pair_classes == 2, "BertForPreTraining's NSP classifier is 2-way"),
         **encoder_problems(cfg, name="BERT"),
     }
     check_fields(cfg, problems, target="BertForPreTraining")

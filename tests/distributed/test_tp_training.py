@@ -33,6 +33,8 @@ TINY = [
         ("nezha_debug", ["parallel.tp=2"], 2),
         ("nezha_debug", ["parallel.zero=3"], 2),
         ("roberta_debug", ["parallel.tp=2"], 2),
+        # SpanBERT's span boundary head runs replicated, before the vocabulary-sharded decoder.
+        ("spanbert_debug", ["parallel.tp=2"], 2),
         ("gpt_debug", ["parallel.tp=2", "parallel.zero=3"], 4),
     ],
 )

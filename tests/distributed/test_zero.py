@@ -36,7 +36,7 @@ def test_lamb_under_zero_matches_single_process(train_cli, one_process, tmp_path
     assert_same_weights(one, two)
 
 
-@pytest.mark.parametrize("model", ["roberta_debug"])
+@pytest.mark.parametrize("model", ["roberta_debug", "structbert_debug", "spanbert_debug"])
 def test_recipe_under_zero3_on_two_ranks_matches_single_process(
     train_cli, one_process, tmp_path, model
 ):

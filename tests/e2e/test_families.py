@@ -26,6 +26,7 @@ SHORT = [
         "albert_debug",
         "roberta_debug",
         "nezha_debug",
+        "structbert_debug",
         "t5_debug",
         "t5_v1_1_debug",
         "glm_debug",
@@ -36,6 +37,18 @@ def test_family_trains_with_falling_loss(train_cli, tmp_path, model):
     train_cli(f"+model={model}", *SHORT, f"trainer.out_dir={tmp_path}")
     losses = [r["loss"] for r in read_metrics(tmp_path)]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_spanbert_trains_mlm_and_span_boundary_objectives(train_cli, tmp_path):
+    """SpanBERT (mlm_sbo): the loss is MLM + SBO, and both tasks' losses fall."""
+    train_cli("+model=spanbert_debug", *SHORT, f"trainer.out_dir={tmp_path}")
+    records = read_metrics(tmp_path)
+    assert len(records) == 6
+    for r in records:
+        assert abs(r["loss"] - r["loss_lm"] - r["loss_sbo"]) < 1e-5, r
+    for key in ("loss", "loss_lm", "loss_sbo"):
+        first, last = records[0][key], records[-1][key]
+        assert last < first - (0.5 if key == "loss" else 0.25), (key, first, last)
 
 
 @pytest.mark.parametrize(
