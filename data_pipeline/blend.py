@@ -248,7 +248,8 @@ class BlendedSamples:
         source, k = self.locate(np.asarray(g, dtype=np.int64).reshape(-1))
         n = len(source)
         if out is None:
-            out = RowArrays.empty(n, self.datasets[0].sample_len, self.token_dtype)
+            spans = all(ds.has_spans for ds in self.datasets)
+            out = RowArrays.empty(n, self.datasets[0].sample_len, self.token_dtype, spans=spans)
         else:
             out = out.head(n)
         if self.schedule.num_sources == 1:

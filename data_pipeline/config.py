@@ -28,7 +28,9 @@ OBJECTIVES = (
     "glm_blank",
     "unilm",
 )
-MLM_UNITS = ("token", "word", "span", "ngram")
+MLM_UNITS = ("token", "word", "span", "ngram", "phrase", "knowledge")
+# ERNIE 1.0's masking levels, in the order of data.mlm.knowledge_stages.
+KNOWLEDGE_STAGES = ("token", "phrase", "entity")
 UNILM_TASKS = ("bidirectional", "seq2seq", "left_to_right", "right_to_left")
 # Objectives whose inputs keep the documents of a packed row apart (data.document_attention):
 # the others cut segments at document boundaries already (the pair tasks, which need attention
@@ -104,7 +106,14 @@ class MlmConfig:
     """... and share replaced by a random token; the rest keep their token."""
     unit: str = "token"
     """What is masked together: token | word (whole-word masking) | span (SpanBERT) |
-    ngram (UniLM: one token 80% of the time, a bigram or a trigram 10% each)."""
+    ngram (UniLM: one token 80% of the time, a bigram or a trigram 10% each) | phrase
+    (n-grams of 1, 2 or 3 whole words with P(n) proportional to 1/n) | knowledge (ERNIE 1.0:
+    each sample masked at one level of data.mlm.knowledge_stages)."""
+    knowledge_stages: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.25])
+    """unit=knowledge: shares of samples masked at token, phrase and entity level (ERNIE 1.0
+    runs the levels as consecutive training stages; a per-sample mix keeps every level in
+    every stretch of training). Entity level masks the corpus's entity spans whole, and
+    falls back to phrase masking, with a logged warning, on a corpus without them."""
     span_p: float = 0.2
     """unit=span: parameter of the geometric span-length distribution."""
     span_max: int = 10
@@ -138,6 +147,25 @@ class MlmConfig:
         _in_interval("data.mlm.shuffle_prob", self.shuffle_prob, closed_low=True, closed_high=True)
         _positive_int("data.mlm.shuffle_len", self.shuffle_len, minimum=2)
         _positive_int("data.mlm.sbo_max_targets", self.sbo_max_targets)
+        self._validate_stages()
+
+    def _validate_stages(self) -> None:
+        stages = self.knowledge_stages
+        if isinstance(stages, (str, bytes)) or not hasattr(stages, "__len__"):
+            raise ConfigError(f"data.mlm.knowledge_stages={stages!r} must be a list of 3 shares")
+        if len(stages) != len(KNOWLEDGE_STAGES):
+            raise ConfigError(
+                f"data.mlm.knowledge_stages={list(stages)} must hold {len(KNOWLEDGE_STAGES)} "
+                f"shares ({' / '.join(KNOWLEDGE_STAGES)})"
+            )
+        for level, share in zip(KNOWLEDGE_STAGES, stages, strict=True):
+            _in_interval(
+                f"data.mlm.knowledge_stages ({level})", share, closed_low=True, closed_high=True
+            )
+        if abs(sum(stages) - 1.0) > 1e-6:
+            raise ConfigError(
+                f"data.mlm.knowledge_stages={list(stages)} add up to {sum(stages)}, not 1"
+            )
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,12 @@ Every shard has three columns (`shard_schema`):
   document start is also a sentence start; a sentence continued from the previous row has no
   entry. The <eos> after a document belongs to its last sentence.
 
+A corpus prepared with knowledge spans (``prepare_data.py --spans``, schema_version 3) has three
+more list<int32> columns of positions inside the row, as ``sent_offsets``: ``phrase_offsets``
+and ``entity_offsets`` where a phrase or entity span begins, ``span_end_offsets`` where one
+ends (the first token after it). A span's tokens run from its start to its end or the next
+span start; a span continued from the previous row has no start in this row and is not one.
+
 Every record batch except a shard's last holds exactly ``rows_per_batch`` rows, so row ->
 (batch, offset) is arithmetic, and every shard except a split's last holds exactly
 ``max_rows_per_shard`` rows.
@@ -37,13 +43,17 @@ from common.errors import ConfigError, DataError
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 2
+# Written instead of SCHEMA_VERSION when the corpus carries knowledge spans.
+SPANS_SCHEMA_VERSION = 3
 # Manifest schema versions the reader understands: 1 has document offsets only, 2 adds the
-# `sent_offsets` column (sentence starts). With version 1, document starts are the only
-# sentence starts.
-SCHEMA_VERSIONS = (1, 2)
+# `sent_offsets` column (sentence starts), 3 the span columns. With version 1, document
+# starts are the only sentence starts.
+SCHEMA_VERSIONS = (1, 2, 3)
 SPLITS = ("train", "val")
 TOKEN_DTYPES = ("auto", "uint16", "int32")
 TOKENS_COLUMN, DOC_COLUMN, SENT_COLUMN = "tokens", "doc_offsets", "sent_offsets"
+# Span starts by kind (documents.SPAN_CODES 1, 2), then span ends (schema_version 3).
+SPAN_COLUMNS = ("phrase_offsets", "entity_offsets", "span_end_offsets")
 _UINT16_IDS = 65536
 _REQUIRED_FIELDS = (
     "tokenizer", "vocab_size", "seq_len", "sample_len", "dtype", "rows_per_batch", "splits"
@@ -85,14 +95,14 @@ def resolve_token_dtype(name: str, vocab_size: int) -> np.dtype:
     return np.dtype(name)
 
 
-def shard_schema(dtype: np.dtype, sample_len: int) -> pa.Schema:
+def shard_schema(dtype: np.dtype, sample_len: int, *, spans: bool = False) -> pa.Schema:
     """The one definition of a shard's columns (see the module docstring)."""
     tokens = pa.list_(pa.from_numpy_dtype(dtype), sample_len)
+    lists = [DOC_COLUMN, SENT_COLUMN, *(SPAN_COLUMNS if spans else ())]
     return pa.schema(
         [
             pa.field(TOKENS_COLUMN, tokens, nullable=False),
-            pa.field(DOC_COLUMN, pa.list_(pa.int32()), nullable=False),
-            pa.field(SENT_COLUMN, pa.list_(pa.int32()), nullable=False),
+            *(pa.field(name, pa.list_(pa.int32()), nullable=False) for name in lists),
         ]
     )
 
@@ -100,7 +110,7 @@ def shard_schema(dtype: np.dtype, sample_len: int) -> pa.Schema:
 def expected_schema(dtype: np.dtype, sample_len: int, *, schema_version: int) -> pa.Schema:
     """The shard schema a manifest of `schema_version` promises (version 1 shards lack the
     sentence column)."""
-    schema = shard_schema(dtype, sample_len)
+    schema = shard_schema(dtype, sample_len, spans=schema_version == SPANS_SCHEMA_VERSION)
     if schema_version == 1:
         schema = schema.remove(schema.get_field_index(SENT_COLUMN))
     return schema

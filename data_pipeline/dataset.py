@@ -45,6 +45,7 @@ from data_pipeline.corpus_format import (
     DOC_COLUMN,
     MANIFEST_FILE,
     SENT_COLUMN,
+    SPAN_COLUMNS,
     TOKENS_COLUMN,
     MissingCorpusFileError,
     expected_schema,
@@ -56,8 +57,10 @@ from data_pipeline.rows import RowArrays, ShardViews, flat_view, list_keys, map_
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 
 # Columns of PackedDataset._at: where a record batch's buffers start in its shard's mapped
-# file, in elements of the shard's token view (_TOK) or int32 view (the list columns).
+# file, in elements of the shard's token view (_TOK) or int32 view (the list columns; the
+# span lists' pairs follow the sentence list's in a corpus with spans).
 _TOK, _DOC_OFF, _DOC_VAL, _SENT_OFF, _SENT_VAL = range(5)
+_LIST_PAIRS = 5  # document, sentence and the three span lists
 _INT64 = np.dtype(np.int64)
 
 
@@ -66,7 +69,8 @@ class RowPlaces(NamedTuple):
 
     shard: np.ndarray  # [n]: index into PackedDataset.shard_views
     element: np.ndarray  # int64 [n]: token element of that shard's views where the row starts
-    lists: np.ndarray  # int64 [4, n]: where its boundary lists lie in the shard's int32 view
+    lists: np.ndarray  # int64 [4 or 10, n]: where its boundary lists lie in the shard's int32
+    # view (10 with `spans`: the span lists' pairs after the sentence list's)
 
 
 class PackedDataset:
@@ -98,7 +102,7 @@ class PackedDataset:
         self._index_batches(shards, where=f"{where}, split {split!r}")
         self._checked = np.zeros(len(self._batch_shard), dtype=bool)
         self._unchecked = len(self._batch_shard)  # record batches not yet touched
-        self._at = np.zeros((5, len(self._batch_shard)), dtype=np.int64)
+        self._at = np.zeros((1 + 2 * _LIST_PAIRS, len(self._batch_shard)), dtype=np.int64)
         # Where each row lies: its shard, and the element of that shard's token view where it
         # starts; written when its record batch is first touched, so placing rows is then one
         # lookup. Twelve bytes a row (an epoch's visiting order takes eight); np.empty leaves
@@ -200,6 +204,11 @@ class PackedDataset:
         return self._schema.get_field_index(SENT_COLUMN) >= 0
 
     @property
+    def has_spans(self) -> bool:
+        """Whether the shards carry knowledge spans (schema_version 3)."""
+        return self._schema.get_field_index(SPAN_COLUMNS[0]) >= 0
+
+    @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self._manifest["tokenizer"], self.path)
@@ -247,6 +256,8 @@ class PackedDataset:
             lists = {DOC_COLUMN: _list_views(record.column(DOC_COLUMN))}
             if self.has_sentences:
                 lists[SENT_COLUMN] = _list_views(record.column(SENT_COLUMN))
+            for column in SPAN_COLUMNS if self.has_spans else ():
+                lists[column] = _list_views(record.column(column))
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"shard {file}: record batch {local} is unreadable: {err}") from None
         shard_rows = int(self._shard_start[shard + 1] - self._shard_start[shard])
@@ -380,29 +391,33 @@ class PackedDataset:
             got[sel] = self._views[shard].rows[starts[sel]]
         return got
 
-    def _lists(self, rows: np.ndarray) -> np.ndarray:
+    def _lists(self, rows: np.ndarray, *, spans: bool = False) -> np.ndarray:
         """[4, n]: where the boundary lists of checked `rows` lie in their shard's int32 view:
         the element of each document list's first offset, the element its values count from,
         and the same two for the sentence list (see rows.list_keys). A corpus without sentence
-        lists gives its document lists again: document starts are sentence starts too."""
+        lists gives its document lists again: document starts are sentence starts too. With
+        `spans` (a corpus that has them), [10, n]: the three span lists' pairs follow."""
         batches, offsets = np.divmod(rows, self._rpb)
         at = self._at[:, batches]
         at[_DOC_OFF] += offsets
         if not self.has_sentences:
             return at[[_DOC_OFF, _DOC_VAL, _DOC_OFF, _DOC_VAL]]
-        at[_SENT_OFF] += offsets
-        return at[_DOC_OFF:]
+        pairs = _LIST_PAIRS if spans else 2
+        at[_SENT_OFF : 1 + 2 * pairs : 2] += offsets
+        return at[_DOC_OFF : 1 + 2 * pairs]
 
     @property
     def shard_views(self) -> tuple[ShardViews, ...]:
         """Read-only views of every shard, in manifest order (`RowPlaces.shard` indexes them)."""
         return tuple(self._views)
 
-    def place(self, indices: Sequence[int] | np.ndarray) -> RowPlaces:
+    def place(self, indices: Sequence[int] | np.ndarray, *, spans: bool = False) -> RowPlaces:
         """Where rows `indices` lie (negative ones count from the end), every record batch
-        among them checked first: for readers that copy rows out of `shard_views` themselves."""
+        among them checked first: for readers that copy rows out of `shard_views` themselves.
+        `spans` (only for a corpus that has them) adds the span lists."""
         rows = self._rows(indices)
-        return RowPlaces(self._row_shard[rows], self._row_start[rows], self._lists(rows))
+        lists = self._lists(rows, spans=spans)
+        return RowPlaces(self._row_shard[rows], self._row_start[rows], lists)
 
     def gather_into(self, rows: Sequence[int] | np.ndarray, out: RowArrays, at: np.ndarray) -> None:
         """Write rows `rows` into positions `at` of `out`: their tokens, and their document
@@ -414,7 +429,8 @@ class PackedDataset:
         else:  # a blend of uint16 and int32 corpora: widen on the way
             out.tokens[at] = got.view(self._row_type)
         doc_start, sent_start = flat_view(out.doc_start), flat_view(out.sent_start)
-        lists = self._lists(rows)
+        spans = len(out.starts) > 2 and self.has_spans
+        lists = self._lists(rows, spans=spans)
         base = np.asarray(at, dtype=np.int64) * self.sample_len
         for shard, sel in self._by_shard(self._batch_shard[rows // self._rpb]):
             flat = self._views[shard].int32
@@ -422,6 +438,11 @@ class PackedDataset:
             sent, _ = list_keys(flat, lists[2, sel], lists[3, sel], base[sel])
             # A document start is a sentence start too.
             doc_start[doc] = sent_start[doc] = sent_start[sent] = True
+            for plane in range(2, 5) if spans else ():
+                keys, _ = list_keys(
+                    flat, lists[2 * plane, sel], lists[2 * plane + 1, sel], base[sel]
+                )
+                flat_view(out.starts[plane])[keys] = True
 
     def __getitem__(self, index: int) -> np.ndarray:
         """Row `index` as a read-only numpy view into the memory-mapped shard."""
@@ -438,9 +459,10 @@ class PackedDataset:
         return torch.from_numpy(read_rows(self._views, self._row_shard[rows], starts))
 
     def gather_arrays(self, rows: Sequence[int] | np.ndarray) -> RowArrays:
-        """Rows and their boundaries as numpy arrays (tokens in the stored dtype)."""
+        """Rows and their boundaries as numpy arrays (tokens in the stored dtype), with the
+        span planes when the corpus has spans."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out = RowArrays.empty(len(rows), self.sample_len, self._dtype)
+        out = RowArrays.empty(len(rows), self.sample_len, self._dtype, spans=self.has_spans)
         self.gather_into(rows, out, np.arange(len(rows)))
         return out
 
@@ -448,7 +470,8 @@ class PackedDataset:
         """Rows with their boundaries: {"tokens": int64 [n, S], "doc_start": bool [n, S],
         "sent_start": bool [n, S]}; True where a document (sentence) begins inside the row.
         A document start is always a sentence start; corpora without sentence offsets
-        (schema_version 1) mark document starts only."""
+        (schema_version 1) mark document starts only. A corpus with spans adds "span_start"
+        bool and "span_kind" int8 [n, S] (see rows.span_marks)."""
         return self.gather_arrays(rows).batch()
 
 

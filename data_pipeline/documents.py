@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from common.errors import ConfigError
@@ -255,6 +256,98 @@ def _parquet_text_column(pf, path: Path, text_key: str) -> pa.Field:
     if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
         raise ValueError(f"{path}: column {text_key!r} has type {field.type}, not string")
     return field
+
+
+# ---------------------------------------------------------------------------------------------
+# Knowledge spans
+
+# Codes of the span kinds, as in the batches' span_kind (0: outside every span).
+SPAN_CODES = {"phrase": 1, "entity": 2}
+# One document's spans: where its record is ("FILE, line N", for errors), and its spans as
+# (start char, end char, kind code), sorted and non-overlapping.
+DocSpans = tuple[str, list[tuple[int, int, int]]]
+
+
+def read_spans(path: str | Path) -> dict[int, DocSpans]:
+    """The spans of a JSONL file of {"doc": input index, "spans": [[start_char, end_char,
+    "entity" | "phrase"], ...]} records, by document. A bad record raises ValueError naming
+    the file and line; whether a span fits its document is checked when it is encoded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"spans file {path} (--spans) does not exist")
+    out: dict[int, DocSpans] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            doc, spans = _span_record(line, where=where)
+            if doc in out:
+                raise ValueError(f"{where}: document {doc} already has spans ({out[doc][0]})")
+            out[doc] = (where, spans)
+    return out
+
+
+def _span_record(line: str, *, where: str) -> tuple[int, list[tuple[int, int, int]]]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+    if not isinstance(record, dict) or set(record) != {"doc", "spans"}:
+        raise ValueError(
+            f'{where}: expected {{"doc": index, "spans": [...]}}, got {line.strip()[:80]}'
+        )
+    doc, items = record["doc"], record["spans"]
+    if isinstance(doc, bool) or not isinstance(doc, int) or doc < 0:
+        raise ValueError(f"{where}: doc={doc!r} must be a document index >= 0")
+    if not isinstance(items, list):
+        raise ValueError(f"{where}: spans must be a list of [start_char, end_char, kind]")
+    spans = []
+    for item in items:
+        ok = isinstance(item, list) and len(item) == 3 and item[2] in SPAN_CODES
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in item[:2])
+        if not ok or not 0 <= item[0] < item[1]:
+            raise ValueError(
+                f"{where}: span {item!r} is not [start_char, end_char, kind] with "
+                f"0 <= start < end and kind one of {tuple(SPAN_CODES)}"
+            )
+        spans.append((item[0], item[1], SPAN_CODES[item[2]]))
+    spans.sort()
+    for (a, b, _), (c, d, _) in zip(spans[:-1], spans[1:], strict=True):
+        if c < b:
+            raise ValueError(f"{where}: spans [{a}, {b}) and [{c}, {d}) overlap")
+    return doc, spans
+
+
+def cut_at_spans(
+    text: str, sentences: list[str], entry: DocSpans
+) -> tuple[list[str], list[int], list[tuple[int, int, int]]]:
+    """(pieces, the sentence of each piece, spans as (first piece, last piece, kind code)):
+    `sentences` of `text` cut further at its spans' ends, so that span boundaries are token
+    boundaries. A span starts at the whitespace before it, as sentences do, so that byte-level
+    BPE tokenises the cut text as the whole."""
+    where, spans = entry
+    n, prev_end, bounds = len(text), 0, []
+    for start, end, code in spans:
+        if end > n:
+            raise ValueError(
+                f"{where}: span [{start}, {end}) ends past the document's {n} characters"
+            )
+        while start > prev_end and text[start - 1].isspace():
+            start -= 1
+        bounds.append((start, end, code))
+        prev_end = end
+    sent_starts = np.cumsum([0, *(len(p) for p in sentences[:-1])])
+    cuts = sorted({*sent_starts.tolist(), *(c for s, e, _ in bounds for c in (s, e) if c < n)})
+    pieces = [text[a:b] for a, b in zip(cuts, [*cuts[1:], n], strict=True)]
+    sentence_of = (np.searchsorted(sent_starts, cuts, side="right") - 1).tolist()
+    first = np.searchsorted(cuts, [s for s, _, _ in bounds]).tolist()
+    last = (np.searchsorted(cuts, [e for _, e, _ in bounds]) - 1).tolist()
+    return (
+        pieces,
+        sentence_of,
+        [(a, b, c) for a, b, (_, _, c) in zip(first, last, bounds, strict=True)],
+    )
 
 
 # ---------------------------------------------------------------------------------------------

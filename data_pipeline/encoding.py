@@ -5,6 +5,9 @@ each chunk is encoded sentence by sentence (see `documents.split_sentences`), so
 are exact token positions. With workers, chunks are encoded in spawned processes, a few tasks per
 worker in flight, and handed back in input order: the result does not depend on the number of
 workers.
+
+With knowledge spans (`documents.read_spans`), a document's sentences are cut further at its
+spans' boundaries (`documents.cut_at_spans`), so spans too are exact token ranges.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data_pipeline.documents import DocumentReader, split_sentences
+from data_pipeline.documents import DocSpans, DocumentReader, cut_at_spans, split_sentences
 from data_pipeline.tokenizers import Tokenizer
 
 _CHUNK_DOCS = 512  # documents per encoding task
@@ -35,27 +38,54 @@ class EncodedChunk(NamedTuple):
     doc_sentences: np.ndarray  # int64 [docs]: its number of sentences
     sent_starts: np.ndarray  # int32 [sum(doc_sentences)]: start of each, relative to its doc
     skipped: int  # empty (whitespace only) documents left out
+    doc_spans: np.ndarray  # int64 [docs]: its number of knowledge spans
+    spans: np.ndarray  # int32 [sum(doc_spans), 3]: (start, end, kind code), relative to its doc
 
 
 def _encode_chunk(
-    tokenizer: Tokenizer, texts: Sequence[str], *, first_index: int, dtype: np.dtype
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    *,
+    first_index: int,
+    dtype: np.dtype,
+    spans: dict[int, DocSpans] | None = None,
 ) -> EncodedChunk:
-    """Tokenise documents first_index, first_index + 1, ... sentence by sentence."""
-    kept, sentences, per_doc = [], [], []
+    """Tokenise documents first_index, first_index + 1, ... sentence by sentence (cut at the
+    boundaries of their `spans`, by input index, where given)."""
+    kept, pieces, piece_sentence, per_doc, span_pieces = [], [], [], [], []
+    sentences = 0
     for k, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"document {first_index + k} is {type(text).__name__}, not str")
         if text.strip():
             parts = split_sentences(text)
+            entry = spans.get(first_index + k) if spans else None
+            base = len(pieces)
+            if entry:
+                cut, sentence_of, doc_spans = cut_at_spans(text, parts, entry)
+            else:
+                cut, sentence_of, doc_spans = parts, range(len(parts)), []
+            pieces += cut
+            piece_sentence += [sentences + j for j in sentence_of]
+            sentences += len(parts)
+            span_pieces += [(len(kept), base + a, base + b, c) for a, b, c in doc_spans]
             kept.append(first_index + k)
-            sentences += parts
             per_doc.append(len(parts))
     if not kept:
         empty = np.zeros(0, dtype=np.int64)
         return EncodedChunk(
-            empty, empty, np.zeros(0, dtype), empty, empty.astype(np.int32), len(texts)
+            empty,
+            empty,
+            np.zeros(0, dtype),
+            empty,
+            empty.astype(np.int32),
+            len(texts),
+            empty,
+            np.zeros((0, 3), dtype=np.int32),
         )
-    ids, lens = tokenizer.encode_concat(sentences)
+    ids, piece_lens = tokenizer.encode_concat(pieces)
+    piece_lens = np.asarray(piece_lens, dtype=np.int64)
+    lens = np.bincount(piece_sentence, weights=piece_lens).astype(np.int64)
     tokens = ids.astype(dtype)
     per_doc_n = np.asarray(per_doc, dtype=np.int64)
     sent_doc = np.repeat(np.arange(len(kept)), per_doc_n)
@@ -68,6 +98,7 @@ def _encode_chunk(
     is_first[first_of_doc] = True
     keep = (lens > 0) | (is_first & (doc_tokens[sent_doc] == 0))
     starts = sent_begin - sent_begin[first_of_doc][sent_doc]
+    doc_spans, span_rows = _span_tokens(span_pieces, piece_lens, sent_begin[first_of_doc])
     return EncodedChunk(
         indices=np.asarray(kept, dtype=np.int64),
         doc_tokens=doc_tokens,
@@ -75,7 +106,25 @@ def _encode_chunk(
         doc_sentences=np.bincount(sent_doc[keep], minlength=len(kept)).astype(np.int64),
         sent_starts=starts[keep].astype(np.int32),
         skipped=len(texts) - len(kept),
+        doc_spans=doc_spans,
+        spans=span_rows,
     )
+
+
+def _span_tokens(
+    span_pieces: list[tuple[int, int, int, int]], piece_lens: np.ndarray, doc_begin: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(spans per document, (start, end, kind) rows relative to their documents) of spans
+    given as (document, first piece, last piece, kind); spans without tokens are dropped."""
+    if not span_pieces:
+        return np.zeros(len(doc_begin), dtype=np.int64), np.zeros((0, 3), dtype=np.int32)
+    doc, first, last, kind = np.asarray(span_pieces, dtype=np.int64).T
+    piece_end = np.cumsum(piece_lens)
+    start = piece_end[first] - piece_lens[first] - doc_begin[doc]
+    end = piece_end[last] - doc_begin[doc]
+    keep = end > start
+    rows = np.stack([start, end, kind], axis=1)[keep].astype(np.int32)
+    return np.bincount(doc[keep], minlength=len(doc_begin)).astype(np.int64), rows
 
 
 class DocumentChunk(NamedTuple):
@@ -110,22 +159,43 @@ def _init_worker(tokenizer: Tokenizer, dtype: str) -> None:
     _WORKER_STATE["tokenizer"], _WORKER_STATE["dtype"] = tokenizer, np.dtype(dtype)
 
 
-def _encode_in_worker(texts: list[str], first_index: int) -> EncodedChunk:
+def _encode_in_worker(texts: list[str], first_index: int, spans: dict | None) -> EncodedChunk:
     return _encode_chunk(
         _WORKER_STATE["tokenizer"],
         texts,
         first_index=first_index,
         dtype=_WORKER_STATE["dtype"],
+        spans=spans,
     )
 
 
+def _chunk_spans(chunk: DocumentChunk, spans: dict[int, DocSpans] | None) -> dict | None:
+    """The spans of the chunk's documents."""
+    if not spans:
+        return None
+    indices = range(chunk.first_index, chunk.first_index + len(chunk.texts))
+    return {i: spans[i] for i in indices if i in spans}
+
+
 def encode_chunks(
-    chunks: Iterator[DocumentChunk], tokenizer: Tokenizer, *, dtype: np.dtype, workers: int
+    chunks: Iterator[DocumentChunk],
+    tokenizer: Tokenizer,
+    *,
+    dtype: np.dtype,
+    workers: int,
+    spans: dict[int, DocSpans] | None = None,
 ) -> Iterator[tuple[DocumentChunk, EncodedChunk]]:
-    """Each chunk with its encoding, in input order, encoded by `workers` processes."""
+    """Each chunk with its encoding, in input order, encoded by `workers` processes; `spans`:
+    knowledge spans by input document index (documents.read_spans)."""
     if workers == 1:
         for chunk in chunks:
-            enc = _encode_chunk(tokenizer, chunk.texts, first_index=chunk.first_index, dtype=dtype)
+            enc = _encode_chunk(
+                tokenizer,
+                chunk.texts,
+                first_index=chunk.first_index,
+                dtype=dtype,
+                spans=_chunk_spans(chunk, spans),
+            )
             yield chunk, enc
         return
     # spawn, not fork: the parent may hold threads (torch, the tokenizers thread pool) whose
@@ -140,7 +210,9 @@ def encode_chunks(
     pending: deque = deque()
     try:
         for chunk in chunks:  # submitted lazily: at most a few tasks per worker in memory
-            future = pool.submit(_encode_in_worker, chunk.texts, chunk.first_index)
+            future = pool.submit(
+                _encode_in_worker, chunk.texts, chunk.first_index, _chunk_spans(chunk, spans)
+            )
             pending.append((chunk, future))
             if len(pending) >= _TASKS_PER_WORKER * workers:
                 done, future = pending.popleft()

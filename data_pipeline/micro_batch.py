@@ -6,7 +6,9 @@ A plan takes rows of one or more corpora (a blend), asks each `PackedDataset` wh
 (`PackedDataset.place`, which checks every record batch they touch) and turns their document
 and sentence starts into mask keys grouped by micro-batch, so that each micro-batch is then a
 fancy-indexed copy of its rows out of the mapped shards, one cast to int64 and one scatter into
-a fresh mask.
+a fresh mask. When every corpus of the plan carries knowledge spans, three more planes (phrase
+starts, entity starts, span ends) become the batch's "span_start" and "span_kind"
+(rows.span_marks); a blend in which some corpus lacks them hands out no spans.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from data_pipeline.dataset import PackedDataset
-from data_pipeline.rows import Batch, ShardViews, list_keys, read_rows
+from data_pipeline.rows import SPAN_PLANES, Batch, ShardViews, boundary_batch, list_keys, read_rows
 
 
 class MicroBatchPlan:
@@ -51,9 +53,11 @@ class MicroBatchPlan:
         self._sources: list[ShardViews] = []  # every shard of the corpora among the parts
         self._element = np.empty(size, dtype=np.int64)  # where each row's tokens start
         self._source = np.empty(size, dtype=np.int64)
-        lists = np.empty((4, size), dtype=np.int64)  # see RowPlaces.lists
+        spans = all(ds.has_spans for ds, _, _ in parts)
+        self._planes = SPAN_PLANES if spans else 2
+        lists = np.empty((2 * self._planes, size), dtype=np.int64)  # see RowPlaces.lists
         for ds, rows, at in parts:
-            placed = ds.place(rows)
+            placed = ds.place(rows, spans=spans)
             where = slice(None) if at is None else at
             self._element[where] = placed.element
             self._source[where] = len(self._sources) + placed.shard
@@ -70,18 +74,21 @@ class MicroBatchPlan:
         """Keys of the True entries of each micro-batch's [2, micro, S] mask, grouped by
         micro-batch: micro-batch m's are keys[bounds[m]:bounds[m + 1]]."""
         mb, count = self.micro_batch_size, self.size // self.micro_batch_size
-        # Document lists go to both planes, sentence lists to the second. The lists are taken
-        # in (micro-batch, plane, row) order, so that their items come out grouped.
-        lists = lists[[0, 1, 0, 1, 2, 3]].reshape(3, 2, count, mb).transpose(1, 2, 0, 3)
+        # Document lists go to both planes, sentence lists to the second, span lists to one
+        # plane each. The lists are taken in (micro-batch, plane, row) order, so that their
+        # items come out grouped.
+        order = [0, 1, 0, 1, *range(2, 2 * self._planes)]
+        k = len(order) // 2  # plane lists
+        lists = lists[order].reshape(k, 2, count, mb).transpose(1, 2, 0, 3)
         first, values = lists.reshape(2, -1)
-        base = _mask_bases(count, mb, self.sample_len)
+        base = _mask_bases(count, mb, self.sample_len, self._planes)
         if self._only is not None:
             keys, ends = list_keys(self._sources[self._only].int32, first, values, base)
-            self._bounds = [0, *ends[3 * mb - 1 :: 3 * mb].tolist()]  # Python ints: cheap
+            self._bounds = [0, *ends[k * mb - 1 :: k * mb].tolist()]  # Python ints: cheap
             self._keys = keys
             return
-        source = np.repeat(self._source.reshape(count, 1, mb), 3, axis=1).reshape(-1)
-        micro = np.repeat(np.arange(count), 3 * mb)
+        source = np.repeat(self._source.reshape(count, 1, mb), k, axis=1).reshape(-1)
+        micro = np.repeat(np.arange(count), k * mb)
         pieces, micros = [], []
         for s in np.unique(source).tolist():
             sel = np.flatnonzero(source == s)
@@ -106,29 +113,30 @@ class MicroBatchPlan:
 
     def micro_batch(self, m: int) -> Batch:
         """Micro-batch m: {"sample_ids" (if planned with them), "tokens" int64 [micro, S],
-        "doc_start", "sent_start" bool [micro, S]}; fresh arrays, owned by the caller."""
+        "doc_start", "sent_start" bool [micro, S], and with spans "span_start" bool and
+        "span_kind" int8 [micro, S]}; fresh arrays, owned by the caller."""
         if not 0 <= m < len(self._bounds) - 1:
             raise IndexError(f"micro-batch {m} of a plan of {len(self._bounds) - 1}")
         mb = self.micro_batch_size
         lo = m * mb
-        flat = np.zeros(2 * mb * self.sample_len, dtype=bool)
+        flat = np.zeros(self._planes * mb * self.sample_len, dtype=bool)
         flat[self._keys[self._bounds[m] : self._bounds[m + 1]]] = True
-        starts = flat.reshape(2, mb, self.sample_len)
+        starts = flat.reshape(self._planes, mb, self.sample_len)
         batch = {}
         if self._ids is not None:
             batch["sample_ids"] = torch.from_numpy(self._ids[lo : lo + mb])
         batch["tokens"] = torch.from_numpy(self._tokens(lo, lo + mb))
-        batch["doc_start"] = torch.from_numpy(starts[0])
-        batch["sent_start"] = torch.from_numpy(starts[1])
+        batch.update(boundary_batch(starts))
         return batch
 
 
 @functools.lru_cache(maxsize=16)
-def _mask_bases(count: int, micro: int, S: int) -> np.ndarray:
+def _mask_bases(count: int, micro: int, S: int, planes: int = 2) -> np.ndarray:
     """Where each list of MicroBatchPlan._plan_masks lands in its micro-batch's flat
-    [2, micro, S] mask, for lists in (micro-batch, plane list, row) order; the plane lists are
-    documents (plane 0), documents and sentences (plane 1). Read-only, shared."""
-    plane = np.asarray([0, 1, 1], dtype=np.int64)[:, None] * (micro * S)
+    [planes, micro, S] mask, for lists in (micro-batch, plane list, row) order; the plane
+    lists are documents (plane 0), documents and sentences (plane 1), then one span list per
+    span plane. Read-only, shared."""
+    plane = np.asarray([0, 1, *range(1, planes)], dtype=np.int64)[:, None] * (micro * S)
     bases = np.tile((plane + S * np.arange(micro)).reshape(-1), count)
     bases.flags.writeable = False
     return bases

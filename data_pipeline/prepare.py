@@ -9,6 +9,11 @@ Whether a document is held out for validation is a pure function of (seed, its i
 input), so the split does not depend on how many documents follow it; with val_fraction 0 every
 document is trained on and the manifest lists no "val" split. Tokenisation may run in worker
 processes (encoding.py); the output is byte-identical for every worker count.
+
+With `spans` (a JSONL file of knowledge spans per input document, see documents.read_spans)
+the spans are cut into the token stream as sentences are and written as the span columns
+(schema_version 3); documents it does not list have none. Without it the output is exactly
+what it was before spans existed.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ import numpy as np
 from common.errors import ConfigError
 from data_pipeline.corpus_format import (
     SCHEMA_VERSION,
+    SPANS_SCHEMA_VERSION,
     SPLITS,
     check_token_dtype_name,
     resolve_token_dtype,
     write_manifest,
 )
-from data_pipeline.documents import SENTENCE_SPLITTER, DocumentReader
+from data_pipeline.documents import SENTENCE_SPLITTER, DocSpans, DocumentReader, read_spans
 from data_pipeline.encoding import DocumentChunk, EncodedChunk, chunk_documents, encode_chunks
 from data_pipeline.shard_writer import SplitWriter
 from data_pipeline.tokenizers import Tokenizer, build_tokenizer, needs_training
@@ -179,6 +185,7 @@ def prepare_corpus(
     dtype: str = "auto",
     workers: int = 1,
     progress: TextIO | None = None,
+    spans: str | Path | None = None,
 ) -> dict:
     """Tokenise, split, pack and write `documents` into `output_dir`; return the manifest.
 
@@ -191,8 +198,10 @@ def prepare_corpus(
     narrowest holding the vocabulary), uint16 or int32. `workers` processes tokenise; the output
     does not depend on their number. `progress`, a stream such as sys.stderr, gets a progress
     line; documents from `read_documents` also report their bad-UTF-8 skips into the manifest.
+    `spans` is a JSONL file of knowledge spans by input document (see the module docstring).
     """
     _check_args(seq_len, val_fraction, rows_per_batch, max_rows_per_shard, dtype, workers)
+    doc_spans = read_spans(spans) if spans is not None else None
     output_dir = Path(output_dir).expanduser()
     _refuse_existing(output_dir, overwrite=overwrite)
     if needs_training(tokenizer_spec) and iter(documents) is documents:
@@ -218,6 +227,7 @@ def prepare_corpus(
             eos_id=tokenizer.eos_id,
             rows_per_batch=rows_per_batch,
             max_rows_per_shard=layout["max_rows_per_shard"],
+            spans=doc_spans is not None,
         )
         for split in (SPLITS if val_fraction > 0 else ("train",))
     }
@@ -231,11 +241,18 @@ def prepare_corpus(
             val_fraction=val_fraction,
             workers=workers,
             progress=progress,
+            spans=doc_spans,
         )
         splits = _close_writers(
             writers, stats, source_desc=source_desc, sample_len=layout["sample_len"]
         )
         manifest = _manifest(tokenizer.save(tmp), tokenizer, layout, splits, stats, source_desc)
+        if doc_spans is not None:
+            manifest["schema_version"] = SPANS_SCHEMA_VERSION
+            manifest["spans"] = {
+                "source": str(spans),
+                "spans": sum(split["spans"] for split in splits.values()),
+            }
         write_manifest(tmp, manifest)
         _publish(tmp, output_dir, overwrite=overwrite)
     except BaseException:
@@ -333,6 +350,7 @@ def _write_documents(
     val_fraction: float,
     workers: int,
     progress: TextIO | None,
+    spans: dict[int, DocSpans] | None = None,
 ) -> dict:
     """Encode, split and hand every document to its split's writer; return skip counts."""
     reader = documents if isinstance(documents, DocumentReader) else None
@@ -344,13 +362,19 @@ def _write_documents(
             total_documents=len(documents) if isinstance(documents, Sequence) else None,
         )
     counts = {"documents": 0, "tokens": 0, "skipped": 0}
-    encoded = encode_chunks(chunk_documents(documents), tokenizer, dtype=dtype, workers=workers)
+    encoded = encode_chunks(
+        chunk_documents(documents), tokenizer, dtype=dtype, workers=workers, spans=spans
+    )
     with contextlib.closing(encoded):  # on an error, stops the worker pool at once
         numbered = _numbered_documents(encoded, counts, printer)
-        for split, (tokens, sent_starts) in _assign_splits(
-            numbered, seed=seed, val_fraction=val_fraction
-        ):
-            writers[split].add(tokens, sent_starts)
+        for split, document in _assign_splits(numbered, seed=seed, val_fraction=val_fraction):
+            writers[split].add(*document)
+    beyond = sorted(doc for doc in (spans or {}) if doc >= counts["documents"])
+    if beyond:
+        where = spans[beyond[0]][0]
+        raise ValueError(
+            f"{where}: doc={beyond[0]} but the input has {counts['documents']} documents"
+        )
     if printer is not None:
         final_bytes = reader.total_bytes if reader else None
         printer.update(**_printer_counts(counts), bytes_read=final_bytes, final=True)
@@ -365,13 +389,23 @@ def _numbered_documents(
     encoded: Iterable[tuple[DocumentChunk, EncodedChunk]],
     counts: dict,
     printer: ProgressPrinter | None,
-) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
-    """(input index, (tokens, sentence starts)) per non-empty document; updates `counts`."""
+) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """(input index, (tokens, sentence starts, spans)) per non-empty document; updates
+    `counts`."""
     for chunk, enc in encoded:
         tok_end, sent_end = np.cumsum(enc.doc_tokens), np.cumsum(enc.doc_sentences)
+        span_end = np.cumsum(enc.doc_spans)
         for d, index in enumerate(enc.indices.tolist()):
             t0, s0 = tok_end[d] - enc.doc_tokens[d], sent_end[d] - enc.doc_sentences[d]
-            yield index, (enc.tokens[t0 : tok_end[d]], enc.sent_starts[s0 : sent_end[d]])
+            p0 = span_end[d] - enc.doc_spans[d]
+            yield (
+                index,
+                (
+                    enc.tokens[t0 : tok_end[d]],
+                    enc.sent_starts[s0 : sent_end[d]],
+                    enc.spans[p0 : span_end[d]],
+                ),
+            )
         counts["documents"] += len(chunk.texts)
         counts["tokens"] += len(enc.tokens)
         counts["skipped"] += enc.skipped

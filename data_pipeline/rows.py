@@ -51,7 +51,9 @@ class RowArrays(NamedTuple):
     (small, cache-warm allocations: large transient ones cost page faults on every call)."""
 
     tokens: np.ndarray  # [n, S], uint16 or int32
-    starts: np.ndarray  # [2, n, S] bool: document starts, then sentence starts (a superset)
+    # [2, n, S] bool: document starts, then sentence starts (a superset); [5, n, S] for
+    # corpora with spans: then phrase starts, entity starts and span ends (see span_marks).
+    starts: np.ndarray
 
     @property
     def doc_start(self) -> np.ndarray:
@@ -62,9 +64,10 @@ class RowArrays(NamedTuple):
         return self.starts[1]
 
     @classmethod
-    def empty(cls, n: int, S: int, dtype: np.dtype) -> RowArrays:
-        """Room for n rows, with clear masks."""
-        return cls(np.empty((n, S), dtype=dtype), np.zeros((2, n, S), dtype=bool))
+    def empty(cls, n: int, S: int, dtype: np.dtype, *, spans: bool = False) -> RowArrays:
+        """Room for n rows, with clear masks (and the span planes with `spans`)."""
+        planes = SPAN_PLANES if spans else 2
+        return cls(np.empty((n, S), dtype=dtype), np.zeros((planes, n, S), dtype=bool))
 
     def head(self, n: int) -> RowArrays:
         """The first n rows, masks cleared, for reuse as a buffer."""
@@ -80,9 +83,38 @@ class RowArrays(NamedTuple):
             starts = starts.copy()
         return {
             "tokens": torch.from_numpy(self.tokens[lo:hi].astype(np.int64)),
-            "doc_start": torch.from_numpy(starts[0]),
-            "sent_start": torch.from_numpy(starts[1]),
+            **boundary_batch(starts),
         }
+
+
+# Mask planes of a corpus with spans: documents, sentences, phrase starts, entity starts, ends.
+SPAN_PLANES = 5
+
+
+def boundary_batch(starts: np.ndarray) -> Batch:
+    """The batch keys of boundary masks [planes, n, S]: "doc_start", "sent_start" and, with
+    the span planes, "span_start" and "span_kind" (see span_marks)."""
+    out = {"doc_start": torch.from_numpy(starts[0]), "sent_start": torch.from_numpy(starts[1])}
+    if len(starts) == SPAN_PLANES:
+        span_start, span_kind = span_marks(starts[2], starts[3], starts[4])
+        out["span_start"] = torch.from_numpy(span_start)
+        out["span_kind"] = torch.from_numpy(span_kind)
+    return out
+
+
+def span_marks(
+    phrase: np.ndarray, entity: np.ndarray, end: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(span_start bool [n, S], span_kind int8 [n, S]) of rows' phrase starts, entity starts
+    and span ends: a token's kind is that of the last start at or before it (1 phrase,
+    2 entity) unless a span end lies after that start, else 0."""
+    span_start = phrase | entity
+    code = np.where(phrase, 1, np.where(entity, 2, 0)).astype(np.int8)
+    event = span_start | end
+    positions = np.arange(event.shape[-1])
+    last = np.maximum.accumulate(np.where(event, positions, -1), axis=-1)
+    kind = np.take_along_axis(code, np.maximum(last, 0), axis=-1)
+    return span_start, np.where(last >= 0, kind, 0).astype(np.int8)
 
 
 def map_shard(file: Path) -> tuple[np.ndarray, int, pa.ipc.RecordBatchFileReader]:

@@ -8,7 +8,8 @@ Inputs: .txt (one document per file, or per line with --split-lines), .jsonl (th
 --text-key of each line), .parquet (the string column --text-key), directories and globs.
 --workers N tokenises in N processes (the output is the same for every N); a progress line goes
 to stderr unless --quiet. Train with `data.path=corpora/web`. --val-fraction 0 holds no documents
-out: the corpus has no validation split, and trains with `trainer.eval_every=0`.
+out: the corpus has no validation split, and trains with `trainer.eval_every=0`. --spans FILE
+stores knowledge spans (entities, phrases) beside the sentence starts for data.mlm.unit=knowledge.
 
 A bad argument or input is reported as one line on stderr (exit code 2 for Loom's own error
 types, 1 for a file that cannot be read, an existing output or unusable input text); set
@@ -90,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="text that is not UTF-8: stop with an error, or skip and count the document "
         "(%(default)s)",
     )
+    parser.add_argument(
+        "--spans",
+        default=None,
+        help='JSONL of knowledge spans per input document: {"doc": index, "spans": '
+        '[[start_char, end_char, "entity"|"phrase"], ...]} (ERNIE knowledge masking)',
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     return parser.parse_args(argv)
 
@@ -128,6 +135,7 @@ def prepare(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         workers=args.workers,
         progress=None if args.quiet else sys.stderr,
+        spans=args.spans,
     )
 
 
@@ -147,6 +155,10 @@ def report(manifest: dict) -> None:
         f"  {manifest['documents']:,} documents, {manifest['sentences']:,} sentences "
         f"({manifest['sentence_splitter']} splitter)"
     )
+    if "spans" in manifest:
+        print(
+            f"  {manifest['spans']['spans']:,} knowledge spans from {manifest['spans']['source']}"
+        )
     if manifest["skipped_empty_documents"]:
         print(f"  skipped {manifest['skipped_empty_documents']:,} empty documents")
     for path, count in manifest["skipped_bad_utf8"].items():

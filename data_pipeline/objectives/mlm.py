@@ -45,13 +45,23 @@ starts one plus the continuation tokens after it, see `word_start_table`); or `s
 span lengths in words drawn from a geometric distribution with parameter span_p truncated to
 1..span_max and renormalised, mean 3.8 words at the defaults, at random word anchors, until
 the budget is met); or `ngram` (UniLM: spans of 1, 2 or 3 tokens with probabilities 0.8,
-0.1, 0.1, drawn the same way over tokens). Whole units are taken in random order while they
-fit the budget (one that would overflow it is skipped), so words and spans may leave it a
-token or two short. Of the chosen tokens, replace_with_mask become [MASK],
-replace_with_random a uniformly drawn non-special token, the rest stay; labels hold the
-original id there and -100 elsewhere. Special tokens ([CLS], [SEP], <pad>, <eos>, ...) are
-never chosen. Masks are redrawn for every sample id, so masking is dynamic (RoBERTa) for
-free.
+0.1, 0.1, drawn the same way over tokens); or `phrase` (ERNIE's phrase level without a
+phrase lexicon, as ERNIE-Gram's n-grams: spans of 1, 2 or 3 whole words with P(n) = 6/11,
+3/11, 2/11, drawn the same way over words); or `knowledge` (ERNIE 1.0: each sample is masked
+at one level drawn from data.mlm.knowledge_stages, with its own random stream: `token`, or
+`phrase`, or `entity`, which falls back to `phrase` on a corpus without entity spans, with
+a warning). When the batch carries corpus spans (`span_start` bool [B, S], True where a span
+begins, and `span_kind` int8 [B, S], SPAN_KINDS' code of the span holding each token, 0
+outside spans), the phrase and entity levels mask, instead of n-grams, units that are the
+spans of that kind (each whole; a span cut by a segment start counts from there) and the
+words outside them, chosen as whole words are (ERNIE 1.0 masks segments, uniformly).
+Whole units are taken in random order while they fit the budget (one that would overflow it
+is skipped), so words and spans may leave it a token or two short (a unit longer than the
+budget, such as a long entity in a short row, is never taken). Of the chosen tokens,
+replace_with_mask become [MASK], replace_with_random a uniformly drawn non-special token, the
+rest stay; labels hold the original id there and -100 elsewhere. Special tokens ([CLS], [SEP],
+<pad>, <eos>, ...) are never chosen. Masks are redrawn for every sample id, so masking is
+dynamic (RoBERTa) for free.
 """
 
 from __future__ import annotations
@@ -59,12 +69,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.config import DataConfig
+from common.log import warn_once
+from data_pipeline.config import KNOWLEDGE_STAGES, DataConfig
+from data_pipeline.documents import SPAN_CODES
 from data_pipeline.objectives import IGNORE_INDEX, sample_rng
 from data_pipeline.objectives.clm import document_mask, document_positions
 
 __all__ = [
     "MaskedLM",
+    "knowledge_stage",
     "nsp_layout",
     "sample_spans",
     "sop_layout",
@@ -76,6 +89,8 @@ NAMES = ("mlm", "mlm_nsp", "mlm_sop")
 # Independent streams per sample, so changing the masking leaves the pairs as they were.
 _PAIR_SALT = 1
 _MASK_SALT = 2
+# The knowledge-masking level of a sample (3 is UniLM's task, 4 and 5 StructBERT's streams).
+_STAGE_SALT = 6
 # NSP negatives from A's own document skip ahead by at most this share of the piece.
 _MAX_JUMP_FRACTION = 0.125
 # Span masking gives up after this many anchors in a row that cannot start a span.
@@ -83,6 +98,15 @@ _MAX_FAILED_ANCHORS = 32
 
 # UniLM's n-gram masking: P(1, 2, 3 tokens) of a masked unit.
 NGRAM_PROBS = np.array([0.8, 0.1, 0.1])
+# Codes of batch["span_kind"] (0: a token outside every corpus span).
+SPAN_KINDS = SPAN_CODES
+# Phrase masking: P(1, 2, 3 words) of a masked unit, proportional to 1/n. ERNIE-Gram takes its
+# n-grams (n <= 3) from a lexicon; without one, 1/n keeps most units short (mean 1.64 words,
+# so a 15% budget still spreads over many places) while a third of the masked tokens or more
+# fall in multi-word phrases.
+PHRASE_PROBS = np.array([6.0, 3.0, 2.0]) / 11.0
+# Units whose masking groups the tokens of a word (they need the word-start tables).
+_WORD_UNITS = ("word", "span", "phrase", "knowledge")
 
 _WHITESPACE_BYTES = frozenset(b" \t\n\r\x0b\x0c")
 # How byte-level BPE (GPT-2's byte-to-unicode map) and SentencePiece spell whitespace.
@@ -119,6 +143,12 @@ def word_start_table(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         marker[i] = piece[0] in _SPACE_MARKERS and not pure_space[i]
         ends_space[i] = piece[-1] in _WHITESPACE_CHARS
     return marker, ends_space, pure_space
+
+
+def knowledge_stage(seed: int, sample_id: int, shares) -> str:
+    """The ERNIE masking level (token | phrase | entity) of one sample, drawn with `shares`."""
+    rng = sample_rng(seed, sample_id, salt=_STAGE_SALT)
+    return KNOWLEDGE_STAGES[int(rng.choice(len(KNOWLEDGE_STAGES), p=np.asarray(shares)))]
 
 
 def span_length_probs(p: float, max_len: int) -> np.ndarray:
@@ -282,7 +312,7 @@ class MaskedLM:
         self.is_special = np.zeros(v, dtype=bool)
         self.is_special[[i for i in special.values() if i < v]] = True
         self.random_ids = np.flatnonzero(~self.is_special)
-        by_word = self.mlm.unit in ("word", "span")
+        by_word = self.mlm.unit in _WORD_UNITS
         self.tables = word_start_table(tokenizer) if by_word else None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -298,7 +328,10 @@ class MaskedLM:
         rows = [self._assemble(tokens_BS[i], bound_BS[i], sent_BS[i], ids[i]) for i in range(b)]
         input_ids_BT = np.stack([r[0] for r in rows])
         types_BT = np.stack([r[1] for r in rows])
-        out = self._mask(input_ids_BT, ids)
+        spans = None
+        if self.mlm.unit == "knowledge" and "span_start" in batch:
+            spans = self._span_marks(batch, tokens_BS, bound_BS, sent_BS, ids)
+        out = self._mask(input_ids_BT, ids, spans=spans)
         out["token_type_ids"] = torch.from_numpy(types_BT)
         out["attention_mask"] = torch.from_numpy(input_ids_BT != self.pad_id)
         if self.pairs:
@@ -337,6 +370,50 @@ class MaskedLM:
         )
         return ids_T, types_T, label
 
+    def _span_marks(
+        self,
+        batch: dict[str, torch.Tensor],
+        tokens_BS: np.ndarray,
+        bound_BS: np.ndarray,
+        sent_BS: np.ndarray,
+        sample_ids: list[int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(span starts bool [B, T], span kinds int8 [B, T]) at the model's positions."""
+        start_BS = _optional(batch, "span_start", tokens_BS.shape)
+        kind_BS = batch["span_kind"].numpy()
+        if kind_BS.shape != tokens_BS.shape:
+            raise ValueError(
+                f"batch['span_kind'] has shape {kind_BS.shape}, expected {tokens_BS.shape}"
+            )
+        b, t = len(tokens_BS), self.seq_len
+        start_BT = np.zeros((b, t), dtype=bool)
+        kind_BT = np.zeros((b, t), dtype=np.int8)
+        for i, sample_id in enumerate(sample_ids):
+            src_T = self._sources(tokens_BS[i], bound_BS[i], sent_BS[i], sample_id)
+            known = src_T >= 0
+            start_BT[i, known] = start_BS[i, src_T[known]]
+            kind_BT[i, known] = kind_BS[i, src_T[known]]
+        return start_BT, kind_BT
+
+    def _sources(
+        self, tokens_S: np.ndarray, bound_S: np.ndarray, sent_S: np.ndarray, sample_id: int
+    ) -> np.ndarray:
+        """int64 [T]: the row position each model position was copied from, -1 for the
+        special tokens and padding (the same layout `_assemble` draws)."""
+        t = self.seq_len
+        src_T = np.full(t, -1, dtype=np.int64)
+        if not self.pairs:
+            src_T[1 : t - 1] = np.arange(t - 2)
+            return src_T
+        layout = nsp_layout if self.name == "mlm_nsp" else sop_layout
+        segments, _ = self._segments(
+            tokens_S, bound_S, sent_S, sample_id, layout, self.mlm.pair_swap_prob
+        )
+        (a0, a1), (b0, b1) = segments
+        src_T[1 : 1 + a1 - a0] = np.arange(a0, a1)
+        src_T[a1 - a0 + 2 : a1 - a0 + 2 + b1 - b0] = np.arange(b0, b1)
+        return src_T
+
     def _single(self, tokens_S: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """[CLS] row[:T-2] [SEP], token types 0, no pair label."""
         t = self.seq_len
@@ -355,10 +432,7 @@ class MaskedLM:
         """(ids [T], token types [T], pair label, length of [CLS] A [SEP]) of the pair that
         `layout` (nsp_layout or sop_layout, with probability `prob`) picks from the row."""
         t = self.seq_len
-        rng = sample_rng(self.seed, sample_id, salt=_PAIR_SALT)
-        pieces = _pieces(tokens_S, bound_S, self.eos_id) or [(0, 0)]
-        prob_key = "negative_prob" if layout is nsp_layout else "swap_prob"
-        segments, label = layout(rng, pieces, sent_S, budget=t - 3, **{prob_key: prob})
+        segments, label = self._segments(tokens_S, bound_S, sent_S, sample_id, layout, prob)
         (a0, a1), (b0, b1) = segments
         ids_T = np.full(t, self.pad_id, dtype=np.int64)
         types_T = np.zeros(t, dtype=np.int64)
@@ -368,15 +442,43 @@ class MaskedLM:
         types_T[a1 - a0 + 2 : len(seq)] = 1
         return ids_T, types_T, label, a1 - a0 + 2
 
-    def _mask(self, input_ids_BT: np.ndarray, sample_ids: list[int]) -> dict[str, torch.Tensor]:
-        """Choose, replace and label the masked tokens of every row."""
+    def _segments(
+        self,
+        tokens_S: np.ndarray,
+        bound_S: np.ndarray,
+        sent_S: np.ndarray,
+        sample_id: int,
+        layout,
+        prob: float,
+    ) -> tuple[list[tuple[int, int]], int]:
+        """The two segments `layout` picks from the row for this sample, and its label."""
+        rng = sample_rng(self.seed, sample_id, salt=_PAIR_SALT)
+        pieces = _pieces(tokens_S, bound_S, self.eos_id) or [(0, 0)]
+        prob_key = "negative_prob" if layout is nsp_layout else "swap_prob"
+        return layout(rng, pieces, sent_S, budget=self.seq_len - 3, **{prob_key: prob})
+
+    def _mask(
+        self,
+        input_ids_BT: np.ndarray,
+        sample_ids: list[int],
+        *,
+        spans: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Choose, replace and label the masked tokens of every row; `spans`: the corpus
+        spans at the model's positions (see `_span_marks`), when the batch has them."""
         candidate_BT = ~self.is_special[input_ids_BT]
         unit_start_BT = candidate_BT if self.tables is None else self._word_starts(input_ids_BT)
         masked_BT = input_ids_BT.copy()
         labels_BT = np.full_like(input_ids_BT, IGNORE_INDEX)
         for i, sample_id in enumerate(sample_ids):
             rng = sample_rng(self.seed, sample_id, salt=_MASK_SALT)
-            pos = self._choose(rng, candidate_BT[i], unit_start_BT[i])
+            unit = self._row_unit(sample_id, has_spans=spans is not None)
+            starts_T = candidate_BT[i] if unit == "token" else unit_start_BT[i]
+            if spans is not None and unit in SPAN_KINDS:
+                code = SPAN_KINDS[unit]
+                starts_T = _span_units(starts_T, spans[0][i], spans[1][i] == code, candidate_BT[i])
+                unit = "word"  # spans and the words outside them, taken whole
+            pos = self._choose(rng, candidate_BT[i], starts_T, unit=unit)
             labels_BT[i, pos] = input_ids_BT[i, pos]
             action = rng.random(len(pos))
             to_mask = action < self.mlm.replace_with_mask
@@ -391,6 +493,19 @@ class MaskedLM:
             "labels": torch.from_numpy(labels_BT),
         }
 
+    def _row_unit(self, sample_id: int, *, has_spans: bool = False) -> str:
+        """The masking unit of one sample: data.mlm.unit, or its knowledge level."""
+        if self.mlm.unit != "knowledge":
+            return self.mlm.unit
+        stage = knowledge_stage(self.seed, sample_id, self.mlm.knowledge_stages)
+        if stage == "entity" and not has_spans:
+            warn_once(
+                "data.mlm.unit=knowledge: the corpus has no entity spans; entity-level "
+                "samples are masked at phrase level"
+            )
+            return "phrase"
+        return stage
+
     def _word_starts(self, input_ids_BT: np.ndarray) -> np.ndarray:
         marker, ends_space, pure_space = self.tables
         special_BT = self.is_special[input_ids_BT]
@@ -403,9 +518,15 @@ class MaskedLM:
         return start_BT & ~special_BT
 
     def _choose(
-        self, rng: np.random.Generator, candidate_T: np.ndarray, unit_start_T: np.ndarray
+        self,
+        rng: np.random.Generator,
+        candidate_T: np.ndarray,
+        unit_start_T: np.ndarray,
+        *,
+        unit: str | None = None,
     ) -> np.ndarray:
-        """Positions chosen for prediction in one row, by the configured unit."""
+        """Positions chosen for prediction in one row, by `unit` (default data.mlm.unit)."""
+        unit = unit or self.mlm.unit
         pos = np.flatnonzero(candidate_T)
         if not len(pos):
             return pos
@@ -413,15 +534,29 @@ class MaskedLM:
         unit_of = np.cumsum(unit_start_T[pos]) - 1
         unit_of -= unit_of[0]  # a row cannot start inside a word: specials precede it
         unit_len = np.bincount(unit_of)
-        if self.mlm.unit == "span":
+        if unit == "span":
             chosen, _ = sample_spans(
                 unit_len, budget, rng, p=self.mlm.span_p, max_len=self.mlm.span_max
             )
-        elif self.mlm.unit == "ngram":
+        elif unit == "ngram":
             chosen, _ = sample_spans(unit_len, budget, rng, probs=NGRAM_PROBS)
+        elif unit == "phrase":
+            chosen, _ = sample_spans(unit_len, budget, rng, probs=PHRASE_PROBS)
         else:
             chosen = _greedy_units(unit_len, budget, rng)
         return pos[chosen[unit_of]]
+
+
+def _span_units(
+    word_start_T: np.ndarray, start_T: np.ndarray, inside_T: np.ndarray, candidate_T: np.ndarray
+) -> np.ndarray:
+    """Unit starts that make each span (a run of `inside_T`, split at `start_T`) one unit and
+    leave the words outside spans as they are; the token after a span starts a unit too."""
+    prev_inside_T = np.zeros_like(inside_T)
+    prev_inside_T[1:] = inside_T[:-1]
+    begins_T = inside_T & (start_T | ~prev_inside_T)
+    after_T = ~inside_T & prev_inside_T & candidate_T
+    return (word_start_T & ~inside_T) | begins_T | after_T
 
 
 def _greedy_units(unit_len: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:

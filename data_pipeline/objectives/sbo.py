@@ -5,7 +5,8 @@ Legend: B = batch, T = seq_len, K = SBO target slots per row.
 The inputs and MLM labels are exactly those of data.objective=mlm with data.mlm.unit=span
 (single segments [CLS] row[:T-2] [SEP], no pair task, spans of words with geometric lengths):
 the same (seed, sample id) gives the same masks. mlm_sbo always masks spans; it refuses
-data.mlm.unit=word or ngram by name, and takes the schema default `token` as unset.
+data.mlm.unit=word, ngram, phrase or knowledge by name, and takes the schema default `token`
+as unset.
 
 A span is a maximal run of masked positions (as SpanBERT's `merge_intervals`: two sampled
 spans that touch are one span). Each masked token x_i of a span (s, e) gets, beside its MLM
@@ -83,7 +84,7 @@ class SpanBoundaryLM:
             raise ValueError(f"data.objective={name!r} is not the span boundary task mlm_sbo")
         cfg.mlm.validate()
         cfg.check_objective(name, seq_len=seq_len)
-        if cfg.mlm.unit in ("word", "ngram"):
+        if cfg.mlm.unit in ("word", "ngram", "phrase", "knowledge"):
             raise ConfigError(
                 f"data.objective=mlm_sbo masks SpanBERT spans; data.mlm.unit={cfg.mlm.unit} "
                 "contradicts it (set data.mlm.unit=span)"
