@@ -316,16 +316,10 @@ class MaskedLM:
         self.tables = word_start_table(tokenizer) if by_word else None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens_BS = batch["tokens"].numpy()
-        b, s = tokens_BS.shape
-        if s != self.seq_len + 1:
-            raise ValueError(
-                f"{self.name}: batch tokens have {s} columns, expected seq_len + 1 = "
-                f"{self.seq_len + 1}"
-            )
-        bound_BS, sent_BS = self._boundaries(batch, tokens_BS)
-        ids = batch["sample_ids"].tolist()
-        rows = [self._assemble(tokens_BS[i], bound_BS[i], sent_BS[i], ids[i]) for i in range(b)]
+        tokens_BS, bound_BS, sent_BS, ids = self._read(batch)
+        rows = [
+            self._assemble(tokens_BS[i], bound_BS[i], sent_BS[i], ids[i]) for i in range(len(ids))
+        ]
         input_ids_BT = np.stack([r[0] for r in rows])
         types_BT = np.stack([r[1] for r in rows])
         spans = None
@@ -343,6 +337,21 @@ class MaskedLM:
             out["position_ids"] = document_positions(doc_start_BT)
             out["attn_mask"] = document_mask(doc_start_BT)
         return out
+
+    def _read(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """(tokens [B, S], document starts, sentence-or-document starts, sample ids) of a
+        loader batch, whose rows must hold seq_len + 1 tokens."""
+        tokens_BS = batch["tokens"].numpy()
+        s = tokens_BS.shape[1]
+        if s != self.seq_len + 1:
+            raise ValueError(
+                f"{self.name}: batch tokens have {s} columns, expected seq_len + 1 = "
+                f"{self.seq_len + 1}"
+            )
+        bound_BS, sent_BS = self._boundaries(batch, tokens_BS)
+        return tokens_BS, bound_BS, sent_BS, batch["sample_ids"].tolist()
 
     def _boundaries(
         self, batch: dict[str, torch.Tensor], tokens_BS: np.ndarray

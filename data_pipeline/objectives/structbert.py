@@ -117,16 +117,10 @@ class StructuralLM(MaskedLM):
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], np.ndarray, int]:
         """(objective output, bool [B, T] shuffled positions, number of candidate n-grams)."""
-        tokens_BS = batch["tokens"].numpy()
-        b, s = tokens_BS.shape
-        if s != self.seq_len + 1:
-            raise ValueError(
-                f"{self.name}: batch tokens have {s} columns, expected seq_len + 1 = "
-                f"{self.seq_len + 1}"
-            )
-        bound_BS, sent_BS = self._boundaries(batch, tokens_BS)
-        ids = batch["sample_ids"].tolist()
-        rows = [self._assemble(tokens_BS[i], bound_BS[i], sent_BS[i], ids[i]) for i in range(b)]
+        tokens_BS, bound_BS, sent_BS, ids = self._read(batch)
+        rows = [
+            self._assemble(tokens_BS[i], bound_BS[i], sent_BS[i], ids[i]) for i in range(len(ids))
+        ]
         input_ids_BT = np.stack([r[0] for r in rows])
         out = self._mask(input_ids_BT, ids)
         shuffled_BT, candidates = self._shuffle(out, input_ids_BT, ids)

@@ -83,15 +83,8 @@ class UnifiedLM(MaskedLM):
         return UNILM_TASKS[int(rng.choice(len(UNILM_TASKS), p=self.shares))]
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens_BS = batch["tokens"].numpy()
-        b, s = tokens_BS.shape
-        t = self.seq_len
-        if s != t + 1:
-            raise ValueError(
-                f"{self.name}: batch tokens have {s} columns, expected seq_len + 1 = {t + 1}"
-            )
-        bound_BS, sent_BS = self._boundaries(batch, tokens_BS)
-        ids = batch["sample_ids"].tolist()
+        tokens_BS, bound_BS, sent_BS, ids = self._read(batch)
+        b, t = len(ids), self.seq_len
         input_ids_BT = np.empty((b, t), dtype=np.int64)
         types_BT = np.empty((b, t), dtype=np.int64)
         mask_BTT = np.empty((b, t, t), dtype=bool)
