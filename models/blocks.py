@@ -43,6 +43,7 @@ __all__ = [
     "apply_rotary",
     "causal_mask",
     "chunked_row_losses",
+    "head_outputs",
     "make_norm",
     "relative_attention",
     "relative_index",
@@ -574,6 +575,20 @@ def chunked_row_losses(
         sums_B = checkpoint(_row_losses, head, x_BCD, labels_BC, use_reentrant=False)
         total_B = sums_B if total_B is None else total_B + sums_B
     return total_B
+
+
+def head_outputs(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    x_BTD: torch.Tensor,
+    labels_BT: torch.Tensor | None,
+    *,
+    chunk_tokens: int,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """`head`'s logits of `x_BTD`, or, given the labels, {"row_losses": (B,)} scored a slice
+    at a time (`chunked_row_losses`)."""
+    if labels_BT is None:
+        return head(x_BTD)
+    return {"row_losses": chunked_row_losses(head, x_BTD, labels_BT, chunk_tokens=chunk_tokens)}
 
 
 def _row_losses(head, x_BCD: torch.Tensor, labels_BC: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from models.blocks import (
     TiedOutputMixin,
     block_from_config,
     check_seq_len,
-    chunked_row_losses,
+    head_outputs,
     init_normal_,
     scale_residual_init_,
     sequence_length,
@@ -156,10 +156,4 @@ class GLM(TiedOutputMixin, nn.Module):
             x_BTD = block(x_BTD, attn_mask=mask_B1TS)
         if self.lm_head is None:
             return x_BTD
-        if labels is not None:
-            return {
-                "row_losses": chunked_row_losses(
-                    self.head, x_BTD, labels, chunk_tokens=self.loss_chunk_tokens
-                )
-            }
-        return self.head(x_BTD)
+        return head_outputs(self.head, x_BTD, labels, chunk_tokens=self.loss_chunk_tokens)

@@ -20,7 +20,7 @@ from models.blocks import (
     block_from_config,
     causal_mask,
     check_seq_len,
-    chunked_row_losses,
+    head_outputs,
     init_normal_,
     make_norm,
     scale_residual_init_,
@@ -139,10 +139,4 @@ class GPT(TiedOutputMixin, nn.Module):
             x_BTD = block(x_BTD, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
         if self.lm_head is None:
             return x_BTD
-        if labels is not None:
-            return {
-                "row_losses": chunked_row_losses(
-                    self.head, x_BTD, labels, chunk_tokens=self.loss_chunk_tokens
-                )
-            }
-        return self.head(x_BTD)
+        return head_outputs(self.head, x_BTD, labels, chunk_tokens=self.loss_chunk_tokens)

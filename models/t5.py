@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blocks import chunked_row_losses
+from models.blocks import head_outputs
 from models.config import ModelConfig
 from models.moe import MoE
 
@@ -469,10 +469,4 @@ class T5(nn.Module):
             attention_mask_BS=attention_mask_BS,
             decoder_attention_mask_BT=decoder_mask_BT,
         )
-        if labels is not None:
-            return {
-                "row_losses": chunked_row_losses(
-                    self.head, y_BTD, labels, chunk_tokens=self.loss_chunk_tokens
-                )
-            }
-        return self.head(y_BTD)
+        return head_outputs(self.head, y_BTD, labels, chunk_tokens=self.loss_chunk_tokens)
