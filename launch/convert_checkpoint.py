@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from common.errors import CheckpointError, LoomError, report  # noqa: E402
+from common.process import exit_after  # noqa: E402
 from parallel.state import read_full, write_sharded_from_full  # noqa: E402
 from trainer.checkpoint import load_file, seal, verify  # noqa: E402
 
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main)

@@ -68,6 +68,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from common.errors import CheckpointError, ConfigError, LoomError, report  # noqa: E402
+from common.process import exit_after  # noqa: E402
 from models import hf as hf_convert  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
@@ -724,4 +725,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main)

@@ -30,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 # These imports need the repo root on sys.path.
 from common.errors import LoomError  # noqa: E402
 from common.errors import report as report_error  # noqa: E402
+from common.process import exit_after  # noqa: E402
 from data_pipeline.corpus_format import TOKEN_DTYPES  # noqa: E402
 from data_pipeline.documents import BAD_UTF8_POLICIES, read_documents  # noqa: E402
 from data_pipeline.prepare import DEFAULT_ROWS_PER_BATCH, prepare_corpus  # noqa: E402
@@ -166,4 +167,4 @@ def report(manifest: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main)

@@ -45,6 +45,7 @@ from common.errors import (  # noqa: E402
     one_line,
 )
 from common.log import get_logger, log_rank0, rank, setup_logging  # noqa: E402
+from common.process import exit_after  # noqa: E402
 from parallel.dist import world_size_from_env  # noqa: E402
 from parallel.launch_env import launch_env  # noqa: E402
 from trainer.config import (  # noqa: E402
@@ -202,15 +203,19 @@ def compose_error_line(exc: CompactHydraException) -> str:
     return text
 
 
-if __name__ == "__main__":
-    register_configs()
-    # Composition (overrides merged into the typed schema) happens inside hydra.main,
-    # before the task function; with HYDRA_FULL_ERROR set Hydra re-raises its errors
-    # instead of printing them, so they are reported here like every other config error.
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+def entry() -> None:
     try:
         main()
     except CompactHydraException as exc:
         exit_user_error(
             exc, label="config error", every_rank_alike=True, text=compose_error_line(exc)
         )
+
+
+if __name__ == "__main__":
+    register_configs()
+    # Composition (overrides merged into the typed schema) happens inside hydra.main,
+    # before the task function; with HYDRA_FULL_ERROR set Hydra re-raises its errors
+    # instead of printing them, so they are reported here like every other config error.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    exit_after(entry)

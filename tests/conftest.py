@@ -38,6 +38,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(fn, nprocs: int, *args) -> None:
+    """Run fn(rank, *args) in `nprocs` spawned processes and wait for them; a rank that
+    raises fails the call with its traceback. A rank that returns ends at once, as
+    launch/train.py does (common.process.end_process says why): gloo's threads would
+    otherwise make it abort at exit now and then. Results go to files or a SimpleQueue,
+    which are written before fn returns."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_rank_main, args=(fn, args), nprocs=nprocs, start_method="spawn")
+
+
+def _rank_main(rank: int, fn, args: tuple) -> None:
+    from common.process import end_process
+
+    fn(rank, *args)
+    end_process(0)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     import json
 

@@ -393,6 +393,7 @@ class Trainer:
             if watchdog is not None:
                 watchdog.close()
             metrics.close()
+            self.data.loader.close()  # its worker processes, if any, end with the run
         dist.barrier(world)  # every rank's checkpoint shard is written
         self._write_exit_state(summary["reason"], summary["step"])
         return summary

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_ranks
 
 WORLD = 2
 VOCAB = 96
@@ -157,10 +157,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> dict[str, dict]:
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("comm")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, free_port(), str(out))
     ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
     for name in CASES:
         written = out / name / "comm.json"

@@ -27,7 +27,7 @@ from models import ModelConfig, build_model
 from parallel.dist import World
 from parallel.engine import TrainingSpec
 from parallel.pipeline import PipelineEngine, split_for_rank, split_stages
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_ranks
 from trainer.config import PrecisionConfig
 from trainer.loss import summed_losses, target_counts
 from trainer.optim import Lamb, param_groups
@@ -258,9 +258,7 @@ def run_ranks(world: int, layouts: list[tuple[str, int]]) -> dict[tuple[str, int
     queue = mp.get_context("spawn").SimpleQueue()
     fatal = ""
     try:
-        mp.start_processes(
-            _worker, args=(world, free_port(), layouts, queue), nprocs=world, start_method="spawn"
-        )
+        spawn_ranks(_worker, world, world, free_port(), layouts, queue)
     except Exception as exc:
         fatal = str(exc)
     outcomes: dict[tuple[str, int], list[str]] = {}

@@ -28,7 +28,7 @@ import torch
 from models.config import ModelConfig
 from parallel.config import check_tp_divisibility
 from parallel.tensor_parallel import TP_PLANS
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_ranks
 
 WORLD = 2
 VOCAB = 96  # embedding rows, divisible by tp
@@ -267,10 +267,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory) -> list[dict]:
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("tp")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, free_port(), str(out))
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

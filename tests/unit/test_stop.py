@@ -14,7 +14,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from parallel.launch_env import LaunchEnv
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, spawn_ranks
 from trainer.stop import StopRequest, deadline_from, read_exit_state, write_exit_state
 
 
@@ -99,9 +99,7 @@ def _agree_worker(rank: int, port: int, signalled: int, queue) -> None:
 def test_ranks_agree_on_the_stop_one_rank_was_told_of():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(
-        _agree_worker, args=(free_port(), 2, queue), nprocs=3, start_method="spawn", join=True
-    )
+    spawn_ranks(_agree_worker, 3, free_port(), 2, queue)
     results = sorted(queue.get() for _ in range(3))
     assert results == [(r, None, "time_limit", "preempted") for r in range(3)]
 
