@@ -2,9 +2,10 @@
 composed on one mesh (parallel/parallelize.py wraps the model; this runs it).
 
 Per step: every micro-batch's forward and backward (DDP and FSDP2 reduce gradients only
-on the last one), then `ReplicaSync` where DDP and FSDP2 do not keep the replicas equal
-(gradient averaging beside TP, ZeRO-1's owned optimizer states), the fp16 overflow check,
-clipping, the optimizer step, and ZeRO-1's broadcast of the updated tensors.
+on the last one; so does `ReplicaSync`, where DDP and FSDP2 do not keep the replicas
+equal: gradient averaging beside TP, its buckets started during the last backward), then
+the wait for those reductions, the fp16 overflow check, clipping, the optimizer step, and
+ZeRO-1's broadcast of the updated tensors.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class NativeEngine(Engine):
             with no_grad_sync(self.model, last_micro_batch=last), self._loss_context():
                 sums = self._forward_loss(self.model, inputs, labels)
                 total = sum(sums[k] * weights[k] for k in sums)
+                if last and self.replicas is not None:
+                    self.replicas.begin_overlap()
                 self.scaler.scale_loss(total).backward()
             totals = sum_micro_losses(totals, sums, keys)
         return dict(zip(keys, totals.unbind(0), strict=True))
@@ -103,7 +106,7 @@ class NativeEngine(Engine):
         return self.loss_fn(outputs, labels)
 
     def step(self) -> torch.Tensor | None:
-        if self.replicas is not None:
+        if self.replicas is not None:  # waits for the buckets the last backward started
             self.replicas.reduce_gradients()
         finite, grad_norm = self._clip(self.spec.grad_clip or math.inf)
         if finite:

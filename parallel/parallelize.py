@@ -19,6 +19,8 @@ sharded on its own, as torchtitan does, and the schedule drives FSDP's gradient 
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -33,7 +35,7 @@ from parallel.dist import World
 from parallel.engine import Engine, TrainingSpec
 from parallel.expert_parallel import apply_expert_parallel, expert_parameters
 from parallel.native_engine import NativeEngine
-from parallel.pipeline import PipelineEngine, split_for_rank
+from parallel.pipeline import PipelineEngine, RankStages, split_for_rank
 from parallel.state import unwrap
 from parallel.tensor_parallel import apply_tensor_parallel
 
@@ -160,9 +162,23 @@ def _pipeline_engine(
         ),
         tied=split.tied,
         aliases=split.aliases,
-        replicas=replica_sync(model, cfg, world=world),
+        replicas=replica_sync(model, cfg, world=world, held=_held_in_pipeline(split)),
         tensor_parallel=cfg.tp > 1,
     )
+
+
+def _held_in_pipeline(split: RankStages) -> list[str]:
+    """Parameters whose gradient is not final after one accumulation per microbatch: tied
+    copies (their peer stage's gradient is added after the schedule) and parameters of two
+    stages of this rank (each stage's backward accumulates them)."""
+    stages_of: dict[int, set[int]] = defaultdict(set)
+    name_of: dict[int, str] = {}
+    for i, stage in enumerate(split.stages):
+        for name, p in stage.named_parameters():
+            stages_of[id(p)].add(i)
+            name_of[id(p)] = name
+    shared = [name_of[k] for k, stages in stages_of.items() if len(stages) > 1]
+    return [name for name, _ in split.tied] + shared
 
 
 def uses_ddp(cfg: ParallelConfig, world: World) -> bool:
@@ -171,13 +187,18 @@ def uses_ddp(cfg: ParallelConfig, world: World) -> bool:
     return world.dp_size > 1 and cfg.zero < 2 and cfg.tp == cfg.pp == cfg.ep == 1
 
 
-def replica_sync(model: nn.Module, cfg: ParallelConfig, *, world: World) -> ReplicaSync | None:
+def replica_sync(
+    model: nn.Module, cfg: ParallelConfig, *, world: World, held: list[str] = ()
+) -> ReplicaSync | None:
     """What keeps ZeRO-0/1 replicas equal besides DDP: gradient averaging beside TP, PP or
     EP, and ZeRO-1's owned optimizer states. None when FSDP2, DDP alone or one replica
-    does. Under EP, expert weights are reduced over the ranks that hold the same experts."""
+    does. Under EP, expert weights are reduced over the ranks that hold the same experts.
+    `held`: names of parameters whose gradients change after backward (a pipeline's tied
+    copies), reduced only after it."""
     if world.dp_size == 1 or cfg.zero >= 2 or (cfg.zero == 0 and uses_ddp(cfg, world)):
         return None
     params = [p for p in model.parameters() if p.requires_grad]
+    named = dict(model.named_parameters(remove_duplicate=False))
     experts = expert_parameters(model) if cfg.ep > 1 else []
     return ReplicaSync(
         params,
@@ -186,6 +207,7 @@ def replica_sync(model: nn.Module, cfg: ParallelConfig, *, world: World) -> Repl
         zero1=cfg.zero == 1,
         experts=experts,
         expert_group=world.mesh["edp"].get_group() if experts else None,
+        held=[named[name] for name in held],
     )
 
 

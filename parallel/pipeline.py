@@ -314,7 +314,10 @@ class PipelineEngine(NativeEngine):
         loss function's summed loss per microbatch."""
         self._set_mode(True)
         totals: dict[str, torch.Tensor] = {}
-        for inputs, labels in micro_batches:
+        for i, (inputs, labels) in enumerate(micro_batches):
+            if i == len(micro_batches) - 1 and self.replicas is not None:
+                # Data-parallel buckets start during the schedule's backwards.
+                self.replicas.begin_overlap(accumulations=self.n_microbatches)
             sums = self._train_batch(inputs, labels, weights)
             totals = {k: totals[k] + v for k, v in sums.items()} if totals else sums
         return totals
