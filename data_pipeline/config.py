@@ -27,6 +27,7 @@ OBJECTIVES = (
     "span_corruption",
     "glm_blank",
     "unilm",
+    "electra",
 )
 MLM_UNITS = ("token", "word", "span", "ngram", "phrase", "knowledge")
 # ERNIE 1.0's masking levels, in the order of data.mlm.knowledge_stages.
@@ -49,6 +50,7 @@ MIN_SEQ_LEN = {
     "span_corruption": 3,
     "glm_blank": 4,
     "unilm": 5,
+    "electra": 3,
 }
 # Shares that add up to 1 on paper may exceed it by a rounding error in floating point.
 _SHARE_SLACK = 1e-9
@@ -103,7 +105,8 @@ class MlmConfig:
     replace_with_mask: float = 0.8
     """Of the chosen tokens: share replaced by [MASK] ..."""
     replace_with_random: float = 0.1
-    """... and share replaced by a random token; the rest keep their token."""
+    """... and share replaced by a random token; the rest keep their token. electra takes
+    these two at their defaults as unset and puts [MASK] everywhere, as its paper does."""
     unit: str = "token"
     """What is masked together: token | word (whole-word masking) | span (SpanBERT) |
     ngram (UniLM: one token 80% of the time, a bigram or a trigram 10% each) | phrase
@@ -272,7 +275,7 @@ class DataConfig:
     objective: str | None = None
     """Pretraining objective applied to each batch; None takes model.objective. One of
     clm | mlm | mlm_nsp | mlm_sop | mlm_sbo | mlm_struct | span_corruption | glm_blank |
-    unilm."""
+    unilm | electra."""
     document_attention: bool = False
     """Stop attention and position ids from crossing document boundaries in packed rows."""
     num_workers: int = 0

@@ -16,7 +16,9 @@ the checkpoint, or --config. It writes `config.json` + `model.safetensors` with
 mixture-of-experts layers (model.moe) becomes a SwitchTransformersForConditionalGeneration and
 a BERT without the sentence-pair head (model.pair_head=false, the roberta_* recipes) a
 RobertaForMaskedLM; --to-loom reads both back (models/hf/switch.py and models/hf/roberta.py
-say what converts).
+say what converts). An ELECTRA run exports its discriminator as an ElectraForPreTraining
+(the folder's README.md says the generator was left out; models/hf/electra.py converts it),
+which --to-loom cannot read back alone.
 
 The run's tokenizer is written too, so `transformers.pipeline(...)` and
 `AutoTokenizer.from_pretrained(DIR)` work offline. It is found from the run config's `data`
@@ -604,6 +606,7 @@ def export_to_hf(
         output, cfg, state_dict, vocab=vocab, token_ids=token_ids, verify=verify
     )
     tokenizer_line, notes = _export_tokenizer(tok, source, output, cfg, vocab=vocab)
+    notes += hf_convert.export_notes(cfg.family, cfg)
     if not facts["verified"]:
         notes.append(f"{checkpoint} has no metadata.json, so its files were not checksummed.")
         print(f"{PROG}: note: {checkpoint} has no metadata.json; not checksummed", file=sys.stderr)

@@ -20,6 +20,9 @@ tables have width E, LayerNorm'ed in width E and projected E -> D by `emb_proj`;
 maps back to width E before its decoder) and `cfg.share_layers` applies one block's weights
 `n_layer` times.
 
+ELECTRA (Clark et al. 2020, models/electra.py) is built of two of these: a generator without
+tables (`embeddings=False`) and a discriminator without the MLM head (`mlm_head=False`).
+
 NEZHA (Wei et al. 2019) is BERT with `cfg.position="relative_sinusoidal"`: no position table;
 every attention layer adds fixed sinusoids of the distance clip(j - i, -k, k) to its keys and
 values (`models.blocks.RelativeSinusoidal`, k = `cfg.max_relative_position`).
@@ -54,10 +57,10 @@ from models.blocks import (
 )
 from models.config import ModelConfig
 
-__all__ = ["Bert", "SpanBoundaryHead", "combine_masks"]
+__all__ = ["Bert", "SpanBoundaryHead", "combine_masks", "head_activation"]
 
 
-def _head_activation(name: str) -> nn.Module:
+def head_activation(name: str) -> nn.Module:
     """Activation of the MLM head's transform: the blocks' one, ungated (BERT uses one act)."""
     if name == "gelu":
         return nn.GELU()
@@ -88,7 +91,7 @@ class SpanBoundaryHead(nn.Module):
         self.ln1 = make_norm(cfg.norm, d, eps=eps, bias=cfg.bias)
         self.dense2 = nn.Linear(d, width, bias=cfg.bias)
         self.ln2 = make_norm(cfg.norm, width, eps=eps, bias=cfg.bias)
-        self.act = _head_activation(cfg.activation)
+        self.act = head_activation(cfg.activation)
 
     def forward(
         self,
@@ -130,7 +133,18 @@ class Bert(TiedOutputMixin, nn.Module):
     # Tokens per slice of the chunked MLM loss (forward with `labels`); 0: the whole sequence.
     loss_chunk_tokens = 0
 
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        vocab_size: int,
+        embeddings: bool = True,
+        mlm_head: bool = True,
+    ):
+        """`embeddings=False` builds no token, position or type table nor their LayerNorm
+        (ELECTRA's generator reads its discriminator's): `forward` then takes embedded
+        tokens (B, T, E). `mlm_head=False` builds no MLM head, and `forward` returns the
+        encoder's hidden states (ELECTRA's discriminator has a head of its own)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -138,10 +152,12 @@ class Bert(TiedOutputMixin, nn.Module):
         self.max_seq_len = cfg.max_seq_len
         d, eps = cfg.d_model, cfg.layer_norm_eps
         e = cfg.embedding_size if cfg.embedding_size is not None else d
-        self.wte = nn.Embedding(vocab_size, e)
-        self.wpe = nn.Embedding(cfg.max_seq_len, e) if cfg.position == "learned" else None
-        self.tte = nn.Embedding(cfg.type_vocab_size, e) if cfg.type_vocab_size > 0 else None
-        self.emb_ln = make_norm(cfg.norm, e, eps=eps, bias=cfg.bias)
+        self.wte = self.wpe = self.tte = self.emb_ln = None
+        if embeddings:
+            self.wte = nn.Embedding(vocab_size, e)
+            self.wpe = nn.Embedding(cfg.max_seq_len, e) if cfg.position == "learned" else None
+            self.tte = nn.Embedding(cfg.type_vocab_size, e) if cfg.type_vocab_size > 0 else None
+            self.emb_ln = make_norm(cfg.norm, e, eps=eps, bias=cfg.bias)
         self.emb_proj = nn.Linear(e, d, bias=cfg.bias) if e != d else None
         self.drop = nn.Dropout(cfg.dropout)
         self.rotary = (
@@ -163,10 +179,12 @@ class Bert(TiedOutputMixin, nn.Module):
         )
         # Post-LN blocks end normalised; pre-LN ones need a final norm before the heads.
         self.ln_f = make_norm(cfg.norm, d, eps=eps, bias=cfg.bias) if cfg.pre_ln else None
-        self.mlm_dense = nn.Linear(d, e, bias=cfg.bias)
-        self.mlm_act = _head_activation(cfg.activation)
-        self.mlm_ln = make_norm(cfg.norm, e, eps=eps, bias=cfg.bias)
-        self.lm_head = nn.Linear(e, vocab_size, bias=cfg.bias)
+        self.mlm_dense = self.mlm_act = self.mlm_ln = self.lm_head = None
+        if mlm_head:
+            self.mlm_dense = nn.Linear(d, e, bias=cfg.bias)
+            self.mlm_act = head_activation(cfg.activation)
+            self.mlm_ln = make_norm(cfg.norm, e, eps=eps, bias=cfg.bias)
+            self.lm_head = nn.Linear(e, vocab_size, bias=cfg.bias)
         self.pooler = nn.Linear(d, d, bias=cfg.bias) if cfg.has_pair_head else None
         classes = cfg.pair_classes
         self.nsp_head = nn.Linear(d, classes, bias=cfg.bias) if cfg.has_pair_head else None
@@ -195,6 +213,20 @@ class Bert(TiedOutputMixin, nn.Module):
         token_type_ids_BT: torch.Tensor | None = None,
         position_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The encoder's input (B, T, D): `embed_tokens`, projected E -> D when E != D."""
+        x_BTE = self.embed_tokens(
+            input_ids_BT, token_type_ids_BT=token_type_ids_BT, position_ids_BT=position_ids_BT
+        )
+        return self.project(x_BTE)
+
+    def embed_tokens(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        token_type_ids_BT: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Word + position + token-type embeddings, LayerNorm'ed and dropped out: (B, T, E)."""
         t = input_ids_BT.shape[-1]
         check_seq_len(t, self.max_seq_len)
         x_BTE = self.wte(input_ids_BT)
@@ -204,7 +236,10 @@ class Bert(TiedOutputMixin, nn.Module):
             else:
                 x_BTE = x_BTE + self.wpe(position_ids_BT)
         x_BTE = x_BTE + self._token_type_embedding(token_type_ids_BT)
-        x_BTE = self.drop(self.emb_ln(x_BTE))
+        return self.drop(self.emb_ln(x_BTE))
+
+    def project(self, x_BTE: torch.Tensor) -> torch.Tensor:
+        """Embeddings of width E to the model width D (the identity when E == D)."""
         return x_BTE if self.emb_proj is None else self.emb_proj(x_BTE)
 
     def _token_type_embedding(self, token_type_ids_BT: torch.Tensor | None) -> torch.Tensor:
@@ -295,10 +330,13 @@ class Bert(TiedOutputMixin, nn.Module):
 
         A pipeline stage is this model with the modules of other stages set to None: without
         the embeddings `input_ids` is the previous stage's hidden states (B, T, D), and
-        without the heads the hidden states are returned.
+        without the heads the hidden states are returned. A model built without its tables
+        (`embeddings=False`) takes embedded tokens (B, T, E) the same way and projects them.
         """
         if self.wte is None:
-            x_BTD = input_ids
+            # Embedded tokens (B, T, E) from tables held elsewhere (ELECTRA's generator), or
+            # a previous pipeline stage's hidden states (B, T, D), which hold no projection.
+            x_BTD = self.project(input_ids)
         else:
             if input_ids.dim() != 2:
                 raise ValueError(

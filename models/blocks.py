@@ -607,7 +607,8 @@ class TiedOutputMixin:
     """
 
     def tie_weights(self) -> None:
-        if self.cfg.tie_embeddings:
+        # A model built without its table or its head (ELECTRA's halves) ties nothing itself.
+        if self.cfg.tie_embeddings and self.wte is not None and self.lm_head is not None:
             self.lm_head.weight = self.wte.weight
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True):

@@ -18,6 +18,7 @@ _BUILDERS: dict[str, str] = {
     "bert": "models.bert:Bert",
     "t5": "models.t5:T5",
     "glm": "models.glm:GLM",
+    "electra": "models.electra:Electra",
 }
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 from common.errors import ConfigError
 
-FAMILIES = ("gpt", "bert", "t5", "glm")
+FAMILIES = ("gpt", "bert", "t5", "glm", "electra")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "gated_gelu")
 POSITIONS = ("learned", "rotary", "relative", "relative_sinusoidal", "none")
@@ -178,6 +179,14 @@ FAMILY_FIELDS: dict[str, dict[str, tuple[tuple[object, ...], str]]] = {
         "pre_ln": ((True,), "T5's blocks are pre-norm"),
         "pair_head": ((None,), "the sentence-pair head is BERT's"),
     },
+    "electra": {
+        "n_decoder_layer": ((None,), "ELECTRA's two networks are encoders"),
+        "scale_logits": ((False,), "logit scaling is T5's"),
+        "share_layers": ((False,), "cross-layer sharing is ALBERT's"),
+        "pair_head": ((None,), "ELECTRA has no sentence-pair head"),
+        "d_kv": ((None,), "ELECTRA's heads are d_model / n_head wide, the generator's too"),
+        "position": (("learned",), "ELECTRA learns absolute positions"),
+    },
 }
 
 
@@ -188,7 +197,7 @@ class ModelConfig:
     name: str = "gpt_debug"
     """Label used in the run directory and logs."""
     family: str = "gpt"
-    """Architecture family: gpt | bert | t5 | glm (one shared block library)."""
+    """Architecture family: gpt | bert | t5 | glm | electra (one shared block library)."""
     objective: str = "clm"
     """Default pretraining objective of this model (data.objective overrides it)."""
     vocab_size: int | None = None
@@ -233,7 +242,8 @@ class ModelConfig:
     type_vocab_size: int = 0
     """Token-type (segment) embeddings (BERT: 2); 0 disables them."""
     embedding_size: int | None = None
-    """ALBERT factorised embeddings: token embedding width, projected to d_model; None = d_model."""
+    """ALBERT factorised embeddings (and ELECTRA's shared ones): token embedding width,
+    projected to d_model (and to the generator's width); None = d_model."""
     share_layers: bool = False
     """ALBERT cross-layer sharing: one set of block weights applied n_layer times."""
     n_decoder_layer: int | None = None
@@ -259,6 +269,12 @@ class ModelConfig:
     such head."""
     sbo_position_size: int = 200
     """Width of the span boundary head's relative position embeddings (SpanBERT: 200)."""
+    generator_size: float = 0.25
+    """ELECTRA: the generator's d_model, d_ff and n_head as a share of the discriminator's
+    (Clark et al. 2020, Table 6: 1/4 for Small and Large, 1/3 for Base); it has the same depth
+    and reads the same embeddings. Each product must be a whole number."""
+    rtd_weight: float = 50.0
+    """ELECTRA: lambda of the loss MLM_generator + lambda x RTD_discriminator (paper: 50)."""
     moe: MoeConfig = field(default_factory=MoeConfig)
     """Mixture-of-experts layers (num_experts 0: dense)."""
 
@@ -274,6 +290,26 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    def generator_config(self) -> ModelConfig:
+        """ELECTRA's generator: a BERT-family masked LM of the discriminator's depth whose
+        width, MLP and heads are generator_size times the discriminator's, over the shared
+        embeddings (embedding_size wide, or d_model) and without a pair head."""
+        g = self.generator_size
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}_generator",
+            family="bert",
+            objective="mlm",
+            d_model=round(self.d_model * g),
+            n_head=round(self.n_head * g),
+            d_ff=round(self.ffn_size * g),
+            d_kv=None,
+            embedding_size=self.embedding_size or self.d_model,
+            pair_head=False,
+            generator_size=ModelConfig.generator_size,
+            rtd_weight=ModelConfig.rtd_weight,
+        )
 
     def padded_vocab_size(self, vocab_size: int | None = None) -> int:
         """Embedding rows actually allocated: the vocabulary rounded up to the multiple."""
@@ -325,6 +361,7 @@ class ModelConfig:
             raise ConfigError("model.layer_norm_eps and model.init_std must be > 0")
         self._check_family()
         self._check_sbo()
+        self._check_generator()
         if isinstance(self.pair_classes, bool) or not isinstance(self.pair_classes, int):
             raise ConfigError(f"model.pair_classes={self.pair_classes!r} must be an integer")
         if self.pair_classes < 2:
@@ -364,6 +401,12 @@ class ModelConfig:
                 f"objective {objective} scores a {need}-class pair label, but "
                 f"model.pair_classes={self.pair_classes}; set model.pair_classes={need}"
             )
+        if (objective == "electra") != (self.family == "electra"):
+            raise ConfigError(
+                f"objective {objective} with model.family={self.family}: family electra (a "
+                "generator and a discriminator) trains with objective electra, and electra "
+                "needs it"
+            )
         if (objective == "mlm_sbo") != (self.sbo_max_targets > 0):
             raise ConfigError(
                 f"objective {objective} with model.sbo_max_targets={self.sbo_max_targets}: "
@@ -382,6 +425,43 @@ class ModelConfig:
             raise ConfigError(
                 f"model.sbo_max_targets={self.sbo_max_targets} is not supported by "
                 f"family={self.family} (the span boundary head is SpanBERT's); set it to 0"
+            )
+
+    def _check_generator(self) -> None:
+        """ELECTRA's fields: other families keep their defaults; the generator's sizes are
+        whole numbers of heads that divide its width."""
+        g, w = self.generator_size, self.rtd_weight
+        if self.family != "electra":
+            for key, value in (("generator_size", g), ("rtd_weight", w)):
+                if value != getattr(ModelConfig, key):
+                    raise ConfigError(
+                        f"model.{key}={value} is not supported by family={self.family} (it "
+                        f"sizes ELECTRA's generator and loss); leave it at "
+                        f"{getattr(ModelConfig, key)}"
+                    )
+            return
+        if not (0 < g <= 1 and math.isfinite(g)):
+            raise ConfigError(f"model.generator_size={g} must be in (0, 1]")
+        if not (w > 0 and math.isfinite(w)):
+            raise ConfigError(f"model.rtd_weight={w} must be > 0")
+        if self.moe.enabled:
+            raise ConfigError(
+                f"model.moe.num_experts={self.moe.num_experts} is not supported by "
+                "family=electra; set it to 0"
+            )
+        sizes = {"d_model": self.d_model, "d_ff": self.ffn_size, "n_head": self.n_head}
+        for key, size in sizes.items():
+            scaled = size * g
+            if abs(scaled - round(scaled)) > 1e-6 or round(scaled) < 1:
+                raise ConfigError(
+                    f"model.generator_size={g} x model.{key}={size} = {scaled:.6g} is not a "
+                    "whole number >= 1 (the generator's size)"
+                )
+        gen_d, gen_h = round(self.d_model * g), round(self.n_head * g)
+        if gen_d % gen_h:
+            raise ConfigError(
+                f"model.generator_size={g} gives the generator {gen_h} heads, which do not "
+                f"divide its width {gen_d}"
             )
 
     def _check_family(self) -> None:

@@ -32,9 +32,9 @@ gradient, so each costs 2 * P * n_head * head_dim FLOPs per token forward and as
 backward (the input gradient only): 8 * n_layer * n_head * head_dim * P per token, a sixth
 of the score term at seq_len 512 and k = 64 (8 x 129 against 12 x 512), 1.4% of
 NEZHA-base's total. Their gather and scatter-add move memory and are left out like the
-softmax. GLM counts as a GPT of its shape (both position tables are lookups); BERT and T5
-have their own counts below, each in the same convention. Every family's arithmetic lives
-in this module.
+softmax. GLM counts as a GPT of its shape (both position tables are lookups); BERT, ELECTRA
+(two networks, `electra_flops`) and T5 have their own counts below, each in the same
+convention. Every family's arithmetic lives in this module.
 
 Mixture-of-experts layers count their active parameters: a token meets top_k experts and
 the router (d_model x E), so FLOPs, and MFU from them, grow with top_k, not with E.
@@ -60,6 +60,7 @@ from models.config import ModelConfig
 __all__ = [
     "FAMILY_FLOPS",
     "bert_flops",
+    "electra_flops",
     "flops_per_token",
     "gpt_flops",
     "known_peak_flops",
@@ -163,16 +164,42 @@ def bert_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int) -> float:
     the decoder again) count K / seq_len per token. NEZHA's relative
     sinusoids add their two table matmuls (module docstring)."""
     d, e = cfg.d_model, cfg.embedding_size if cfg.embedding_size is not None else cfg.d_model
-    attention = cfg.n_layer * 4 * d * cfg.n_head * cfg.head_dim
-    n_matmul = attention + _mlp_params(cfg, cfg.n_layer) + d * e + vocab_size * e
-    if e != d:
-        n_matmul += e * d
+    n_matmul = _encoder_params(cfg) + d * e + vocab_size * e
     if cfg.has_pair_head:
         n_matmul += (d * d + cfg.pair_classes * d) / seq_len
     if cfg.sbo_max_targets:
         n_matmul += _sbo_share(seq_len) * _sbo_params(cfg, d=d, e=e, vocab_size=vocab_size)
     scores = _attention(cfg, n_layer=cfg.n_layer, keys=seq_len)
     return float(6 * n_matmul + scores + _relative_sinusoids(cfg, seq_len=seq_len))
+
+
+def _encoder_params(cfg: ModelConfig) -> int:
+    """Matmul weights of a BERT-style encoder per token: the blocks' projections and the
+    E -> D embedding projection when E != D."""
+    d, e = cfg.d_model, cfg.embedding_size if cfg.embedding_size is not None else cfg.d_model
+    attention = cfg.n_layer * 4 * d * cfg.n_head * cfg.head_dim
+    return attention + _mlp_params(cfg, cfg.n_layer) + (e * d if e != d else 0)
+
+
+def electra_flops(
+    cfg: ModelConfig, *, vocab_size: int, seq_len: int, mask_prob: float = 0.15
+) -> float:
+    """ELECTRA: both networks, each forward and backward (the generator learns from its MLM
+    loss, the discriminator from RTD, and both reach the shared embeddings). N_matmul per
+    token: the discriminator's encoder (with its E -> D projection when E != D) and RTD head
+    (D x D, then D x 1) on every position; the generator's encoder (width G, with its E -> G
+    projection when E != G) and its MLM head (G x E transform, V x E decoder) on the masked
+    positions only, K = max(1, round(mask_prob (T - 2))) of a single-segment row of T
+    tokens (the electra objective's budget), so it counts K / T per token. Scores: both
+    stacks' attention over seq_len keys. Sampling (softmax, cumulative sums) is left out
+    like every softmax."""
+    gen = cfg.generator_config()
+    e = gen.embedding_size
+    masked = max(1, round(mask_prob * (seq_len - 2))) / seq_len
+    discriminator = _encoder_params(cfg) + cfg.d_model * cfg.d_model + cfg.d_model
+    generator = _encoder_params(gen) + masked * (gen.d_model * e + vocab_size * e)
+    scores = sum(_attention(c, n_layer=c.n_layer, keys=seq_len) for c in (cfg, gen))
+    return float(6 * (discriminator + generator) + scores)
 
 
 def _sbo_share(seq_len: int) -> float:
@@ -229,7 +256,12 @@ def t5_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int, target_len: int
 
 
 def flops_per_token(
-    cfg: ModelConfig, *, vocab_size: int, seq_len: int, target_len: int | None = None
+    cfg: ModelConfig,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    target_len: int | None = None,
+    mask_prob: float = 0.15,
 ) -> float:
     """Training (forward + backward) FLOPs per token of the family's model; see the module
     docstring.
@@ -237,8 +269,11 @@ def flops_per_token(
     `vocab_size` is the number of output rows actually computed (the padded vocabulary);
     `seq_len` is the attention context length of the training sequences; `target_len` is
     the decoder length of an encoder-decoder sample (T5: the objective's target length,
-    which depends on its noise settings), unused by the other families.
+    which depends on its noise settings), unused by the other families; `mask_prob` is the
+    share of tokens masked (ELECTRA's generator head runs on those only).
     """
+    if cfg.family == "electra":
+        return electra_flops(cfg, vocab_size=vocab_size, seq_len=seq_len, mask_prob=mask_prob)
     if cfg.family == "t5":
         if target_len is None:
             raise ValueError("model.family='t5' counts FLOPs per sample: give its target_len")

@@ -48,7 +48,8 @@ finiteness and stop flags, routing counts), which `CommCounter` tallies as "cont
 FSDP2's padding of each tensor to a multiple of dp rows; DDP's re-bucketing broadcast in
 its second step (the trainer measures a later one); the pipeline's shape inference in its
 first step. The tensor-parallel terms follow GPT and GLM; BERT's and T5's embeddings and
-heads, and T5's cross-attention, differ by terms of the same size as the embedding's.
+heads, and T5's cross-attention, differ by terms of the same size as the embedding's, and
+ELECTRA's generator blocks are counted d_model wide (they are generator_size as wide).
 """
 
 from __future__ import annotations

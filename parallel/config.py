@@ -212,3 +212,11 @@ def check_tp_divisibility(cfg: ModelConfig, *, vocab_rows: int | None, tp: int) 
             f"vocab rows {vocab_rows} (the padded vocabulary) are not divisible by "
             f"parallel.tp={tp}; set model.make_vocab_size_divisible_by to a multiple of {tp}"
         )
+    if cfg.family == "electra":
+        gen = cfg.generator_config()
+        if gen.n_head % tp or gen.ffn_size % tp:
+            raise ConfigError(
+                f"model.generator_size={cfg.generator_size} gives ELECTRA's generator "
+                f"{gen.n_head} heads and an MLP of {gen.ffn_size}, which parallel.tp={tp} "
+                "must both divide"
+            )

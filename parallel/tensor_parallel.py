@@ -8,7 +8,8 @@ MLP, and a block costs one reduction of its attention and one of its MLP output.
 The token embedding is vocab-parallel (row-sharded table) and the output projection
 column-parallel over the vocabulary, sharing the same sharded table when tied; the logits
 stay sharded over the vocabulary (`Shard(-1)`) into the loss (`loss_parallel_context`),
-so the full (B, T, V) logits are never gathered.
+so the full (B, T, V) logits are never gathered (ELECTRA's generator gathers the logits of
+its masked positions, from which it samples).
 
 Between modules, activations are plain local tensors with one of two layouts:
   sp off: the whole sequence, identical on every TP rank (`Replicate`);
@@ -68,6 +69,7 @@ __all__ = [
     "ReplicateParallel",
     "apply_tensor_parallel",
     "bert_plan",
+    "electra_plan",
     "glm_plan",
     "gpt_plan",
     "loss_parallel_context",
@@ -259,21 +261,28 @@ def glm_plan(cfg: ModelConfig, sp: bool) -> Plan:
     return plan
 
 
-def bert_plan(cfg: ModelConfig, sp: bool) -> Plan:
-    """models.bert.Bert (and ALBERT). The embeddings stay whole (the rotary tables are built
-    from their length) and the heads run whole (the pooler reads the [CLS] token, which
-    lives on one rank under sp); only the blocks see a slice of the sequence."""
-    plan: Plan = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+def _bert_embeddings(cfg: ModelConfig, *, tables: bool = True) -> Plan:
+    """BERT's tables (vocab-parallel words, whole positions and types) and the E -> D
+    projection where E != D; `tables=False`: the projection only (ELECTRA's generator)."""
+    plan: Plan = {}
+    if tables:
+        plan["wte"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     for name, present in (
-        ("wpe", cfg.position == "learned"),
-        ("tte", cfg.type_vocab_size > 0),
-        ("emb_ln", True),
+        ("wpe", tables and cfg.position == "learned"),
+        ("tte", tables and cfg.type_vocab_size > 0),
+        ("emb_ln", tables),
         ("emb_proj", cfg.embedding_size not in (None, cfg.d_model)),
     ):
         if present:
             plan[name] = ReplicateParallel()
+    return plan
+
+
+def _bert_encoder(cfg: ModelConfig, sp: bool) -> Plan:
+    """BERT's blocks, the slicing and gathering of the sequence around them under sp, and
+    the final norm of a pre-LN stack."""
     gated = cfg.activation == "gated_gelu"
-    plan |= _prefixed("blocks.*.", _transformer_block(sp, gated=gated))
+    plan = _prefixed("blocks.*.", _transformer_block(sp, gated=gated))
     # Under sp the encoder output is gathered by the last block (post-LN) or by ln_f; a
     # shared ALBERT block runs n_layer times, so it slices and gathers on every pass.
     last = 0 if cfg.share_layers else cfg.n_layer - 1
@@ -288,12 +297,36 @@ def bert_plan(cfg: ModelConfig, sp: bool) -> Plan:
     if cfg.pre_ln:
         gather = sp and not gathered_by_blocks
         plan["ln_f"] = ReplicateParallel(input_layouts=Shard(1) if gather else Replicate())
+    return plan
+
+
+def bert_plan(cfg: ModelConfig, sp: bool) -> Plan:
+    """models.bert.Bert (and ALBERT). The embeddings stay whole (the rotary tables are built
+    from their length) and the heads run whole (the pooler reads the [CLS] token, which
+    lives on one rank under sp); only the blocks see a slice of the sequence."""
+    plan = _bert_embeddings(cfg) | _bert_encoder(cfg, sp)
     heads = ("mlm_dense", "mlm_ln") + (("pooler", "nsp_head") if cfg.has_pair_head else ())
     if cfg.sbo_max_targets:  # SpanBERT's span boundary head, before the shared lm_head
         heads += tuple(f"sbo.{name}" for name in ("position", "dense1", "ln1", "dense2", "ln2"))
     for name in heads:
         plan[name] = ReplicateParallel()
     plan["lm_head"] = _logits(False)
+    return plan
+
+
+def electra_plan(cfg: ModelConfig, sp: bool) -> Plan:
+    """models.electra.Electra: BERT's plan for each network (the discriminator holds the
+    shared tables). The generator's decoder is column-parallel like BERT's, but its logits
+    are gathered whole (`Replicate`): the generator samples from the whole distribution of
+    each masked position. Only the masked positions reach the head, so the gathered logits
+    are about 15% of a (B, T, V) tensor. The RTD head runs whole."""
+    gen = cfg.generator_config()
+    plan = _prefixed("discriminator.", _bert_embeddings(cfg) | _bert_encoder(cfg, sp))
+    generator = _bert_embeddings(gen, tables=False) | _bert_encoder(gen, sp)
+    generator |= {"mlm_dense": ReplicateParallel(), "mlm_ln": ReplicateParallel()}
+    generator["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    plan |= _prefixed("generator.", generator)
+    plan |= {"rtd_dense": ReplicateParallel(), "rtd_head": ReplicateParallel()}
     return plan
 
 
@@ -321,6 +354,7 @@ TP_PLANS: dict[str, Callable[[ModelConfig, bool], Plan]] = {
     "bert": bert_plan,
     "t5": t5_plan,
     "glm": glm_plan,
+    "electra": electra_plan,
 }
 
 

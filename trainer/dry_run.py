@@ -7,9 +7,10 @@ sharding optimizer states (1), plus gradients (2), plus parameters (3) over data
 ranks. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
 Large Transformer Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes per layer for 16-bit
 activations, doubled for fp32, divided by TP, for the layers of one pipeline stage with
-PP micro-batches in flight (1F1B); the 5*a*s/h term is the attention-score matrix, which
-fused SDPA kernels do not store, so it is reported separately as an upper bound (and
-counted in the total for attention that computes its scores explicitly: NEZHA's).
+PP micro-batches in flight (1F1B), and for both of ELECTRA's stacks; the 5*a*s/h term is
+the attention-score matrix, which fused SDPA kernels do not store, so it is reported
+separately as an upper bound (and counted in the total for attention that computes its
+scores explicitly: NEZHA's).
 Communication per rank and step, by mesh axis and collective, follows the formula of
 parallel/comm_model.py (which a distributed run's comm.json checks against a measured step),
 with the bytes a rank sends over ring links beside it.
@@ -70,16 +71,19 @@ def memory_estimate(
         return bytes_per_param * (dense / dp + experts / (dp // p.ep))
 
     weights, grads, moments = state(4, 3), state(4, 2), state(8, 1)
-    s, b, h, a = job.data.seq_len or m.max_seq_len, t.micro_batch_size, m.d_model, m.n_head
+    s, b = job.data.seq_len or m.max_seq_len, t.micro_batch_size
     act_bytes = 1 if job.precision.dtype == "fp32" else 0.5  # eq. 2 counts 16-bit values
     layers = (m.n_layer + (m.n_decoder_layer or m.n_layer if m.family == "t5" else 0)) / p.pp
     in_flight = min(p.pp, max(1, t.global_batch_size // (t.micro_batch_size * dp)))
-    base = 2 * act_bytes * s * b * h * 34 / p.tp * layers * in_flight
-    scores = 2 * act_bytes * s * b * 5 * a * s / p.tp * layers * in_flight
+    # (width, heads) of each stack of `layers` blocks: ELECTRA's generator is a second one.
+    stacks = [(m.d_model, m.n_head)]
+    if m.family == "electra":
+        gen = m.generator_config()
+        stacks.append((gen.d_model, gen.n_head))
+    base = sum(2 * act_bytes * s * b * h * 34 / p.tp * layers * in_flight for h, _ in stacks)
+    scores = sum(2 * act_bytes * s * b * 5 * a * s / p.tp * layers * in_flight for _, a in stacks)
     explicit = m.position == "relative_sinusoidal"
-    # fp32 logits and their gradient, for the tokens scored at once (trainer.loss_chunk_tokens)
-    scored = min(t.loss_chunk_tokens, s * b) if t.loss_chunk_tokens > 0 else s * b
-    logits = 2 * 4 * scored * vocab / p.tp
+    logits = _logits_bytes(job, vocab=vocab, seq_len=s)
     states = weights + grads + moments
     return {
         "data_parallel": dp,
@@ -93,6 +97,20 @@ def memory_estimate(
         "total_gib": (states + base + logits + (scores if explicit else 0)) / _GIB,
         "total_with_scores_gib": (states + base + scores + logits) / _GIB,
     }
+
+
+def _logits_bytes(job: JobConfig, *, vocab: int, seq_len: int) -> float:
+    """fp32 logits and their gradient, for the tokens scored at once (trainer.loss_chunk_tokens),
+    vocabulary-sharded under TP. ELECTRA's generator scores its masked positions only, with
+    logits gathered whole under TP, and its sampling adds their fp32 probabilities and
+    float64 cumulative sums."""
+    m, t, tp = job.model, job.trainer, job.parallel.tp
+    rows, per_value, split = seq_len * t.micro_batch_size, 2 * 4, tp
+    if m.family == "electra":
+        masked = max(1, round(job.data.mlm.mask_prob * (seq_len - 2)))
+        rows, per_value, split = masked * t.micro_batch_size, 2 * 4 + 4 + 8, 1
+    scored = min(t.loss_chunk_tokens, rows) if t.loss_chunk_tokens > 0 else rows
+    return per_value * scored * vocab / split
 
 
 def comm_estimate(job: JobConfig, *, world_size: int, vocab: int, seq_len: int) -> dict:

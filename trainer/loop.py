@@ -38,7 +38,13 @@ from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set
 from trainer.comm_report import CommAccounting
 from trainer.config import JobConfig, to_yaml
 from trainer.init_from import init_weights, read_weights
-from trainer.loss import summed_losses, target_counts, task_name, with_chunked_labels
+from trainer.loss import (
+    summed_losses,
+    target_counts,
+    task_name,
+    task_weight,
+    with_chunked_labels,
+)
 from trainer.metrics import MetricsLogger, Throughput, job_flops_per_token, moe_metrics
 from trainer.optim import build_optimizer
 from trainer.precision import LossScaler, autocast
@@ -281,16 +287,22 @@ class Trainer:
         local = [sum(target_counts(labels)[k] for _, labels in micro) for k in keys]
         counts = dist.dp_sum(torch.tensor(local, dtype=torch.float64), self.world).tolist()
         # DDP averages gradients over ranks; the weight dp / (global targets of the task)
-        # undoes that average and normalises each task by its own global count.
-        weights = {k: self.world.dp_size / max(n, 1.0) for k, n in zip(keys, counts, strict=True)}
+        # undoes that average and normalises each task by its own global count (and scales
+        # it by the task's weight in the loss: ELECTRA's lambda).
+        scale = [task_weight(k, self.job.model) for k in keys]
+        weights = {
+            k: w * self.world.dp_size / max(n, 1.0)
+            for k, n, w in zip(keys, counts, scale, strict=True)
+        }
         losses = self.engine.forward_backward(micro, weights)
         grad_norm = self.engine.step()
         sums = dist.dp_sum(torch.stack([losses[k] for k in keys]), self.world)
         task = sums / torch.tensor(counts, dtype=sums.dtype, device=sums.device).clamp(min=1)
         # Losses and the norm stay tensors on the device: they are read (a wait for the
         # GPU) only when a step is logged, never inside a step.
+        loss = (task * torch.tensor(scale, dtype=task.dtype, device=task.device)).sum()
         record = {
-            "loss": task.sum() if len(keys) > 1 else task[0],
+            "loss": loss if len(keys) > 1 else task[0],
             "lr": lr,
             "grad_norm": grad_norm,
             "loss_scale": self.scaler.scale,
@@ -349,8 +361,13 @@ class Trainer:
                 totals[k] = totals.get(k, torch.zeros(2, dtype=torch.float64)) + pair
             if between_batches is not None:
                 between_batches()
-        reduced = [dist.dp_sum(totals[k], world) for k in sorted(totals)]
-        return float(sum(t[0] / t[1].clamp(min=1) for t in reduced))
+        keys = sorted(totals)
+        reduced = [dist.dp_sum(totals[k], world) for k in keys]
+        means = [
+            task_weight(k, self.job.model) * t[0] / t[1].clamp(min=1)
+            for k, t in zip(keys, reduced, strict=True)
+        ]
+        return float(sum(means))
 
     def fit(self) -> dict:
         """Train from start_step to max_steps, or until a stop is agreed (a signal, the time

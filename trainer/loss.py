@@ -9,6 +9,15 @@ the gradient is then the same for any split of the global batch.
 With `trainer.loss_chunk_tokens` > 0 the language-model labels go into the model's forward
 (`with_chunked_labels`), which scores its logits a slice at a time and returns the summed
 loss of each row as "row_losses" in place of "logits" (models.blocks.chunked_row_losses).
+
+A model may decide a task's targets itself: ELECTRA's replaced-token targets depend on its
+generator's samples. It returns them as "<x>targets" (0/1) beside "<x>logits" (one logit
+per position), the task is binary (summed binary cross-entropy), and the objective's
+"<x>labels" only say which positions count (-100 elsewhere). Such a model also reads the
+language-model labels in every forward (ELECTRA builds its discriminator's input from
+them), and `task_weight` gives its RTD task the weight model.rtd_weight (lambda) in the
+training loss, which is then sum over tasks of weight x task mean; each task's own mean is
+logged unweighted.
 """
 
 from __future__ import annotations
@@ -17,6 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.objectives import IGNORE_INDEX
+from models.config import ModelConfig
+
+# Label keys of tasks whose model reads the language-model labels in its forward pass.
+_READS_LM_LABELS = ("rtd_labels",)
 
 
 def as_logits_dict(outputs: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -24,10 +37,18 @@ def as_logits_dict(outputs: torch.Tensor | dict[str, torch.Tensor]) -> dict[str,
 
 
 def with_chunked_labels(inputs: dict, labels: dict, chunk_tokens: int) -> dict:
-    """The model inputs, plus the "labels" task's targets when the loss is chunked."""
-    if chunk_tokens <= 0 or "labels" not in labels:
+    """The model inputs, plus the "labels" task's targets when the loss is chunked or the
+    model reads them anyway (ELECTRA: the objective's "rtd_labels" say so)."""
+    reads = chunk_tokens > 0 or any(key in labels for key in _READS_LM_LABELS)
+    if not reads or "labels" not in labels:
         return inputs
     return {**inputs, "labels": labels["labels"]}
+
+
+def task_weight(label_key: str, model: ModelConfig) -> float:
+    """The weight of a task's mean in the training loss: model.rtd_weight for ELECTRA's
+    replaced token detection, 1 for every other task."""
+    return model.rtd_weight if label_key == "rtd_labels" else 1.0
 
 
 def target_counts(labels: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -49,6 +70,13 @@ def summed_losses(
         if name not in logits:
             raise ValueError(f"the objective's {key!r} has no matching model output {name!r}")
         value = logits[name]
+        decided = key[: -len("labels")] + "targets"
+        if decided in logits:  # binary, targets from the model, positions from the labels
+            scored = target.to(value.device) != IGNORE_INDEX
+            sums[key] = F.binary_cross_entropy_with_logits(
+                value[scored].float(), logits[decided][scored].float(), reduction="sum"
+            )
+            continue
         sums[key] = F.cross_entropy(
             value.reshape(-1, value.size(-1)).float(),
             target.reshape(-1).to(value.device),

@@ -23,13 +23,15 @@ log = get_logger("loom.metrics")
 
 def job_flops_per_token(job: JobConfig, *, vocab_size: int, seq_len: int) -> float:
     """Training FLOPs per token of the job's model on its objective's samples (an
-    encoder-decoder's decoder length follows the objective's configured noise)."""
+    encoder-decoder's decoder length follows the objective's configured noise; ELECTRA's
+    generator head runs on the data.mlm.mask_prob share of the tokens)."""
     objective = job.data.objective or job.model.objective
     return flops_per_token(
         job.model,
         vocab_size=vocab_size,
         seq_len=seq_len,
         target_len=target_length(objective, cfg=job.data, seq_len=seq_len),
+        mask_prob=job.data.mlm.mask_prob,
     )
 
 

@@ -12,7 +12,10 @@ scored); every other key is a keyword argument of the model's forward. The model
 logits (a tensor, scored against "labels") or a dict in which "<x>logits" is scored
 against "<x>labels" (e.g. "nsp_logits" against "nsp_labels"). The trainer sums the
 cross-entropy of each pair over the global batch and divides by that pair's global count
-of scored targets, so every task is a mean over its own targets whatever the layout.
+of scored targets, so every task is a mean over its own targets whatever the layout. A
+model that decides a task's targets itself returns them as "<x>targets" (ELECTRA's
+replaced tokens, drawn from its generator): "<x>labels" then only mark the scored
+positions (see trainer/loss.py).
 
 Randomness (masks, spans, pairs) is a pure function of (seed, sample id) via
 `sample_rng`, so a resumed run or another worker count sees the very same batches.
@@ -43,6 +46,7 @@ _REGISTRY = {
     "span_corruption": "data_pipeline.objectives.span_corruption:SpanCorruption",
     "glm_blank": "data_pipeline.objectives.glm:BlankInfilling",
     "unilm": "data_pipeline.objectives.unilm:UnifiedLM",
+    "electra": "data_pipeline.objectives.electra:ReplacedTokenDetection",
 }
 
 

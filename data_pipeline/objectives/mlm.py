@@ -89,7 +89,8 @@ NAMES = ("mlm", "mlm_nsp", "mlm_sop")
 # Independent streams per sample, so changing the masking leaves the pairs as they were.
 _PAIR_SALT = 1
 _MASK_SALT = 2
-# The knowledge-masking level of a sample (3 is UniLM's task, 4 and 5 StructBERT's streams).
+# The knowledge-masking level of a sample (3 is UniLM's task, 4 and 5 StructBERT's streams,
+# 7 ELECTRA's sampling noise).
 _STAGE_SALT = 6
 # NSP negatives from A's own document skip ahead by at most this share of the piece.
 _MAX_JUMP_FRACTION = 0.125

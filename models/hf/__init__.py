@@ -1,12 +1,14 @@
 """Conversion between Loom checkpoints and Hugging Face `transformers` models, by family.
 
 Each conversion module (`models.hf.gpt2`, `models.hf.bert`, `models.hf.roberta`,
-`models.hf.t5`, `models.hf.switch`) defines
+`models.hf.t5`, `models.hf.switch`, `models.hf.electra`) defines
 `hf_config(cfg, *, vocab_size, token_ids=None)`, `to_hf(state_dict, cfg)`,
 `from_hf(state_dict, cfg)` and `TOKENS` (its tokenizer conventions, a
 `models.hf.common.TokenConventions`), and may define `build_hf_model(cfg, *, vocab_size,
 token_ids=None)` (when the plain class of `hf_config` needs adjusting, e.g. an untied T5 head)
-and `loom_config(hf_config, *, name)` (the reverse of `hf_config`). What the families share
+and `loom_config(hf_config, *, name)` (the reverse of `hf_config`), and `EXPORT_NOTES` (what
+an export leaves out, for the folder's README: ELECTRA exports its discriminator, an
+ElectraForPreTraining, without the generator). What the families share
 lives in `models.hf.common`; `models.hf.tokenizer` writes a run's tokenizer in the form
 `transformers` loads. Modules and `transformers` (a dev dependency) are imported on first use.
 
@@ -39,6 +41,7 @@ from models.config import ModelConfig
 
 __all__ = [
     "build_hf_model",
+    "export_notes",
     "family_of",
     "from_hf",
     "hf_config",
@@ -55,8 +58,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "roberta": ("models.hf.roberta", "RobertaForMaskedLM"),
     "t5": ("models.hf.t5", "T5ForConditionalGeneration"),
     "switch": ("models.hf.switch", "SwitchTransformersForConditionalGeneration"),
+    "electra": ("models.hf.electra", "ElectraForPreTraining"),
 }
-_FAMILIES = ("bert", "gpt", "t5")
+_FAMILIES = ("bert", "gpt", "t5", "electra")
 _NO_COUNTERPART = {
     "glm": "GLM (Du et al. 2022) has no Hugging Face transformers implementation to convert to",
 }
@@ -67,6 +71,7 @@ _MODEL_TYPES = {
     "roberta": ("bert", "roberta"),
     "t5": ("t5", "t5"),
     "switch_transformers": ("t5", "switch"),
+    "electra": ("electra", "electra"),
 }
 
 
@@ -135,6 +140,11 @@ def token_conventions(family: str, cfg: ModelConfig | None = None) -> Any:
     """The `TokenConventions` of the family (of the model `cfg` converts to, when given):
     tokenizer roles, added tokens, config token ids."""
     return _module(family, cfg).TOKENS
+
+
+def export_notes(family: str, cfg: ModelConfig) -> list[str]:
+    """What an export of `cfg` leaves out, for the folder's README (ELECTRA: its generator)."""
+    return list(getattr(_module(family, cfg), "EXPORT_NOTES", ()))
 
 
 def to_hf(

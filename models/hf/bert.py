@@ -18,7 +18,8 @@ bias); `from_hf` pads back to `cfg.padded_vocab_size(rows)` with zero rows.
 The encoder, the MLM head and the vocabulary rows convert the same way for RoBERTa, under
 other key names: `EncoderLayout` names the keys and `encoder_to_hf` / `encoder_from_hf` (with
 `encoder_problems`, `encoder_hf_fields` and `encoder_loom_fields`) do the work for both
-models/hf/bert.py and models/hf/roberta.py.
+models/hf/bert.py and models/hf/roberta.py. ELECTRA's two networks (models/hf/electra.py)
+use the blocks' part alone (`blocks_to_hf`, `blocks_from_hf` and their key sets).
 
 Tokens (`TOKENS`): Loom's MLM objectives feed [CLS] A [SEP] (B [SEP]) with token type 1 on
 B and its [SEP], so an exported tokenizer adds the same around a text or a pair, and names
@@ -53,13 +54,17 @@ from models.hf.common import (
 __all__ = [
     "TOKENS",
     "EncoderLayout",
+    "blocks_from_hf",
+    "blocks_to_hf",
     "encoder_from_hf",
     "encoder_hf_fields",
     "encoder_loom_fields",
     "encoder_problems",
     "encoder_to_hf",
     "from_hf",
+    "hf_block_keys",
     "hf_config",
+    "loom_block_keys",
     "loom_config",
     "to_hf",
 ]
@@ -264,20 +269,59 @@ def loom_config(hf_cfg, *, name: str = "bert_from_hf") -> ModelConfig:
     return cfg
 
 
+def loom_block_keys(cfg: ModelConfig, *, prefix: str = "") -> set[str]:
+    """The Loom keys of `cfg`'s blocks under `prefix` (e.g. "generator.")."""
+    keys = {f"{prefix}blocks.{i}.{k}" for i in range(cfg.n_layer) for k in _BLOCK_KEYS}
+    for i in range(cfg.n_layer):
+        keys |= {f"{prefix}blocks.{i}.attn.qkv.{p}" for p in ("weight", "bias")}
+    return keys
+
+
+def hf_block_keys(cfg: ModelConfig, *, layers: str) -> set[str]:
+    """The HF keys of `cfg`'s encoder layers, layer i's starting with f"{layers}{i}."."""
+    keys = set()
+    for i in range(cfg.n_layer):
+        hf = f"{layers}{i}."
+        keys |= {hf + k for k in _BLOCK_KEYS.values()}
+        keys |= {f"{hf}attention.self.{n}.{p}" for n in _QKV_NAMES for p in ("weight", "bias")}
+    return keys
+
+
+def blocks_to_hf(state_dict: dict, cfg: ModelConfig, *, prefix: str, layers: str) -> dict:
+    """Loom blocks `{prefix}blocks.i.` -> HF BERT-style layers `{layers}i.` (qkv split)."""
+    out = {}
+    for i in range(cfg.n_layer):
+        loom, hf = f"{prefix}blocks.{i}.", f"{layers}{i}."
+        for ours, theirs in _BLOCK_KEYS.items():
+            out[hf + theirs] = state_dict[loom + ours]
+        for p in ("weight", "bias"):
+            qkv = qkv_per_head_to_blocks(state_dict[f"{loom}attn.qkv.{p}"], cfg.n_head)
+            for name, x in zip(_QKV_NAMES, qkv.chunk(3), strict=True):
+                out[f"{hf}attention.self.{name}.{p}"] = x
+    return out
+
+
+def blocks_from_hf(state_dict: dict, cfg: ModelConfig, *, prefix: str, layers: str) -> dict:
+    """HF BERT-style layers `{layers}i.` -> Loom blocks `{prefix}blocks.i.` (qkv fused)."""
+    out = {}
+    for i in range(cfg.n_layer):
+        loom, hf = f"{prefix}blocks.{i}.", f"{layers}{i}."
+        for ours, theirs in _BLOCK_KEYS.items():
+            out[loom + ours] = state_dict[hf + theirs]
+        for p in ("weight", "bias"):
+            blocks = torch.cat([state_dict[f"{hf}attention.self.{n}.{p}"] for n in _QKV_NAMES])
+            out[f"{loom}attn.qkv.{p}"] = qkv_blocks_to_per_head(blocks, cfg.n_head)
+    return out
+
+
 def _loom_keys(cfg: ModelConfig, layout: EncoderLayout) -> set[str]:
     keys = set(layout.top) | {"wte.weight", "lm_head.weight", "lm_head.bias"}
-    keys |= {f"blocks.{i}.{k}" for i in range(cfg.n_layer) for k in _BLOCK_KEYS}
-    keys |= {f"blocks.{i}.attn.qkv.{p}" for i in range(cfg.n_layer) for p in ("weight", "bias")}
-    return keys
+    return keys | loom_block_keys(cfg)
 
 
 def _hf_keys(cfg: ModelConfig, layout: EncoderLayout) -> set[str]:
     keys = set(layout.top.values()) | {layout.wte, layout.out_bias}
-    for i in range(cfg.n_layer):
-        hf = f"{layout.layers}{i}."
-        keys |= {hf + k for k in _BLOCK_KEYS.values()}
-        keys |= {f"{hf}attention.self.{n}.{p}" for n in _QKV_NAMES for p in ("weight", "bias")}
-    return keys
+    return keys | hf_block_keys(cfg, layers=layout.layers)
 
 
 def encoder_to_hf(state_dict: dict, cfg: ModelConfig, layout: EncoderLayout) -> dict:
@@ -295,15 +339,7 @@ def encoder_to_hf(state_dict: dict, cfg: ModelConfig, layout: EncoderLayout) -> 
     out[layout.decoder] = out[layout.wte] if cfg.tie_embeddings else head_VD[:vocab]
     out[layout.out_bias] = state_dict["lm_head.bias"][:vocab]
     out[layout.decoder_bias] = out[layout.out_bias]
-    for i in range(cfg.n_layer):
-        loom, hf = f"blocks.{i}.", f"{layout.layers}{i}."
-        for ours, theirs in _BLOCK_KEYS.items():
-            out[hf + theirs] = state_dict[loom + ours]
-        for p in ("weight", "bias"):
-            qkv = qkv_per_head_to_blocks(state_dict[f"{loom}attn.qkv.{p}"], cfg.n_head)
-            for name, x in zip(_QKV_NAMES, qkv.chunk(3), strict=True):
-                out[f"{hf}attention.self.{name}.{p}"] = x
-    return out
+    return out | blocks_to_hf(state_dict, cfg, prefix="", layers=layout.layers)
 
 
 def encoder_from_hf(state_dict: dict, cfg: ModelConfig, layout: EncoderLayout) -> dict:
@@ -323,15 +359,7 @@ def encoder_from_hf(state_dict: dict, cfg: ModelConfig, layout: EncoderLayout) -
     out["wte.weight"] = pad_rows(sd[layout.wte], padded)
     out["lm_head.weight"] = out["wte.weight"] if cfg.tie_embeddings else pad_rows(decoder, padded)
     out["lm_head.bias"] = pad_rows(sd[layout.out_bias], padded)
-    for i in range(cfg.n_layer):
-        loom, hf = f"blocks.{i}.", f"{layout.layers}{i}."
-        for ours, theirs in _BLOCK_KEYS.items():
-            out[loom + ours] = sd[hf + theirs]
-        prefix = f"{hf}attention.self."
-        for p in ("weight", "bias"):
-            blocks = torch.cat([sd[f"{prefix}{n}.{p}"] for n in _QKV_NAMES])
-            out[f"{loom}attn.qkv.{p}"] = qkv_blocks_to_per_head(blocks, cfg.n_head)
-    return out
+    return out | blocks_from_hf(sd, cfg, prefix="", layers=layout.layers)
 
 
 def to_hf(state_dict: dict, cfg: ModelConfig) -> dict:

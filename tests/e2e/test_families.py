@@ -66,6 +66,20 @@ def test_spanbert_trains_mlm_and_span_boundary_objectives(train_cli, tmp_path):
         assert last < first - (0.5 if key == "loss" else 0.25), (key, first, last)
 
 
+def test_electra_trains_generator_and_discriminator(train_cli, tmp_path):
+    """ELECTRA (electra_debug, objective electra): the loss is the generator's MLM loss plus
+    50 x the discriminator's RTD loss, both logged; the total and the MLM loss fall."""
+    train_cli("+model=electra_debug", *SHORT, f"trainer.out_dir={tmp_path}")
+    records = read_metrics(tmp_path)
+    assert len(records) == 6
+    for r in records:
+        assert abs(r["loss"] - r["loss_lm"] - 50 * r["loss_rtd"]) < 1e-4, r
+        assert 0 < r["loss_rtd"] < 0.7  # below log 2: better than a coin from the start
+    first, last = records[0], records[-1]
+    assert last["loss"] < first["loss"] - 2.0, (first["loss"], last["loss"])
+    assert last["loss_lm"] < first["loss_lm"] - 1.0, (first["loss_lm"], last["loss_lm"])
+
+
 @pytest.mark.parametrize(
     "model", ["gpt_moe_debug", "bert_moe_debug", "t5_moe_debug", "glm_moe_debug"]
 )
