@@ -238,7 +238,9 @@ def _engine_run(world, *, zero: int, overlap: bool, pp: int = 1) -> dict:
     }
 
 
-def _tp_dp_worker(rank: int, port: int, out_dir: str) -> None:
+def _engine_worker(rank: int, port: int, out_dir: str, pp: int) -> None:
+    """tp 2 x dp 2 (pp=1) or pp 2 x dp 2 on 4 ranks: each ZeRO level stepped with and
+    without the overlap."""
     import parallel.data_parallel as dp
     from parallel.config import ParallelConfig
     from parallel.dist import init_world
@@ -251,12 +253,13 @@ def _tp_dp_worker(rank: int, port: int, out_dir: str) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    world = init_world(ParallelConfig(tp=2), device_preference="cpu")
+    layout = ParallelConfig(pp=2) if pp > 1 else ParallelConfig(tp=2)
+    world = init_world(layout, device_preference="cpu")
     dp.BUCKET_NUMEL = 8192  # several buckets for the debug model
     results = {}
     for zero in (0, 1):
-        after = _engine_run(world, zero=zero, overlap=False)
-        during = _engine_run(world, zero=zero, overlap=True)
+        after = _engine_run(world, zero=zero, overlap=False, pp=pp)
+        during = _engine_run(world, zero=zero, overlap=True, pp=pp)
         results[f"zero={zero}"] = {
             "grads_equal": sorted(after["grads"]) == sorted(during["grads"])
             and all(torch.equal(after["grads"][n], during["grads"][n]) for n in after["grads"]),
@@ -269,68 +272,26 @@ def _tp_dp_worker(rank: int, port: int, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-@pytest.fixture(scope="module")
-def tp_dp_results(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("overlap_tp_dp")
-    spawn_ranks(_tp_dp_worker, 4, free_port(), str(out))
+def _engine_ranks(out: Path, *, pp: int) -> list[dict]:
+    spawn_ranks(_engine_worker, 4, free_port(), str(out), pp)
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(4)]
 
 
-@pytest.mark.parametrize("zero", [0, 1])
-def test_tensor_and_data_parallel_engine_steps_bit_equal_with_overlap(tp_dp_results, zero):
-    for rank, results in enumerate(tp_dp_results):
-        r = results[f"zero={zero}"]
-        assert r["grads_equal"], rank
-        assert r["params_equal"], rank
-        # After backward: nothing started; overlapped: every bucket during backward.
-        assert r["started"] == [0, r["planned"]] and r["planned"] >= 3, (rank, r)
-
-
-def _pp_dp_worker(rank: int, port: int, out_dir: str) -> None:
-    import parallel.data_parallel as dp
-    from parallel.config import ParallelConfig
-    from parallel.dist import init_world
-
-    torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE="4",
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    world = init_world(ParallelConfig(pp=2), device_preference="cpu")
-    dp.BUCKET_NUMEL = 8192  # several buckets per stage of the debug model
-    results = {}
-    for zero in (0, 1):
-        after = _engine_run(world, zero=zero, overlap=False, pp=2)
-        during = _engine_run(world, zero=zero, overlap=True, pp=2)
-        results[f"zero={zero}"] = {
-            "grads_equal": sorted(after["grads"]) == sorted(during["grads"])
-            and all(torch.equal(after["grads"][n], during["grads"][n]) for n in after["grads"]),
-            "params_equal": all(
-                torch.equal(after["params"][n], during["params"][n]) for n in after["params"]
-            ),
-            "started": [after["started"], during["started"]],
-            "planned": during["planned"],
-        }
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-
-
-@pytest.fixture(scope="module")
-def pp_dp_results(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("overlap_pp_dp")
-    spawn_ranks(_pp_dp_worker, 4, free_port(), str(out))
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(4)]
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp2xdp2", "pp2xdp2"])
+def engine_results(request, tmp_path_factory) -> tuple[int, list[dict]]:
+    pp = request.param
+    return pp, _engine_ranks(tmp_path_factory.mktemp(f"overlap_pp{pp}"), pp=pp)
 
 
 @pytest.mark.parametrize("zero", [0, 1])
-def test_pipeline_and_data_parallel_engine_steps_bit_equal_with_overlap(pp_dp_results, zero):
-    for rank, results in enumerate(pp_dp_results):
+def test_engine_steps_bit_equal_with_overlap(engine_results, zero):
+    pp, ranks = engine_results
+    # Under a pipeline one bucket waits for the step: the tied embedding's copy (first
+    # stage) or the output layer's (last stage), whose peer's gradient comes after the
+    # schedule. Every other bucket starts during backward (the schedule's).
+    held = 1 if pp > 1 else 0
+    for rank, results in enumerate(ranks):
         r = results[f"zero={zero}"]
         assert r["grads_equal"], rank
         assert r["params_equal"], rank
-        # Every bucket starts during the schedule's backwards but the held one: the tied
-        # embedding's copy (first stage) or output layer's (last stage), whose peer's
-        # gradient is added after the schedule.
-        assert r["started"] == [0, r["planned"] - 1] and r["planned"] >= 3, (rank, r)
+        assert r["started"] == [0, r["planned"] - held] and r["planned"] >= 3, (rank, r)
