@@ -268,6 +268,18 @@ SPAN_CODES = {"phrase": 1, "entity": 2}
 DocSpans = tuple[str, list[tuple[int, int, int]]]
 
 
+def load_spans(path: str | Path) -> dict[int, DocSpans] | Lexicon:
+    """The knowledge spans of `--spans FILE`: a JSONL file of per-document spans
+    (`read_spans`) when its first non-blank line is a JSON object, else a lexicon
+    (`read_lexicon`) whose entries are found in every document."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"spans file {path} (--spans) does not exist")
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    return read_spans(path) if first.lstrip().startswith("{") else read_lexicon(path)
+
+
 def read_spans(path: str | Path) -> dict[int, DocSpans]:
     """The spans of a JSONL file of {"doc": input index, "spans": [[start_char, end_char,
     "entity" | "phrase"], ...]} records, by document. A bad record raises ValueError naming
@@ -317,6 +329,71 @@ def _span_record(line: str, *, where: str) -> tuple[int, list[tuple[int, int, in
         if c < b:
             raise ValueError(f"{where}: spans [{a}, {b}) and [{c}, {d}) overlap")
     return doc, spans
+
+
+class Lexicon:
+    """Phrases and entities to find in every document: each occurrence becomes a span of its
+    kind. At each place the longest entry wins, and the search goes on after it, so the
+    spans never overlap (leftmost-longest). An entry that begins (ends) with an ASCII letter
+    or digit must not have one just before (after) it, so "art" is not found in "party";
+    other characters need no boundary, as in Chinese, which is written without spaces.
+    Matching is case-sensitive."""
+
+    def __init__(self, entries: dict[str, int], *, source: str):
+        self.entries, self.source = entries, source
+        alternatives = [
+            (r"(?<![A-Za-z0-9])" if _ascii_alnum(text[0]) else "")
+            + re.escape(text)
+            + (r"(?![A-Za-z0-9])" if _ascii_alnum(text[-1]) else "")
+            for text in sorted(entries, key=len, reverse=True)
+        ]
+        self._pattern = re.compile("|".join(alternatives)) if alternatives else None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def find(self, text: str) -> list[tuple[int, int, int]]:
+        """(start char, end char, kind code) of every entry found in `text`, in order."""
+        if self._pattern is None:
+            return []
+        return [(m.start(), m.end(), self.entries[m.group()]) for m in self._pattern.finditer(text)]
+
+    def doc_spans(self, index: int, text: str) -> DocSpans:
+        """`find` as one document's entry of read_spans' table."""
+        return f"{self.source}, document {index}", self.find(text)
+
+
+def _ascii_alnum(char: str) -> bool:
+    return char.isascii() and char.isalnum()
+
+
+def read_lexicon(path: str | Path) -> Lexicon:
+    """A lexicon file: one entry a line, `KIND<TAB>TEXT` with KIND entity or phrase (blank
+    lines and lines starting with # are skipped). A bad line, or a text listed under both
+    kinds, raises ValueError naming the file and line."""
+    path = Path(path)
+    entries: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            where = f"{path}, line {lineno}"
+            kind, sep, text = line.partition("\t")
+            if not sep or kind not in SPAN_CODES or not text.strip() or text != text.strip():
+                raise ValueError(
+                    f"{where}: expected KIND<TAB>TEXT with KIND one of {tuple(SPAN_CODES)} and "
+                    f"TEXT without surrounding spaces, got {line[:80]!r}"
+                )
+            code = SPAN_CODES[kind]
+            if entries.get(text, code) != code:
+                raise ValueError(
+                    f"{where}: {text!r} is listed as another kind on line {first_line[text]}"
+                )
+            entries[text] = code
+            first_line.setdefault(text, lineno)
+    return Lexicon(entries, source=str(path))
 
 
 def cut_at_spans(

@@ -6,8 +6,10 @@ are exact token positions. With workers, chunks are encoded in spawned processes
 worker in flight, and handed back in input order: the result does not depend on the number of
 workers.
 
-With knowledge spans (`documents.read_spans`), a document's sentences are cut further at its
-spans' boundaries (`documents.cut_at_spans`), so spans too are exact token ranges.
+With knowledge spans (`documents.read_spans`, or a lexicon's entries found in each document
+by the worker that encodes it, `documents.read_lexicon`), a document's sentences are cut
+further at its spans' boundaries (`documents.cut_at_spans`), so spans too are exact token
+ranges.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data_pipeline.documents import DocSpans, DocumentReader, cut_at_spans, split_sentences
+from data_pipeline.documents import (
+    DocSpans,
+    DocumentReader,
+    Lexicon,
+    cut_at_spans,
+    split_sentences,
+)
 from data_pipeline.tokenizers import Tokenizer
 
 _CHUNK_DOCS = 512  # documents per encoding task
@@ -48,10 +56,11 @@ def _encode_chunk(
     *,
     first_index: int,
     dtype: np.dtype,
-    spans: dict[int, DocSpans] | None = None,
+    spans: dict[int, DocSpans] | Lexicon | None = None,
 ) -> EncodedChunk:
     """Tokenise documents first_index, first_index + 1, ... sentence by sentence (cut at the
-    boundaries of their `spans`, by input index, where given)."""
+    boundaries of their `spans`, by input index, where given; a lexicon's are found in each
+    document here)."""
     kept, pieces, piece_sentence, per_doc, span_pieces = [], [], [], [], []
     sentences = 0
     for k, text in enumerate(texts):
@@ -59,7 +68,10 @@ def _encode_chunk(
             raise TypeError(f"document {first_index + k} is {type(text).__name__}, not str")
         if text.strip():
             parts = split_sentences(text)
-            entry = spans.get(first_index + k) if spans else None
+            if isinstance(spans, Lexicon):
+                entry = spans.doc_spans(first_index + k, text)
+            else:
+                entry = spans.get(first_index + k) if spans else None
             base = len(pieces)
             if entry:
                 cut, sentence_of, doc_spans = cut_at_spans(text, parts, entry)
@@ -155,8 +167,9 @@ def chunk_documents(documents: Iterable[str]) -> Iterator[DocumentChunk]:
 _WORKER_STATE: dict = {}
 
 
-def _init_worker(tokenizer: Tokenizer, dtype: str) -> None:
+def _init_worker(tokenizer: Tokenizer, dtype: str, lexicon: Lexicon | None = None) -> None:
     _WORKER_STATE["tokenizer"], _WORKER_STATE["dtype"] = tokenizer, np.dtype(dtype)
+    _WORKER_STATE["lexicon"] = lexicon  # sent once per worker, not with every chunk
 
 
 def _encode_in_worker(texts: list[str], first_index: int, spans: dict | None) -> EncodedChunk:
@@ -165,13 +178,13 @@ def _encode_in_worker(texts: list[str], first_index: int, spans: dict | None) ->
         texts,
         first_index=first_index,
         dtype=_WORKER_STATE["dtype"],
-        spans=spans,
+        spans=_WORKER_STATE["lexicon"] or spans,
     )
 
 
-def _chunk_spans(chunk: DocumentChunk, spans: dict[int, DocSpans] | None) -> dict | None:
-    """The spans of the chunk's documents."""
-    if not spans:
+def _chunk_spans(chunk: DocumentChunk, spans: dict[int, DocSpans] | Lexicon | None) -> dict | None:
+    """The spans of the chunk's documents (a lexicon's are found by the worker)."""
+    if not spans or isinstance(spans, Lexicon):
         return None
     indices = range(chunk.first_index, chunk.first_index + len(chunk.texts))
     return {i: spans[i] for i in indices if i in spans}
@@ -183,10 +196,11 @@ def encode_chunks(
     *,
     dtype: np.dtype,
     workers: int,
-    spans: dict[int, DocSpans] | None = None,
+    spans: dict[int, DocSpans] | Lexicon | None = None,
 ) -> Iterator[tuple[DocumentChunk, EncodedChunk]]:
     """Each chunk with its encoding, in input order, encoded by `workers` processes; `spans`:
-    knowledge spans by input document index (documents.read_spans)."""
+    knowledge spans by input document index (documents.read_spans) or a lexicon to find in
+    every document (documents.read_lexicon)."""
     if workers == 1:
         for chunk in chunks:
             enc = _encode_chunk(
@@ -194,7 +208,7 @@ def encode_chunks(
                 chunk.texts,
                 first_index=chunk.first_index,
                 dtype=dtype,
-                spans=_chunk_spans(chunk, spans),
+                spans=spans if isinstance(spans, Lexicon) else _chunk_spans(chunk, spans),
             )
             yield chunk, enc
         return
@@ -205,7 +219,7 @@ def encode_chunks(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(tokenizer, dtype.name),
+        initargs=(tokenizer, dtype.name, spans if isinstance(spans, Lexicon) else None),
     )
     pending: deque = deque()
     try:

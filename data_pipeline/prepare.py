@@ -10,10 +10,11 @@ input), so the split does not depend on how many documents follow it; with val_f
 document is trained on and the manifest lists no "val" split. Tokenisation may run in worker
 processes (encoding.py); the output is byte-identical for every worker count.
 
-With `spans` (a JSONL file of knowledge spans per input document, see documents.read_spans)
-the spans are cut into the token stream as sentences are and written as the span columns
-(schema_version 3); documents it does not list have none. Without it the output is exactly
-what it was before spans existed.
+With `spans` (a JSONL file of knowledge spans per input document, documents.read_spans, or
+a lexicon of phrases and entities found in every document, documents.read_lexicon) the spans
+are cut into the token stream as sentences are and written as the span columns
+(schema_version 3); documents without any have none. Without it the output is exactly what
+it was before spans existed.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from data_pipeline.corpus_format import (
     resolve_token_dtype,
     write_manifest,
 )
-from data_pipeline.documents import SENTENCE_SPLITTER, DocSpans, DocumentReader, read_spans
+from data_pipeline.documents import (
+    SENTENCE_SPLITTER,
+    DocSpans,
+    DocumentReader,
+    Lexicon,
+    load_spans,
+)
 from data_pipeline.encoding import DocumentChunk, EncodedChunk, chunk_documents, encode_chunks
 from data_pipeline.shard_writer import SplitWriter
 from data_pipeline.tokenizers import Tokenizer, build_tokenizer, needs_training
@@ -198,10 +205,11 @@ def prepare_corpus(
     narrowest holding the vocabulary), uint16 or int32. `workers` processes tokenise; the output
     does not depend on their number. `progress`, a stream such as sys.stderr, gets a progress
     line; documents from `read_documents` also report their bad-UTF-8 skips into the manifest.
-    `spans` is a JSONL file of knowledge spans by input document (see the module docstring).
+    `spans` is a JSONL file of knowledge spans by input document, or a lexicon (see the
+    module docstring).
     """
     _check_args(seq_len, val_fraction, rows_per_batch, max_rows_per_shard, dtype, workers)
-    doc_spans = read_spans(spans) if spans is not None else None
+    doc_spans = load_spans(spans) if spans is not None else None
     output_dir = Path(output_dir).expanduser()
     _refuse_existing(output_dir, overwrite=overwrite)
     if needs_training(tokenizer_spec) and iter(documents) is documents:
@@ -350,7 +358,7 @@ def _write_documents(
     val_fraction: float,
     workers: int,
     progress: TextIO | None,
-    spans: dict[int, DocSpans] | None = None,
+    spans: dict[int, DocSpans] | Lexicon | None = None,
 ) -> dict:
     """Encode, split and hand every document to its split's writer; return skip counts."""
     reader = documents if isinstance(documents, DocumentReader) else None
@@ -369,9 +377,10 @@ def _write_documents(
         numbered = _numbered_documents(encoded, counts, printer)
         for split, document in _assign_splits(numbered, seed=seed, val_fraction=val_fraction):
             writers[split].add(*document)
-    beyond = sorted(doc for doc in (spans or {}) if doc >= counts["documents"])
+    listed = spans if isinstance(spans, dict) else {}
+    beyond = sorted(doc for doc in listed if doc >= counts["documents"])
     if beyond:
-        where = spans[beyond[0]][0]
+        where = listed[beyond[0]][0]
         raise ValueError(
             f"{where}: doc={beyond[0]} but the input has {counts['documents']} documents"
         )

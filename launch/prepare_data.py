@@ -95,8 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--spans",
         default=None,
-        help='JSONL of knowledge spans per input document: {"doc": index, "spans": '
-        '[[start_char, end_char, "entity"|"phrase"], ...]} (ERNIE knowledge masking)',
+        help="knowledge spans for ERNIE knowledge masking: a JSONL of spans per input document, "
+        '{"doc": index, "spans": [[start_char, end_char, "entity"|"phrase"], ...]}, or a '
+        "lexicon, one KIND<TAB>TEXT line per entry (KIND entity or phrase), found in every "
+        "document (longest first, never overlapping)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     return parser.parse_args(argv)

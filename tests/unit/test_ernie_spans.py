@@ -201,3 +201,88 @@ def test_spans_do_not_depend_on_the_worker_count(corpora, tmp_path):
     )
     sums = [[s["sha256"] for s in m["splits"]["train"]["shards"]] for m in (manifest, two)]
     assert sums[0] == sums[1]
+
+
+# -- the lexicon form of --spans -------------------------------------------------------------
+
+
+def write_lexicon(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_lexicon_finds_the_longest_entry_at_each_place_on_word_boundaries(tmp_path):
+    from data_pipeline.documents import SPAN_CODES, read_lexicon
+
+    lex = read_lexicon(
+        write_lexicon(
+            tmp_path / "lexicon.tsv",
+            [
+                "# comment",
+                "entity\tNew York",
+                "entity\tNew York City",
+                "phrase\tart",
+                "",
+                "entity\t北京大学",
+                "phrase\t大学",
+            ],
+        )
+    )
+    e, p = SPAN_CODES["entity"], SPAN_CODES["phrase"]
+    text = "A party in New York City, art in New York. 我在北京大学学习，大学很大"
+    found = [(text[a:b], kind) for a, b, kind in lex.find(text)]
+    # "art" inside "party" is not a word; the longer entry wins where both start; Chinese
+    # needs no boundary, and "大学" inside "北京大学" is taken by the longer entry.
+    assert found == [
+        ("New York City", e),
+        ("art", p),
+        ("New York", e),
+        ("北京大学", e),
+        ("大学", p),
+    ]
+    assert lex.find("nothing here") == [] and len(lex) == 5
+
+
+def test_lexicon_spans_equal_the_same_spans_listed_per_document(tmp_path):
+    docs = make_docs(30)
+    units = [*((e, "entity") for e in ENTITIES), *((p, "phrase") for p in PHRASES)]
+    listed = [
+        {"doc": i, "spans": [[text.find(x), text.find(x) + len(x), kind] for x, kind in units]}
+        for i, text in enumerate(docs)
+    ]
+    lexicon = write_lexicon(
+        tmp_path / "lexicon.tsv",
+        [f"entity\t{e}" for e in ENTITIES] + [f"phrase\t{p}" for p in PHRASES],
+    )
+    common = dict(
+        tokenizer_spec="byte", seq_len=63, val_fraction=0.0, rows_per_batch=4, max_rows_per_shard=8
+    )
+    by_doc = prepare_corpus(
+        docs, tmp_path / "listed", spans=write_spans(tmp_path / "s.jsonl", listed), **common
+    )
+    by_lexicon = prepare_corpus(docs, tmp_path / "lexicon", spans=lexicon, **common)
+    two_workers = prepare_corpus(docs, tmp_path / "two", spans=lexicon, workers=2, **common)
+    sums = [
+        [s["sha256"] for s in m["splits"]["train"]["shards"]]
+        for m in (by_doc, by_lexicon, two_workers)
+    ]
+    assert sums[0] == sums[1] == sums[2]
+    assert by_lexicon["spans"] == {"source": str(lexicon), "spans": 30 * 4}
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("person\tBarack Obama", "KIND one of"),
+        ("entity Barack Obama", "KIND<TAB>TEXT"),
+        ("entity\t Barack Obama", "without surrounding spaces"),
+        ("phrase\tBarack Obama", "listed as another kind on line 1"),
+    ],
+)
+def test_bad_lexicon_line_is_one_line_naming_file_and_line(cli, capsys, tmp_path, line, problem):  # noqa: F811
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(6))
+    lexicon = write_lexicon(tmp_path / "lexicon.tsv", ["entity\tBarack Obama", line])
+    code, _, err = run_cli(cli, capsys, [docs], tmp_path / "out", "--spans", str(lexicon))
+    assert code != 0 and not (tmp_path / "out").exists()
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{lexicon}, line 2" in err and problem in err, err
