@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -62,6 +63,9 @@ log = get_logger("loom")
 
 # Read once at import: the entry point below sets HYDRA_FULL_ERROR for its own use.
 DEBUG = debug_requested()
+# How long a rank that leaves an error to rank 0 waits before it exits (it is normally
+# stopped sooner, when rank 0 has exited).
+SILENT_RANK_WAIT_S = 5.0
 LABELS = (
     (ConfigError, "config error"),
     (DataError, "data error"),
@@ -89,6 +93,10 @@ def exit_user_error(
             setup_logging()
             log.error("%s: %s", label, line)
         record_failure(f"{label}: {line}", retry=False)
+    else:
+        # Rank 0 reports it for every rank; a rank that left first would have the launcher
+        # (torchrun ends every worker once one fails) stop rank 0 before it has printed it.
+        time.sleep(SILENT_RANK_WAIT_S)
     sys.exit(USER_ERROR_EXIT)
 
 
