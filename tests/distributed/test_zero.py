@@ -36,13 +36,22 @@ def test_lamb_under_zero_matches_single_process(train_cli, one_process, tmp_path
     assert_same_weights(one, two)
 
 
-@pytest.mark.parametrize("model", ["roberta_debug", "structbert_debug", "spanbert_debug"])
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [
+        ("roberta_debug", []),
+        ("structbert_debug", []),
+        ("spanbert_debug", []),
+        ("ernie_debug", ["data.mlm.unit=knowledge"]),
+    ],
+)
 def test_recipe_under_zero3_on_two_ranks_matches_single_process(
-    train_cli, one_process, tmp_path, model
+    train_cli, one_process, tmp_path, model, extra
 ):
-    """A family recipe with its own objective and heads (RoBERTa: mlm, no pair head) sharded
-    by ZeRO-3 over DP=2: losses within 1e-5 of one process, and the same final weights."""
-    common = [f"+model={model}", *TINY, "trainer.max_steps=6"]
+    """A family recipe with its own objective and heads (RoBERTa: mlm, no pair head; ERNIE:
+    knowledge masking in stages) sharded by ZeRO-3 over DP=2: losses within 1e-5 of one
+    process, and the same final weights."""
+    common = [f"+model={model}", *TINY, "trainer.max_steps=6", *extra]
     one, two = one_process(*common), tmp_path / "two"
     train_cli(*common, "parallel.zero=3", f"trainer.out_dir={two}", nproc=2)
     assert_same_losses(one, two)
