@@ -36,12 +36,19 @@ TINY = [
         # SpanBERT's span boundary head runs replicated, before the vocabulary-sharded decoder.
         ("spanbert_debug", ["parallel.tp=2"], 2),
         ("gpt_debug", ["parallel.tp=2", "parallel.zero=3"], 4),
+        # tp 2 x dp 2: StructBERT's 3-way pair head, ERNIE's knowledge masking and UniLM's
+        # per-sample attention masks and six token types, each row's masks drawn alike on
+        # whichever replica reads it.
+        ("structbert_debug", ["parallel.tp=2"], 4),
+        ("ernie_debug data.mlm.unit=knowledge", ["parallel.tp=2"], 4),
+        ("unilm_debug", ["parallel.tp=2"], 4),
     ],
 )
 def test_tensor_parallel_training_matches_one_process(
     train_cli, one_process, tmp_path, model, extra, nproc
 ):
-    common = [f"+model={model}", *TINY, "trainer.max_steps=6"]
+    name, *objective = model.split()
+    common = [f"+model={name}", *objective, *TINY, "trainer.max_steps=6"]
     one = one_process(*common)
     train_cli(*common, *extra, f"trainer.out_dir={tmp_path / 'tp'}", nproc=nproc)
     assert_same_losses(one, tmp_path / "tp")
