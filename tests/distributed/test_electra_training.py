@@ -1,5 +1,6 @@
 """ELECTRA (electra_debug: generator, samples, discriminator) through launch/train.py under
-DP=2 (DDP), ZeRO-3 (FSDP2) and TP=2 trains as one process does: train and validation losses
+DP=2 (DDP), ZeRO-3 (FSDP2 and DeepSpeed) and TP=2 with sequence parallelism trains as
+one process does: train and validation losses
 within 1e-5 at every step and the same final weights. The generator samples with the
 objective's per-position noise (a function of seed and sample id), so its samples, and the
 discriminator's input, do not depend on the layout."""
@@ -28,8 +29,13 @@ TINY = [
 
 @pytest.mark.parametrize(
     "layout",
-    [["parallel.zero=0"], ["parallel.zero=3"], ["parallel.tp=2"]],
-    ids=["ddp", "zero3", "tp2"],
+    [
+        ["parallel.zero=0"],
+        ["parallel.zero=3"],
+        ["parallel.engine=deepspeed", "parallel.zero=3"],
+        ["parallel.tp=2", "parallel.sp=true"],
+    ],
+    ids=["ddp", "zero3", "deepspeed-zero3", "tp2-sp"],
 )
 def test_electra_on_two_ranks_matches_one_process(train_cli, one_process, tmp_path, layout):
     one, out = one_process(*TINY), tmp_path / "two"
