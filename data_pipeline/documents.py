@@ -358,9 +358,11 @@ class Lexicon:
             return []
         return [(m.start(), m.end(), self.entries[m.group()]) for m in self._pattern.finditer(text)]
 
-    def doc_spans(self, index: int, text: str) -> DocSpans:
-        """`find` as one document's entry of read_spans' table."""
-        return f"{self.source}, document {index}", self.find(text)
+    def doc_spans(self, index: int, text: str) -> DocSpans | None:
+        """`find` as one document's entry of read_spans' table; None where nothing is found
+        (a document without spans, as one that read_spans does not list)."""
+        found = self.find(text)
+        return (f"{self.source}, document {index}", found) if found else None
 
 
 def _ascii_alnum(char: str) -> bool:
