@@ -28,6 +28,8 @@ OBJECTIVES = (
     "glm_blank",
     "unilm",
     "electra",
+    "denoising",
+    "mass",
 )
 MLM_UNITS = ("token", "word", "span", "ngram", "phrase", "knowledge")
 # ERNIE 1.0's masking levels, in the order of data.mlm.knowledge_stages.
@@ -35,11 +37,13 @@ KNOWLEDGE_STAGES = ("token", "phrase", "entity")
 UNILM_TASKS = ("bidirectional", "seq2seq", "left_to_right", "right_to_left")
 # Objectives whose inputs keep the documents of a packed row apart (data.document_attention):
 # the others cut segments at document boundaries already (the pair tasks, which need attention
-# between their two segments) or rearrange the row (span corruption, blank infilling).
+# between their two segments) or rearrange the row (span corruption, blank infilling, BART's
+# denoising, MASS).
 DOCUMENT_ATTENTION_OBJECTIVES = ("clm", "mlm")
 # Shortest seq_len that holds one sample: mlm needs [CLS] x [SEP], the pair tasks
 # [CLS] a [SEP] b [SEP], span corruption a kept token, a sentinel and <eos>, blank infilling
-# a token and a span of two around its mask.
+# a token and a span of two around its mask; denoising and mass a noised token beside one left
+# as it is (BART's source, MASS's encoder context for the fragment).
 MIN_SEQ_LEN = {
     "clm": 1,
     "mlm": 3,
@@ -51,7 +55,11 @@ MIN_SEQ_LEN = {
     "glm_blank": 4,
     "unilm": 5,
     "electra": 3,
+    "denoising": 2,
+    "mass": 2,
 }
+# BART's noising functions (data.denoising): at least one must be on.
+DENOISING_FUNCTIONS = ("infill_ratio", "mask_ratio", "delete_ratio", "permute_sentences", "rotate")
 # Shares that add up to 1 on paper may exceed it by a rounding error in floating point.
 _SHARE_SLACK = 1e-9
 
@@ -254,6 +262,100 @@ class GlmConfig:
 
 
 @dataclass(kw_only=True)
+class DenoisingConfig:
+    """BART's noising functions (Lewis et al. 2020, section 2.2). The defaults are BART-large's
+    mix: text infilling of 30% of the tokens and permutation of every sample's sentences."""
+
+    infill_ratio: float = 0.3
+    """Text infilling: share of the window's tokens removed in spans, each span leaving one
+    [MASK]."""
+    poisson_lambda: float = 3.0
+    """Text infilling: span lengths ~ Poisson(lambda); a zero-length span inserts a [MASK]."""
+    mask_ratio: float = 0.0
+    """Token masking: share of the window's tokens replaced one for one by [MASK]."""
+    delete_ratio: float = 0.0
+    """Token deletion: share of the window's tokens removed without a trace."""
+    random_ratio: float = 0.0
+    """Share of the [MASK] tokens that infilling and masking emit which become a uniformly
+    drawn non-special token instead (fairseq's --mask-random)."""
+    permute_sentences: float = 1.0
+    """Share of samples whose sentences are shuffled within each document."""
+    rotate: float = 0.0
+    """Share of samples whose source is rotated to begin at a random token (document
+    rotation)."""
+
+    def validate(self) -> None:
+        """ConfigError naming the data.denoising field of any impossible value."""
+        for key in ("infill_ratio", "mask_ratio", "delete_ratio", "random_ratio"):
+            _in_interval(f"data.denoising.{key}", getattr(self, key), closed_low=True)
+        removed = self.infill_ratio + self.mask_ratio + self.delete_ratio
+        if not removed < 1.0:
+            raise ConfigError(
+                f"data.denoising.infill_ratio={self.infill_ratio} + mask_ratio={self.mask_ratio} "
+                f"+ delete_ratio={self.delete_ratio} = {removed} must be < 1"
+            )
+        lam = _real("data.denoising.poisson_lambda", self.poisson_lambda)
+        if not (lam > 0 and math.isfinite(lam)):
+            raise ConfigError(
+                f"data.denoising.poisson_lambda={self.poisson_lambda!r} must be a finite number > 0"
+            )
+        for key in ("permute_sentences", "rotate"):
+            _in_interval(
+                f"data.denoising.{key}", getattr(self, key), closed_low=True, closed_high=True
+            )
+        if not any(getattr(self, key) for key in DENOISING_FUNCTIONS):
+            names = ", ".join(DENOISING_FUNCTIONS)
+            raise ConfigError(
+                f"data.denoising turns every noising function off ({names} all 0), so the "
+                "source would equal the target; turn at least one on"
+            )
+
+    def counts(self, window: int) -> tuple[int, int, int]:
+        """(infilled, masked, deleted) tokens of a window of `window` tokens: each ratio times
+        the window, rounded half to even. The three sets are disjoint and must leave at least
+        one token of the window alone, else ConfigError (only a very short window fails)."""
+        self.validate()
+        infill, mask, delete = (
+            round(window * ratio)
+            for ratio in (self.infill_ratio, self.mask_ratio, self.delete_ratio)
+        )
+        if infill + mask + delete >= window:
+            raise ConfigError(
+                f"data.seq_len={window} is too short for data.denoising: infilling, masking and "
+                f"deletion take {infill} + {mask} + {delete} of its {window} tokens and must leave "
+                "one; raise data.seq_len or lower the ratios"
+            )
+        return infill, mask, delete
+
+
+@dataclass(kw_only=True)
+class MassConfig:
+    """MASS, masked sequence-to-sequence pretraining (Song et al. 2019): the encoder sees the
+    window with one fragment masked, the decoder predicts that fragment."""
+
+    fragment_ratio: float = 0.5
+    """Length of the masked fragment as a share of the window, at least one token (the
+    paper's 50%)."""
+    replace_with_mask: float = 0.8
+    """Of the fragment's encoder tokens: share replaced by [MASK] ..."""
+    replace_with_random: float = 0.1
+    """... and share replaced by a random non-special token; the rest keep their token
+    (the paper's 80/10/10, section 4.1)."""
+
+    def validate(self) -> None:
+        """ConfigError naming the data.mass field of any impossible value."""
+        _in_interval("data.mass.fragment_ratio", self.fragment_ratio)
+        for key in ("replace_with_mask", "replace_with_random"):
+            _in_interval(f"data.mass.{key}", getattr(self, key), closed_low=True, closed_high=True)
+        if self.replace_with_mask + self.replace_with_random > 1.0 + _SHARE_SLACK:
+            raise ConfigError(
+                f"data.mass.replace_with_mask={self.replace_with_mask} + replace_with_random="
+                f"{self.replace_with_random} = {self.replace_with_mask + self.replace_with_random} "
+                "exceeds 1"
+            )
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Where training samples come from and how they are turned into batches."""
 
@@ -275,7 +377,7 @@ class DataConfig:
     objective: str | None = None
     """Pretraining objective applied to each batch; None takes model.objective. One of
     clm | mlm | mlm_nsp | mlm_sop | mlm_sbo | mlm_struct | span_corruption | glm_blank |
-    unilm | electra."""
+    unilm | electra | denoising | mass."""
     document_attention: bool = False
     """Stop attention and position ids from crossing document boundaries in packed rows."""
     num_workers: int = 0
@@ -284,6 +386,8 @@ class DataConfig:
     span_corruption: SpanCorruptionConfig = field(default_factory=SpanCorruptionConfig)
     glm: GlmConfig = field(default_factory=GlmConfig)
     unilm: UnilmConfig = field(default_factory=UnilmConfig)
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+    mass: MassConfig = field(default_factory=MassConfig)
 
     def validate(self) -> None:
         """ConfigError naming the field and value of anything that cannot run."""
@@ -300,6 +404,8 @@ class DataConfig:
         self.span_corruption.validate()
         self.glm.validate()
         self.unilm.validate()
+        self.denoising.validate()
+        self.mass.validate()
 
     def check_objective(self, name: str, *, seq_len: int | None = None) -> None:
         """The constraints between these fields and objective `name` (data.objective, or
@@ -314,6 +420,8 @@ class DataConfig:
             )
         if seq_len is not None:
             check_seq_len(name, seq_len)
+            if name == "denoising":
+                self.denoising.counts(seq_len)
 
     def _validate_corpus(self) -> None:
         """data.path, data.sources, data.tokenizer and data.cache_dir."""

@@ -47,12 +47,31 @@ _REGISTRY = {
     "glm_blank": "data_pipeline.objectives.glm:BlankInfilling",
     "unilm": "data_pipeline.objectives.unilm:UnifiedLM",
     "electra": "data_pipeline.objectives.electra:ReplacedTokenDetection",
+    "denoising": "data_pipeline.objectives.denoising:Denoising",
+    "mass": "data_pipeline.objectives.mass:MaskedSeq2Seq",
 }
 
 
 def sample_rng(seed: int, sample_id: int, *, salt: int = 0) -> np.random.Generator:
     """The random stream of one sample: depends on nothing but its arguments."""
     return np.random.Generator(np.random.PCG64([seed, int(sample_id), salt]))
+
+
+def special_id(tokenizer, token: str) -> int:
+    """The id of special token `token`; ValueError naming it when the tokenizer lacks it."""
+    try:
+        return int(tokenizer.special_tokens[token])
+    except KeyError:
+        raise ValueError(f"the tokenizer lacks the special token {token}") from None
+
+
+def random_token_ids(tokenizer) -> np.ndarray:
+    """int64: the ids a random replacement draws from, uniformly: every id of the vocabulary
+    that is not a special token (as mlm's random replacements)."""
+    v = tokenizer.vocab_size
+    is_special = np.zeros(v, dtype=bool)
+    is_special[[i for i in tokenizer.special_tokens.values() if i < v]] = True
+    return np.flatnonzero(~is_special).astype(np.int64)
 
 
 def _factory(name: str):
@@ -101,8 +120,10 @@ __all__ = [
     "IGNORE_INDEX",
     "Objective",
     "build_objective",
+    "random_token_ids",
     "row_length",
     "sample_rng",
+    "special_id",
     "split_batch",
     "target_length",
 ]

@@ -72,7 +72,7 @@ import torch
 from common.log import warn_once
 from data_pipeline.config import KNOWLEDGE_STAGES, DataConfig
 from data_pipeline.documents import SPAN_CODES
-from data_pipeline.objectives import IGNORE_INDEX, sample_rng
+from data_pipeline.objectives import IGNORE_INDEX, random_token_ids, sample_rng
 from data_pipeline.objectives.clm import document_mask, document_positions
 
 __all__ = [
@@ -312,7 +312,7 @@ class MaskedLM:
         v = tokenizer.vocab_size
         self.is_special = np.zeros(v, dtype=bool)
         self.is_special[[i for i in special.values() if i < v]] = True
-        self.random_ids = np.flatnonzero(~self.is_special)
+        self.random_ids = random_token_ids(tokenizer)
         by_word = self.mlm.unit in _WORD_UNITS
         self.tables = word_start_table(tokenizer) if by_word else None
 
