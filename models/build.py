@@ -19,6 +19,7 @@ _BUILDERS: dict[str, str] = {
     "t5": "models.t5:T5",
     "glm": "models.glm:GLM",
     "electra": "models.electra:Electra",
+    "bart": "models.bart:Bart",
 }
 
 

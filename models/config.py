@@ -9,7 +9,10 @@ from fractions import Fraction
 
 from common.errors import ConfigError
 
-FAMILIES = ("gpt", "bert", "t5", "glm", "electra")
+FAMILIES = ("gpt", "bert", "t5", "glm", "electra", "bart")
+# Objectives that train an encoder-decoder (families t5 and bart), and only such a model.
+SEQ2SEQ_OBJECTIVES = ("span_corruption", "denoising", "mass")
+SEQ2SEQ_FAMILIES = ("t5", "bart")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "gated_gelu")
 POSITIONS = ("learned", "rotary", "relative", "relative_sinusoidal", "none")
@@ -187,6 +190,20 @@ FAMILY_FIELDS: dict[str, dict[str, tuple[tuple[object, ...], str]]] = {
         "d_kv": ((None,), "ELECTRA's heads are d_model / n_head wide, the generator's too"),
         "position": (("learned",), "ELECTRA learns absolute positions"),
     },
+    "bart": {
+        "norm": (("layernorm",), "BART's blocks use LayerNorm"),
+        "position": (("learned",), "BART learns absolute positions, one table per stack"),
+        "pre_ln": ((False,), "BART's blocks are post-LN"),
+        "type_vocab_size": ((0,), "token-type embeddings are BERT's"),
+        "embedding_size": ((None,), "factorised embeddings are ALBERT's"),
+        "share_layers": ((False,), "cross-layer sharing is ALBERT's"),
+        "scale_logits": ((False,), "logit scaling is T5's"),
+        "pair_head": ((None,), "the sentence-pair head is BERT's"),
+        "activation": (
+            ("gelu", "gelu_tanh", "relu"),
+            "BART's MLP is ungated (gated_gelu is T5 v1.1's)",
+        ),
+    },
 }
 
 
@@ -197,7 +214,8 @@ class ModelConfig:
     name: str = "gpt_debug"
     """Label used in the run directory and logs."""
     family: str = "gpt"
-    """Architecture family: gpt | bert | t5 | glm | electra (one shared block library)."""
+    """Architecture family: gpt | bert | t5 | glm | electra | bart (one shared block
+    library)."""
     objective: str = "clm"
     """Default pretraining objective of this model (data.objective overrides it)."""
     vocab_size: int | None = None
@@ -247,7 +265,7 @@ class ModelConfig:
     share_layers: bool = False
     """ALBERT cross-layer sharing: one set of block weights applied n_layer times."""
     n_decoder_layer: int | None = None
-    """Encoder-decoder models (T5): decoder depth; None = n_layer."""
+    """Encoder-decoder models (T5, BART): decoder depth; None = n_layer."""
     d_kv: int | None = None
     """Size of one attention head; None = d_model // n_head (T5 sets it explicitly)."""
     relative_buckets: int = 32
@@ -407,6 +425,12 @@ class ModelConfig:
                 "generator and a discriminator) trains with objective electra, and electra "
                 "needs it"
             )
+        if (objective in SEQ2SEQ_OBJECTIVES) != (self.family in SEQ2SEQ_FAMILIES):
+            raise ConfigError(
+                f"objective {objective} with model.family={self.family}: the encoder-decoder "
+                f"families {SEQ2SEQ_FAMILIES} train with the objectives {SEQ2SEQ_OBJECTIVES}, "
+                "and those need an encoder-decoder"
+            )
         if (objective == "mlm_sbo") != (self.sbo_max_targets > 0):
             raise ConfigError(
                 f"objective {objective} with model.sbo_max_targets={self.sbo_max_targets}: "
@@ -478,6 +502,11 @@ class ModelConfig:
                     f"model.{key}={value!r} is not supported by family={self.family} ({why}); "
                     f"{wanted}"
                 )
+        if self.family == "bart" and self.moe.enabled:
+            raise ConfigError(
+                f"model.moe.num_experts={self.moe.num_experts} is not supported by "
+                "family=bart (its blocks are dense); set it to 0"
+            )
         if self.family == "glm" and self.n_head * self.head_dim != self.d_model:
             raise ConfigError(
                 f"model.d_kv={self.d_kv} is not supported by family=glm: its attention is "

@@ -34,7 +34,8 @@ of the score term at seq_len 512 and k = 64 (8 x 129 against 12 x 512), 1.4% of
 NEZHA-base's total. Their gather and scatter-add move memory and are left out like the
 softmax. GLM counts as a GPT of its shape (both position tables are lookups); BERT, ELECTRA
 (two networks, `electra_flops`) and T5 have their own counts below, each in the same
-convention. Every family's arithmetic lives in this module.
+convention; BART counts as a T5 of its shape (the same matmuls). Every family's arithmetic
+lives in this module.
 
 Mixture-of-experts layers count their active parameters: a token meets top_k experts and
 the router (d_model x E), so FLOPs, and MFU from them, grow with top_k, not with E.
@@ -274,9 +275,11 @@ def flops_per_token(
     """
     if cfg.family == "electra":
         return electra_flops(cfg, vocab_size=vocab_size, seq_len=seq_len, mask_prob=mask_prob)
-    if cfg.family == "t5":
+    if cfg.family in ("t5", "bart"):  # the same matmuls; biases and norms are not counted
         if target_len is None:
-            raise ValueError("model.family='t5' counts FLOPs per sample: give its target_len")
+            raise ValueError(
+                f"model.family={cfg.family!r} counts FLOPs per sample: give its target_len"
+            )
         return t5_flops(cfg, vocab_size=vocab_size, seq_len=seq_len, target_len=target_len)
     count = FAMILY_FLOPS.get(cfg.family)
     if count is None:

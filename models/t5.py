@@ -47,6 +47,8 @@ __all__ = [
     "T5Block",
     "T5MLP",
     "T5Stack",
+    "compute_dtype",
+    "masked_bias",
     "relative_position_bucket",
 ]
 
@@ -250,14 +252,16 @@ class T5Block(nn.Module):
         return x_BTD + self.drop(self.mlp(self.ln_mlp(x_BTD)))
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype attention scores will have: autocast's when it is on, else the input's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
-def _masked(bias: torch.Tensor, allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def masked_bias(
+    bias: torch.Tensor, allowed: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
     """`bias` in `dtype` with the most negative finite value where `allowed` is False.
 
     A finite fill (not -inf) keeps a row with no allowed key from turning into NaN, and
@@ -314,16 +318,16 @@ class T5Stack(nn.Module):
 
         `key_mask_BT` / `memory_mask_BS`: bool, True = real token; padded keys get no weight.
         """
-        t, device, dtype = x_BTD.shape[1], x_BTD.device, _compute_dtype(x_BTD)
+        t, device, dtype = x_BTD.shape[1], x_BTD.device, compute_dtype(x_BTD)
         allowed_B1TT = None if key_mask_BT is None else key_mask_BT[:, None, None, :]
         if self.is_decoder:
             causal_TT = torch.ones(t, t, dtype=torch.bool, device=device).tril()
             allowed_B1TT = causal_TT if allowed_B1TT is None else allowed_B1TT & causal_TT
-        self_bias = _masked(self.relative_bias(t, t, device=device), allowed_B1TT, dtype)
+        self_bias = masked_bias(self.relative_bias(t, t, device=device), allowed_B1TT, dtype)
         cross_bias = None
         if self.is_decoder and memory_mask_BS is not None:
             zeros_B11S = torch.zeros(memory_mask_BS.shape, device=device)[:, None, None, :]
-            cross_bias = _masked(zeros_B11S, memory_mask_BS[:, None, None, :], dtype)
+            cross_bias = masked_bias(zeros_B11S, memory_mask_BS[:, None, None, :], dtype)
         for block in self.blocks.values():
             x_BTD = block(
                 x_BTD, self_bias_BHTT=self_bias, memory_BSD=memory_BSD, cross_bias_BHTS=cross_bias

@@ -68,6 +68,7 @@ __all__ = [
     "TP_PLANS",
     "ReplicateParallel",
     "apply_tensor_parallel",
+    "bart_plan",
     "bert_plan",
     "electra_plan",
     "glm_plan",
@@ -349,12 +350,47 @@ def t5_plan(cfg: ModelConfig, sp: bool) -> Plan:
     return plan
 
 
+def bart_plan(cfg: ModelConfig, sp: bool) -> Plan:
+    """models.bart.Bart: T5's attention plan with a GPT-style MLP in post-LN blocks. Each
+    stack's position table and embedding norm run whole (the stack sizes its masks from the
+    whole sequence) and its first block slices; under sp the encoder's last block gathers
+    the memory that every decoder layer reads whole."""
+    plan: Plan = {"shared": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    mlp = {
+        "mlp": _gather_input(sp),
+        "mlp.fc_in": ColwiseParallel(),
+        "mlp.fc_out": RowwiseParallel(output_layouts=_residual(sp)),
+    }
+    stacks = (
+        ("encoder", cfg.n_layer, False),
+        ("decoder", cfg.n_decoder_layer or cfg.n_layer, True),
+    )
+    for stack, n_layer, cross in stacks:
+        plan |= {f"{stack}.wpe": ReplicateParallel(), f"{stack}.emb_ln": ReplicateParallel()}
+        block = {"ln_attn": _norm(sp), **_t5_attention("attn", sp, cross=False)}
+        if cross:
+            block |= {"ln_cross": _norm(sp), **_t5_attention("cross_attn", sp, cross=True)}
+        block |= mlp | {"ln_mlp": _norm(sp)}
+        plan |= _prefixed(f"{stack}.blocks.*.", block)
+        if sp:
+            gather = not cross  # the encoder's output is read whole; the decoder's stays sliced
+            if n_layer == 1 and gather:
+                plan[f"{stack}.blocks.0"] = _slice_and_gather()
+            else:
+                plan[f"{stack}.blocks.0"] = _slice_sequence()
+                if gather:
+                    plan[f"{stack}.blocks.{n_layer - 1}"] = _gather_sequence()
+    plan["lm_head"] = _logits(sp)
+    return plan
+
+
 TP_PLANS: dict[str, Callable[[ModelConfig, bool], Plan]] = {
     "gpt": gpt_plan,
     "bert": bert_plan,
     "t5": t5_plan,
     "glm": glm_plan,
     "electra": electra_plan,
+    "bart": bart_plan,
 }
 
 

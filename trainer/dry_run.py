@@ -25,6 +25,7 @@ import torch
 
 from common.log import log_rank0
 from models import build_model, param_counts
+from models.config import SEQ2SEQ_FAMILIES
 from parallel.comm import CommTally, summary_lines
 from parallel.comm_model import expected_comm
 from trainer.comm_report import job_comm_layout
@@ -73,7 +74,8 @@ def memory_estimate(
     weights, grads, moments = state(4, 3), state(4, 2), state(8, 1)
     s, b = job.data.seq_len or m.max_seq_len, t.micro_batch_size
     act_bytes = 1 if job.precision.dtype == "fp32" else 0.5  # eq. 2 counts 16-bit values
-    layers = (m.n_layer + (m.n_decoder_layer or m.n_layer if m.family == "t5" else 0)) / p.pp
+    decoder = (m.n_decoder_layer or m.n_layer) if m.family in SEQ2SEQ_FAMILIES else 0
+    layers = (m.n_layer + decoder) / p.pp
     in_flight = min(p.pp, max(1, t.global_batch_size // (t.micro_batch_size * dp)))
     # (width, heads) of each stack of `layers` blocks: ELECTRA's generator is a second one.
     stacks = [(m.d_model, m.n_head)]

@@ -30,6 +30,8 @@ SHORT = [
         "ernie_debug",
         "t5_debug",
         "t5_v1_1_debug",
+        "bart_debug",
+        "mass_debug",
         "glm_debug",
         "gpt_rotary_debug",
     ],
