@@ -18,7 +18,8 @@ a BERT without the sentence-pair head (model.pair_head=false, the roberta_* reci
 RobertaForMaskedLM; --to-loom reads both back (models/hf/switch.py and models/hf/roberta.py
 say what converts). An ELECTRA run exports its discriminator as an ElectraForPreTraining
 (the folder's README.md says the generator was left out; models/hf/electra.py converts it),
-which --to-loom cannot read back alone.
+which --to-loom cannot read back alone. A BART run becomes a BartForConditionalGeneration
+(models/hf/bart.py: its position tables' two leading rows, the zero final_logits_bias).
 
 The run's tokenizer is written too, so `transformers.pipeline(...)` and
 `AutoTokenizer.from_pretrained(DIR)` work offline. It is found from the run config's `data`
@@ -28,11 +29,11 @@ for data.tokenizer, data.seq_len and the objective (the byte tokenizer needs no 
 --tokenizer names it instead (a prepared corpus, a tokenizer.json, a SentencePiece .model or
 `byte`). Every kind becomes a `tokenizer.json` with the family's special tokens (GPT:
 eos/pad/unk; BERT: [CLS] A [SEP] (B [SEP]) and [MASK]; RoBERTa: [CLS] A (<eos> B) [SEP] and
-[MASK]; T5: text <eos>), and the HF config takes the tokenizer's eos/pad (RoBERTa's bos/eos,
-and T5's decoder-start) ids. The written tokenizer is reloaded and
-must encode a set of probe texts to Loom's ids and decode them back as Loom does; a tokenizer
-that cannot be found or represented is left out, and the reason is printed and written to
-the folder's README.md, which always says where the export came from.
+[MASK]; T5: text <eos>; BART: text <eos> and [MASK]), and the HF config takes the tokenizer's
+eos/pad (RoBERTa's bos/eos, and T5's and BART's decoder-start) ids. The written tokenizer is
+reloaded and must encode a set of probe texts to Loom's ids and decode them back as Loom does;
+a tokenizer that cannot be found or represented is left out, and the reason is printed and
+written to the folder's README.md, which always says where the export came from.
 
 Vocabulary rows: the HF model has `model.vocab_size` rows when the config sets it, else every
 row of the checkpoint (including the rows added by make_vocab_size_divisible_by, which are

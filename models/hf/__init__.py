@@ -1,7 +1,7 @@
 """Conversion between Loom checkpoints and Hugging Face `transformers` models, by family.
 
 Each conversion module (`models.hf.gpt2`, `models.hf.bert`, `models.hf.roberta`,
-`models.hf.t5`, `models.hf.switch`, `models.hf.electra`) defines
+`models.hf.t5`, `models.hf.switch`, `models.hf.electra`, `models.hf.bart`) defines
 `hf_config(cfg, *, vocab_size, token_ids=None)`, `to_hf(state_dict, cfg)`,
 `from_hf(state_dict, cfg)` and `TOKENS` (its tokenizer conventions, a
 `models.hf.common.TokenConventions`), and may define `build_hf_model(cfg, *, vocab_size,
@@ -59,8 +59,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "t5": ("models.hf.t5", "T5ForConditionalGeneration"),
     "switch": ("models.hf.switch", "SwitchTransformersForConditionalGeneration"),
     "electra": ("models.hf.electra", "ElectraForPreTraining"),
+    "bart": ("models.hf.bart", "BartForConditionalGeneration"),
 }
-_FAMILIES = ("bert", "gpt", "t5", "electra")
+_FAMILIES = ("bert", "gpt", "t5", "electra", "bart")
 _NO_COUNTERPART = {
     "glm": "GLM (Du et al. 2022) has no Hugging Face transformers implementation to convert to",
 }
@@ -72,6 +73,7 @@ _MODEL_TYPES = {
     "t5": ("t5", "t5"),
     "switch_transformers": ("t5", "switch"),
     "electra": ("electra", "electra"),
+    "bart": ("bart", "bart"),
 }
 
 
