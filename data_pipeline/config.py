@@ -30,6 +30,7 @@ OBJECTIVES = (
     "electra",
     "denoising",
     "mass",
+    "plm",
 )
 MLM_UNITS = ("token", "word", "span", "ngram", "phrase", "knowledge")
 # ERNIE 1.0's masking levels, in the order of data.mlm.knowledge_stages.
@@ -38,12 +39,13 @@ UNILM_TASKS = ("bidirectional", "seq2seq", "left_to_right", "right_to_left")
 # Objectives whose inputs keep the documents of a packed row apart (data.document_attention):
 # the others cut segments at document boundaries already (the pair tasks, which need attention
 # between their two segments) or rearrange the row (span corruption, blank infilling, BART's
-# denoising, MASS).
+# denoising, MASS, XLNet's permutation language modelling).
 DOCUMENT_ATTENTION_OBJECTIVES = ("clm", "mlm")
 # Shortest seq_len that holds one sample: mlm needs [CLS] x [SEP], the pair tasks
 # [CLS] a [SEP] b [SEP], span corruption a kept token, a sentinel and <eos>, blank infilling
 # a token and a span of two around its mask; denoising and mass a noised token beside one left
-# as it is (BART's source, MASS's encoder context for the fragment).
+# as it is (BART's source, MASS's encoder context for the fragment); plm one predicted token
+# and XLNet's closing [SEP] [CLS].
 MIN_SEQ_LEN = {
     "clm": 1,
     "mlm": 3,
@@ -57,6 +59,7 @@ MIN_SEQ_LEN = {
     "electra": 3,
     "denoising": 2,
     "mass": 2,
+    "plm": 3,
 }
 # BART's noising functions (data.denoising): at least one must be on.
 DENOISING_FUNCTIONS = ("infill_ratio", "mask_ratio", "delete_ratio", "permute_sentences", "rotate")
@@ -356,6 +359,25 @@ class MassConfig:
 
 
 @dataclass(kw_only=True)
+class PlmConfig:
+    """XLNet's permutation language modelling with partial prediction (Yang et al. 2019): spans
+    of the window are predicted, last in a random factorisation order."""
+
+    predict_ratio: float = 1 / 6
+    """Share of the window's tokens predicted, at least one: the last 1/K of each factorisation
+    order (K = 6; the paper uses 6 or 7). Each span of L targets is placed in a context of
+    round(L / predict_ratio) tokens."""
+    max_span: int = 5
+    """Longest span of consecutive targets; span lengths are uniform in 1..max_span (XLNet's
+    largest n-gram)."""
+
+    def validate(self) -> None:
+        """ConfigError naming the data.plm field of any impossible value."""
+        _in_interval("data.plm.predict_ratio", self.predict_ratio)
+        _positive_int("data.plm.max_span", self.max_span)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Where training samples come from and how they are turned into batches."""
 
@@ -377,7 +399,7 @@ class DataConfig:
     objective: str | None = None
     """Pretraining objective applied to each batch; None takes model.objective. One of
     clm | mlm | mlm_nsp | mlm_sop | mlm_sbo | mlm_struct | span_corruption | glm_blank |
-    unilm | electra | denoising | mass."""
+    unilm | electra | denoising | mass | plm."""
     document_attention: bool = False
     """Stop attention and position ids from crossing document boundaries in packed rows."""
     num_workers: int = 0
@@ -388,6 +410,7 @@ class DataConfig:
     unilm: UnilmConfig = field(default_factory=UnilmConfig)
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
     mass: MassConfig = field(default_factory=MassConfig)
+    plm: PlmConfig = field(default_factory=PlmConfig)
 
     def validate(self) -> None:
         """ConfigError naming the field and value of anything that cannot run."""
@@ -406,6 +429,7 @@ class DataConfig:
         self.unilm.validate()
         self.denoising.validate()
         self.mass.validate()
+        self.plm.validate()
 
     def check_objective(self, name: str, *, seq_len: int | None = None) -> None:
         """The constraints between these fields and objective `name` (data.objective, or

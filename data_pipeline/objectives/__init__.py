@@ -49,6 +49,7 @@ _REGISTRY = {
     "electra": "data_pipeline.objectives.electra:ReplacedTokenDetection",
     "denoising": "data_pipeline.objectives.denoising:Denoising",
     "mass": "data_pipeline.objectives.mass:MaskedSeq2Seq",
+    "plm": "data_pipeline.objectives.plm:PermutationLM",
 }
 
 
