@@ -9,17 +9,20 @@ Loom -> HF reads a checkpoint in either form: sharded (`dcp/`, what training wri
 single-file (`model.pt`, see launch/convert_checkpoint.py). A checkpoint with metadata.json is
 first checked file by file against its checksums, as training does before it resumes; a bare
 `model.pt` without one (what --to-loom writes) is read unchecked, with a note. Only the model
-state is read, never the optimizer's. The model config is the `model` section of the run's
-resolved config: `config.yaml` beside the weights, else RUN_DIR/config.yaml two levels above
-the checkpoint, or --config. It writes `config.json` + `model.safetensors` with
+state is read, never the optimizer's, less the modules only training uses (a distilled
+student's `distill_proj.*`, see models/hf/__init__.py). The model config is the `model` section
+of the run's resolved config: `config.yaml` beside the weights, else RUN_DIR/config.yaml two
+levels above the checkpoint, or --config. It writes `config.json` + `model.safetensors` with
 `save_pretrained` and reloads them to compare every tensor (--no-verify skips that). A T5 with
-mixture-of-experts layers (model.moe) becomes a SwitchTransformersForConditionalGeneration and
-a BERT without the sentence-pair head (model.pair_head=false, the roberta_* recipes) a
-RobertaForMaskedLM; --to-loom reads both back (models/hf/switch.py and models/hf/roberta.py
-say what converts). An ELECTRA run exports its discriminator as an ElectraForPreTraining
-(the folder's README.md says the generator was left out; models/hf/electra.py converts it),
-which --to-loom cannot read back alone. A BART run becomes a BartForConditionalGeneration
-(models/hf/bart.py: its position tables' two leading rows, the zero final_logits_bias).
+mixture-of-experts layers (model.moe) becomes a SwitchTransformersForConditionalGeneration, a
+BERT without the sentence-pair head (model.pair_head=false, the roberta_* recipes) a
+RobertaForMaskedLM, and one without token types either (model.type_vocab_size=0, the
+distilbert_* recipes) a DistilBertForMaskedLM; --to-loom reads all three back
+(models/hf/switch.py, models/hf/roberta.py and models/hf/distilbert.py say what converts). An
+ELECTRA run exports its discriminator as an ElectraForPreTraining (the folder's README.md says
+the generator was left out; models/hf/electra.py converts it), which --to-loom cannot read back
+alone. A BART run becomes a BartForConditionalGeneration (models/hf/bart.py: its position
+tables' two leading rows, the zero final_logits_bias).
 
 The run's tokenizer is written too, so `transformers.pipeline(...)` and
 `AutoTokenizer.from_pretrained(DIR)` work offline. It is found from the run config's `data`
@@ -28,12 +31,13 @@ else the built-in sample corpus prepared under data.cache_dir / $LOOM_CACHE / ~/
 for data.tokenizer, data.seq_len and the objective (the byte tokenizer needs no file);
 --tokenizer names it instead (a prepared corpus, a tokenizer.json, a SentencePiece .model or
 `byte`). Every kind becomes a `tokenizer.json` with the family's special tokens (GPT:
-eos/pad/unk; BERT: [CLS] A [SEP] (B [SEP]) and [MASK]; RoBERTa: [CLS] A (<eos> B) [SEP] and
-[MASK]; T5: text <eos>; BART: text <eos> and [MASK]), and the HF config takes the tokenizer's
-eos/pad (RoBERTa's bos/eos, and T5's and BART's decoder-start) ids. The written tokenizer is
-reloaded and must encode a set of probe texts to Loom's ids and decode them back as Loom does;
-a tokenizer that cannot be found or represented is left out, and the reason is printed and
-written to the folder's README.md, which always says where the export came from.
+eos/pad/unk; BERT: [CLS] A [SEP] (B [SEP]) and [MASK]; RoBERTa and DistilBERT: [CLS] A
+(<eos> B) [SEP] and [MASK]; T5: text <eos>; BART: text <eos> and [MASK]), and the HF config
+takes the tokenizer's eos/pad (RoBERTa's bos/eos, and T5's and BART's decoder-start) ids. The
+written tokenizer is reloaded and must encode a set of probe texts to Loom's ids and decode
+them back as Loom does; a tokenizer that cannot be found or represented is left out, and the
+reason is printed and written to the folder's README.md, which always says where the export
+came from.
 
 Vocabulary rows: the HF model has `model.vocab_size` rows when the config sets it, else every
 row of the checkpoint (including the rows added by make_vocab_size_divisible_by, which are
@@ -597,6 +601,8 @@ def export_to_hf(
     _check_has_hf_class(cfg)
     hf_convert.token_conventions(cfg.family, cfg)  # an unconvertible model fails before reading
     state_dict, facts = read_model_state(checkpoint)
+    # Modules only training uses (a distilled student's projections) are no part of the model.
+    state_dict = hf_convert.drop_training_only(cfg.family, state_dict)
     rows = vocab_rows(cfg, state_dict)
     _check_loads(cfg, state_dict, rows=rows)
     vocab = cfg.vocab_size if cfg.vocab_size is not None else rows
@@ -622,12 +628,6 @@ def export_to_hf(
     return output
 
 
-def _hf_family_and_class(hf_cfg) -> tuple[str, type]:
-    """(Loom family, transformers model class) of an HF config."""
-    family = hf_convert.family_of(hf_cfg)
-    return family, hf_convert.hf_model_class(family, hf_cfg=hf_cfg)
-
-
 def export_to_loom(
     hf_dir: Path, output: Path, *, model_config: Path | None = None, name: str | None = None
 ) -> Path:
@@ -639,7 +639,7 @@ def export_to_loom(
             f"{hf_dir / 'config.json'} does not exist (not a Hugging Face model folder)"
         )
     hf_cfg = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-    family, model_class = _hf_family_and_class(hf_cfg)
+    family = hf_convert.family_of(hf_cfg)
     if model_config is not None:
         cfg = load_model_config(model_config)
         if cfg.family != family:
@@ -653,8 +653,7 @@ def export_to_loom(
     if name is not None:
         cfg = dataclasses.replace(cfg, name=name)
 
-    model = model_class.from_pretrained(hf_dir, local_files_only=True)
-    state_dict = hf_convert.from_hf(family, model.state_dict(), cfg)
+    _, state_dict = hf_convert.read_hf_folder(hf_dir, cfg=cfg)
     _check_loads(cfg, state_dict, rows=cfg.padded_vocab_size())
     output.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, output / "model.pt")

@@ -132,6 +132,9 @@ class Bert(TiedOutputMixin, nn.Module):
     )
     # Tokens per slice of the chunked MLM loss (forward with `labels`); 0: the whole sequence.
     loss_chunk_tokens = 0
+    # Training-only outputs for distillation, set by the trainer: "hidden" adds
+    # "hidden_states", "attention" adds "attention_scores" (see `forward`).
+    distill_outputs: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -189,8 +192,23 @@ class Bert(TiedOutputMixin, nn.Module):
         classes = cfg.pair_classes
         self.nsp_head = nn.Linear(d, classes, bias=cfg.bias) if cfg.has_pair_head else None
         self.sbo = SpanBoundaryHead(cfg, width=e) if cfg.sbo_max_targets > 0 else None
+        # Learned maps of the hidden states to a distillation teacher's width (TinyBERT's
+        # W_h and W_e), added by `add_distill_projections`; None without them.
+        self.distill_proj: nn.ModuleDict | None = None
         self.tie_weights()
         self.init_weights()
+
+    def add_distill_projections(self, width: int, *, embedding: bool) -> None:
+        """Linear maps from d_model to `width` applied to the "hidden_states" output: `hidden`
+        to the blocks' outputs and, with `embedding`, `embedding` to the embedding output
+        (TinyBERT's W_h and W_e, trained with the student; other layers keep their width).
+        Initialised like every weight of the model."""
+        d = self.cfg.d_model
+        maps = {"hidden": nn.Linear(d, width, bias=self.cfg.bias)}
+        if embedding:
+            maps["embedding"] = nn.Linear(d, width, bias=self.cfg.bias)
+        self.distill_proj = nn.ModuleDict(maps)
+        init_normal_(self.distill_proj, self.cfg.init_std)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -261,7 +279,12 @@ class Bert(TiedOutputMixin, nn.Module):
         *,
         attn_mask: torch.Tensor | None = None,
         position_ids_BT: torch.Tensor | None = None,
+        states: list[torch.Tensor] | None = None,
+        scores: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The encoder output (B, T, D) of the embedded tokens `x_BTD`. Given lists, appends
+        each block's output to `states` (the last after ln_f when pre-LN) and each block's
+        attention scores (`models.blocks.MultiHeadAttention.scores`) to `scores`."""
         rope = None
         if self.rotary is not None:
             if position_ids_BT is None:
@@ -272,9 +295,21 @@ class Bert(TiedOutputMixin, nn.Module):
             # The distances come from the length each layer attends over, which is the whole
             # sequence even where the hidden states hold a slice (sequence parallelism).
             extra["relative"] = self.relative(position_ids_BT, device=x_BTD.device)
+        if scores is not None:
+            if self.relative is not None:
+                raise ValueError("attention scores are not computed for relative positions")
+            extra["return_scores"] = True
         for block in self.layers():
             x_BTD = block(x_BTD, attn_mask=attn_mask, rope=rope, **extra)
-        return x_BTD if self.ln_f is None else self.ln_f(x_BTD)
+            if scores is not None:
+                x_BTD, scores_BHTT = x_BTD
+                scores.append(scores_BHTT)
+            if states is not None:
+                states.append(x_BTD)
+        x_BTD = x_BTD if self.ln_f is None else self.ln_f(x_BTD)
+        if states:
+            states[-1] = x_BTD
+        return x_BTD
 
     def mlm_head(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.mlm_ln(self.mlm_act(self.mlm_dense(x_BTD))))
@@ -328,6 +363,11 @@ class Bert(TiedOutputMixin, nn.Module):
         With MLM `labels` (B, T) the MLM logits are not returned but scored a slice at a time:
         "row_losses" (B,) summed cross-entropy replaces "logits" (`chunked_row_losses`).
 
+        For distillation (`distill_outputs`, set by the trainer): "hidden" adds
+        "hidden_states", a list of n_layer + 1 tensors (B, T, D) (the embedding output, then
+        each block's output, through the distillation projections if added), "attention"
+        adds "attention_scores", n_layer tensors (B, H, T, T) of pre-softmax scores.
+
         A pipeline stage is this model with the modules of other stages set to None: without
         the embeddings `input_ids` is the previous stage's hidden states (B, T, D), and
         without the heads the hidden states are returned. A model built without its tables
@@ -349,11 +389,31 @@ class Bert(TiedOutputMixin, nn.Module):
         # only a slice of (sequence parallelism).
         t = sequence_length(input_ids, attention_mask, position_ids, attn_mask)
         mask = combine_masks(attention_mask, attn_mask, shape=(input_ids.shape[0], t))
-        x_BTD = self.encode(x_BTD, attn_mask=mask, position_ids_BT=position_ids)
+        states = [x_BTD] if "hidden" in self.distill_outputs else None
+        scores = [] if "attention" in self.distill_outputs else None
+        x_BTD = self.encode(
+            x_BTD, attn_mask=mask, position_ids_BT=position_ids, states=states, scores=scores
+        )
         if self.lm_head is None:
             return x_BTD
         sbo = None if sbo_left is None else (sbo_left, sbo_right, sbo_pos)
-        return self.heads(x_BTD, labels, sbo=sbo)
+        out = self.heads(x_BTD, labels, sbo=sbo)
+        if states is not None:
+            out["hidden_states"] = self._project_states(states)
+        if scores is not None:
+            out["attention_scores"] = scores
+        return out
+
+    def _project_states(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The embedding output and every block's output, through the distillation
+        projections where the model has them."""
+        if self.distill_proj is None:
+            return states
+        maps = dict(self.distill_proj.items())
+        first, rest = maps.get("embedding"), maps["hidden"]
+        return [first(states[0]) if first is not None else states[0]] + [
+            rest(h_BTD) for h_BTD in states[1:]
+        ]
 
 
 def combine_masks(

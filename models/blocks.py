@@ -337,6 +337,29 @@ class MultiHeadAttention(nn.Module):
         y_BTD = y_BHTK.transpose(1, 2).reshape(b, t, -1)
         return self.out(y_BTD)
 
+    def scores(
+        self,
+        x_BTD: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        rope: Rope | None = None,
+    ) -> torch.Tensor:
+        """The scaled scores q k^T / sqrt(K) (B, H, T, T) that `forward` feeds its softmax,
+        computed again from `x_BTD` (the qkv projection runs a second time), with 0 where a
+        boolean `attn_mask` forbids a key (TinyBERT's convention: masked entries compare
+        equal). For attention distillation; relative positions are not supported."""
+        b, t, _ = x_BTD.shape
+        qkv_BTH3K = self.qkv(x_BTD).view(b, t, -1, 3, self.head_dim)
+        q_BHTK, k_BHTK, _ = qkv_BTH3K.permute(3, 0, 2, 1, 4).unbind(0)
+        if rope is not None:
+            q_BHTK, k_BHTK = apply_rotary(q_BHTK, rope), apply_rotary(k_BHTK, rope)
+        scores_BHTT = (q_BHTK @ k_BHTK.transpose(-1, -2)) * self.head_dim**-0.5
+        if attn_mask is None:
+            return scores_BHTT
+        if attn_mask.dtype != torch.bool:
+            raise ValueError(f"scores take a boolean attn_mask, got {attn_mask.dtype}")
+        return scores_BHTT.masked_fill(~attn_mask, 0.0)
+
     def _relative(self, q_BHTK, k_BHTK, v_BHTK, relative, attn_mask, is_causal) -> torch.Tensor:
         b, _, t, _ = q_BHTK.shape
         if is_causal:
@@ -448,17 +471,24 @@ class TransformerBlock(nn.Module):
         is_causal: bool = False,
         rope: Rope | None = None,
         relative: RelativePositions | None = None,
-    ) -> torch.Tensor:
+        return_scores: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The block's output; with `return_scores`, (output, the attention's pre-softmax
+        scores (B, H, T, T), `MultiHeadAttention.scores`), for attention distillation."""
         mask = {"attn_mask": attn_mask, "is_causal": is_causal, "rope": rope}
         if relative is not None:
             mask["relative"] = relative
+        h_BTD = self.ln1(x_BTD) if self.pre_ln else x_BTD
+        a_BTD = self.attn(h_BTD, **mask)
         if self.pre_ln:
-            a_BTD = self.attn(self.ln1(x_BTD), **mask)
             x_BTD = x_BTD + self.drop(a_BTD)
-            return x_BTD + self.mlp(self.ln2(x_BTD))
-        a_BTD = self.attn(x_BTD, **mask)
-        x_BTD = self.ln1(x_BTD + self.drop(a_BTD))
-        return self.ln2(x_BTD + self.mlp(x_BTD))
+            y_BTD = x_BTD + self.mlp(self.ln2(x_BTD))
+        else:
+            x_BTD = self.ln1(x_BTD + self.drop(a_BTD))
+            y_BTD = self.ln2(x_BTD + self.mlp(x_BTD))
+        if not return_scores:
+            return y_BTD
+        return y_BTD, self.attn.scores(h_BTD, attn_mask=attn_mask, rope=rope)
 
 
 def sequence_length(x: torch.Tensor, *per_sample: torch.Tensor | None) -> int:

@@ -365,6 +365,8 @@ class DeepSpeedEngine(Engine):
         inputs = {k: v.to(self.world.device, non_blocking=True) for k, v in inputs.items()}
         with self.spec.forward_context():
             outputs = model(**inputs)
+        if self.spec.loss_targets is not None:
+            labels = {**labels, **self.spec.loss_targets(inputs)}
         return self.spec.loss_fn(outputs, labels)
 
     def step(self) -> float | None:

@@ -68,6 +68,10 @@ class TrainingSpec:
     """Clip the global gradient L2 norm to this at every step; 0 disables clipping."""
     global_batch_size: int
     micro_batch_size: int
+    loss_targets: Callable[[Batch], dict] | None = None
+    """Extra inputs of the loss computed from each micro-batch's model inputs (on the
+    device) right before its loss, and merged into its labels: a distillation teacher's
+    outputs (trainer/distill.py). None: the labels alone."""
 
 
 def sum_micro_losses(total: torch.Tensor | None, sums: dict[str, torch.Tensor], keys: list[str]):

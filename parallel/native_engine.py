@@ -103,6 +103,8 @@ class NativeEngine(Engine):
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         with self.spec.forward_context():
             outputs = model(**inputs)
+        if self.spec.loss_targets is not None:
+            labels = {**labels, **self.spec.loss_targets(inputs)}
         return self.loss_fn(outputs, labels)
 
     def step(self) -> torch.Tensor | None:

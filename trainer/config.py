@@ -1,4 +1,4 @@
-"""Schemas of the `optim`, `precision` and `trainer` groups, and the whole job.
+"""Schemas of the `optim`, `precision`, `trainer` and `distill` groups, and the whole job.
 
 Each group is a kw-only dataclass registered in Hydra's ConfigStore; `load_job_config`
 merges a composed Hydra config into the schema, so an unknown key or a wrong type fails
@@ -7,6 +7,7 @@ at start-up with the key's full name, and `validate_job` rejects impossible valu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +196,91 @@ class TrainerConfig:
             raise ValueError("trainer.stop_margin_s and trainer.hang_timeout_s must be >= 0")
 
 
+# Label key of each distillation task (trainer/distill.py) -> its DistillConfig weight.
+DISTILL_TASKS = {
+    "kd_labels": "soft_weight",
+    "cos_labels": "cosine_weight",
+    "emb_labels": "embedding_weight",
+    "hid_labels": "hidden_weight",
+    "att_labels": "attention_weight",
+}
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (trainer/distill.py states the loss).
+    `+distill=distilbert` and `+distill=tinybert` (conf/distill/) set the papers' mixes;
+    distill.teacher names the teacher."""
+
+    teacher: str | None = None
+    """The teacher: a Loom run directory, a checkpoints/step_N directory, a folder written by
+    export_hf.py --to-loom, or a Hugging Face model folder (config.json); None: no
+    distillation."""
+    temperature: float = 2.0
+    """T of the soft targets: both softmaxes at logits / T, the term scaled by T^2."""
+    hard_weight: float = 1.0
+    """Weight of the objective's own tasks (the student's MLM loss)."""
+    soft_weight: float = 0.0
+    """Soft-target cross-entropy with the teacher's predictions (DistilBERT: 5)."""
+    cosine_weight: float = 0.0
+    """1 - cos between the last hidden states (DistilBERT: 1)."""
+    embedding_weight: float = 0.0
+    """MSE between the embedding outputs (TinyBERT: 1)."""
+    hidden_weight: float = 0.0
+    """MSE between each student block's output and its teacher block's (TinyBERT: 1)."""
+    attention_weight: float = 0.0
+    """MSE between each student block's attention scores and its teacher block's (TinyBERT:
+    1)."""
+    init_from_teacher: bool = False
+    """Start the student from the teacher: block i from teacher block i x N / M, every other
+    tensor of the same name and shape copied (DistilBERT)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher is not None
+
+    @property
+    def tasks(self) -> list[str]:
+        """The label keys of the distillation tasks with a weight > 0."""
+        return [key for key, name in DISTILL_TASKS.items() if getattr(self, name) > 0]
+
+    def task_weight(self, label_key: str) -> float:
+        """A task's weight in the loss: its distillation weight, or hard_weight for the
+        objective's own tasks."""
+        name = DISTILL_TASKS.get(label_key)
+        return getattr(self, name) if name is not None else self.hard_weight
+
+    def validate(self) -> None:
+        weights = (
+            "hard_weight",
+            "soft_weight",
+            "cosine_weight",
+            "embedding_weight",
+            "hidden_weight",
+            "attention_weight",
+        )
+        for key in weights:
+            value = getattr(self, key)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"distill.{key}={value} must be a finite number >= 0")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
+        if self.teacher is None:
+            changed = [k for k in weights[1:] if getattr(self, k) > 0]
+            if changed or self.init_from_teacher:
+                key = changed[0] if changed else "init_from_teacher"
+                raise ConfigError(f"distill.{key} is set but distill.teacher is not")
+            return
+        if not Path(self.teacher).exists():
+            raise ConfigError(f"distill.teacher={self.teacher!r} does not exist")
+        if all(getattr(self, k) == 0 for k in weights[1:]):
+            raise ConfigError(
+                f"distill.teacher={self.teacher!r} with every distillation weight 0: set "
+                "distill.soft_weight, cosine_weight, embedding_weight, hidden_weight or "
+                "attention_weight (or use +distill=distilbert / tinybert)"
+            )
+
+
 @dataclass(kw_only=True)
 class JobConfig:
     """A whole training job: one field per config group."""
@@ -206,6 +292,7 @@ class JobConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def register_configs() -> None:
@@ -277,7 +364,16 @@ def fit_micro_batch(job: JobConfig, *, world_size: int) -> str | None:
 
 def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
     """Check every group, then the constraints that span groups."""
-    parts = (job.model, job.data, job.optim, job.precision, job.trainer, job.parallel, job.slurm)
+    parts = (
+        job.model,
+        job.data,
+        job.optim,
+        job.precision,
+        job.trainer,
+        job.parallel,
+        job.slurm,
+        job.distill,
+    )
     for part in parts:
         part.validate()
     t = job.trainer
@@ -334,6 +430,8 @@ def check_runnable(job: JobConfig, *, world_size: int) -> None:
     before any process group, data or model exists (a dry run may still describe it)."""
     p, t = job.parallel, job.trainer
     p.check_available(world_size=world_size)
+    if job.distill.enabled:
+        _check_distill_layout(job)
     dp_size = p.data_parallel_size(world_size)
     if job.model.moe.enabled and p.tp > 1:
         raise ConfigError(
@@ -384,6 +482,30 @@ def check_runnable(job: JobConfig, *, world_size: int) -> None:
                 "partitions on disk between steps, where exact LAMB cannot see them; use "
                 "parallel.offload=cpu, or optim.name=adamw"
             )
+
+
+def _check_distill_layout(job: JobConfig) -> None:
+    """What distillation does not run with: layouts that split the student's logits, hidden
+    states or scores (TP, PP), a chunked loss (the soft targets need whole logits)."""
+    p, d = job.parallel, job.distill
+    for key in ("tp", "pp"):
+        if getattr(p, key) > 1:
+            raise ConfigError(
+                f"distill.teacher with parallel.{key}={getattr(p, key)}: distillation compares "
+                "the student's and teacher's outputs whole on each data-parallel rank; use "
+                "data parallelism (ZeRO-0/1/2/3) instead"
+            )
+    if p.engine == "deepspeed":
+        raise ConfigError(
+            "distill.teacher with parallel.engine=deepspeed: the teacher is placed by the native "
+            "engine's layout; use parallel.engine=native (parallel.zero=3 shards the teacher too)"
+        )
+    if d.soft_weight > 0 and job.trainer.loss_chunk_tokens > 0:
+        raise ConfigError(
+            f"distill.soft_weight={d.soft_weight} with trainer.loss_chunk_tokens="
+            f"{job.trainer.loss_chunk_tokens}: soft targets compare whole logits; set "
+            "trainer.loss_chunk_tokens=0"
+        )
 
 
 def to_yaml(job: JobConfig) -> str:

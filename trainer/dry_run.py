@@ -30,6 +30,7 @@ from parallel.comm import CommTally, summary_lines
 from parallel.comm_model import expected_comm
 from trainer.comm_report import job_comm_layout
 from trainer.config import JobConfig
+from trainer.distill import teacher_config, teacher_forward_flops
 from trainer.metrics import job_flops_per_token
 
 _GIB = 1024**3
@@ -162,11 +163,31 @@ def dry_run(job: JobConfig, *, world_size: int) -> dict:
         ),
         "comm_per_rank": comm_estimate(job, world_size=world_size, vocab=vocab, seq_len=seq_len),
     }
+    if job.distill.enabled:
+        report["teacher"] = teacher_report(job, vocab=vocab, seq_len=seq_len, world_size=world_size)
     out = Path(job.trainer.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dry_run.json").write_text(json.dumps(report, indent=1) + "\n")
     _print(report, out / "dry_run.json")
     return report
+
+
+def teacher_report(job: JobConfig, *, vocab: int, seq_len: int, world_size: int) -> dict:
+    """The distillation teacher's size, forward FLOPs per token (counted apart from the
+    student's training FLOPs) and weights per rank (fp32; sharded over data parallel under
+    ZeRO-3, whole otherwise), from its config alone."""
+    cfg = teacher_config(job.distill.teacher)
+    rows = cfg.padded_vocab_size(cfg.vocab_size or vocab)
+    with torch.device("meta"):
+        params = param_counts(build_model(cfg, vocab_size=rows))["total"]
+    dp = job.parallel.data_parallel_size(world_size)
+    shards = dp if job.parallel.zero == 3 else 1
+    return {
+        "model": cfg.name,
+        "params_total": params,
+        "forward_flops_per_token": teacher_forward_flops(cfg, vocab_size=rows, seq_len=seq_len),
+        "weights_gib_per_rank": 4 * params / shards / _GIB,
+    }
 
 
 def _print(r: dict, path: Path) -> None:
@@ -203,6 +224,16 @@ def _print(r: dict, path: Path) -> None:
         mem["total_gib"],
     )
     _print_comm(r["comm_per_rank"])
+    if "teacher" in r:
+        t = r["teacher"]
+        log_rank0(
+            "distillation teacher %s: %s parameters, forward FLOPs per token %.4g, weights "
+            "per rank %.2f GiB",
+            t["model"],
+            f"{t['params_total']:,}",
+            t["forward_flops_per_token"],
+            t["weights_gib_per_rank"],
+        )
     log_rank0("written to %s", path)
 
 

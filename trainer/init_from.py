@@ -21,10 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from common.errors import CheckpointError, ConfigError
 from common.log import log_rank0
+from models.config import ModelConfig
 from parallel.state import read_full
 from trainer.checkpoint import list_checkpoints, load_file, verify
 
@@ -32,8 +36,9 @@ from trainer.checkpoint import list_checkpoints, load_file, verify
 _EXTENDABLE = ("tte.weight",)
 
 
-def checkpoint_of(source: Path) -> Path:
-    """The checkpoint directory `source` names: itself, or a run's newest intact one."""
+def checkpoint_of(source: Path, *, what: str = "trainer.init_from") -> Path:
+    """The checkpoint directory `source` names: itself, or a run's newest intact one;
+    errors name the setting `what` that gave it."""
     if (source / "metadata.json").is_file():
         return source
     for _, path in reversed(list_checkpoints(source / "checkpoints")):
@@ -41,25 +46,61 @@ def checkpoint_of(source: Path) -> Path:
             verify(path)
             return path
         except CheckpointError as exc:
-            log_rank0("trainer.init_from: skipping %s (%s)", path, exc)
+            log_rank0("%s: skipping %s (%s)", what, path, exc)
     raise ConfigError(
-        f"trainer.init_from={str(source)!r} holds no intact checkpoint (a run directory, a "
+        f"{what}={str(source)!r} holds no intact checkpoint (a run directory, a "
         "checkpoints/step_N directory or a folder written by export_hf.py --to-loom)"
     )
 
 
-def read_weights(source: str) -> dict[str, torch.Tensor]:
+def read_weights(source: str, *, what: str = "trainer.init_from") -> dict[str, torch.Tensor]:
     """The model state (by Loom parameter name) that `source` holds."""
     path = Path(source)
     if not path.exists():
-        raise ConfigError(f"trainer.init_from={source!r} does not exist")
-    if path.is_dir() and (path / "model.pt").is_file() and not (path / "metadata.json").exists():
+        raise ConfigError(f"{what}={source!r} does not exist")
+    if _is_converted(path):
         return load_file(path / "model.pt")  # export_hf.py --to-loom
-    ckpt = checkpoint_of(path)
+    ckpt = checkpoint_of(path, what=what)
     verify(ckpt)
     if (ckpt / "dcp").is_dir():
         return read_full(ckpt / "dcp")["model"]
     return load_file(ckpt / "model.pt")
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """ModelConfig from a YAML file: its `model` section (a run's config.yaml), or the whole
+    file if it has none; ConfigError naming the file for anything unreadable or invalid."""
+    if not path.is_file():
+        raise ConfigError(f"model config {path} does not exist")
+    try:
+        raw = OmegaConf.load(path)
+        section = raw.model if "model" in raw else raw
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), section))
+        cfg.validate()
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{path}: not a valid model config ({detail})") from None
+    return cfg
+
+
+def run_config_path(checkpoint: Path) -> Path:
+    """config.yaml beside the weights (export_hf.py --to-loom output), else the run's
+    RUN_DIR/config.yaml of a checkpoints/step_N directory."""
+    beside = checkpoint / "config.yaml"
+    return beside if beside.is_file() else checkpoint.parent.parent / "config.yaml"
+
+
+def checkpoint_config(source: Path, *, what: str) -> ModelConfig:
+    """The model config of the weights `source` names (as `read_weights` finds them)."""
+    if not source.exists():
+        raise ConfigError(f"{what}={str(source)!r} does not exist")
+    ckpt = source if _is_converted(source) else checkpoint_of(source, what=what)
+    return load_model_config(run_config_path(ckpt))
+
+
+def _is_converted(path: Path) -> bool:
+    """A folder written by export_hf.py --to-loom: model.pt without checkpoint metadata."""
+    return path.is_dir() and (path / "model.pt").is_file() and not (path / "metadata.json").exists()
 
 
 @torch.no_grad()

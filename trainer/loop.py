@@ -33,10 +33,22 @@ from models.moe import moe_layers, set_aux_loss_weight
 from parallel import dist
 from parallel.engine import TrainingSpec
 from parallel.launch_env import launch_env
-from parallel.parallelize import build_engine
+from parallel.parallelize import build_engine, place_frozen
 from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from trainer.comm_report import CommAccounting
 from trainer.config import JobConfig, to_yaml
+from trainer.distill import (
+    DistillLoss,
+    TeacherTargets,
+    check_teacher,
+    describe_teacher,
+    distill_labels,
+    distill_outputs,
+    init_student_from_teacher,
+    load_teacher_weights,
+    read_teacher,
+    teacher_forward_flops,
+)
 from trainer.init_from import init_weights, read_weights
 from trainer.loss import (
     summed_losses,
@@ -183,10 +195,13 @@ class Trainer:
         vocab = self.vocab_size = model_vocab_size(job, self.data.loader.vocab_size)
         model = build_model(job.model, vocab_size=vocab)
         model.loss_chunk_tokens = self.t.loss_chunk_tokens
+        self.scaler = LossScaler(job.precision)
+        loss_fn, loss_targets, teacher_flops = summed_losses, None, 0.0
+        if job.distill.enabled:
+            loss_fn, loss_targets, teacher_flops = self._distillation(model, vocab)
         if self.t.init_from is not None:
             init_weights(model, read_weights(self.t.init_from), source=self.t.init_from)
         self.counts = param_counts(model)  # before sharding hides full shapes
-        self.scaler = LossScaler(job.precision)
         self.engine = build_engine(
             model,
             job.parallel,
@@ -194,7 +209,8 @@ class Trainer:
             model_cfg=job.model,
             spec=TrainingSpec(
                 make_optimizer=lambda module: build_optimizer(module, job.optim),
-                loss_fn=summed_losses,
+                loss_fn=loss_fn,
+                loss_targets=loss_targets,
                 scaler=self.scaler,
                 forward_context=lambda: autocast(job.precision, world.device),
                 precision=job.precision.dtype,
@@ -211,8 +227,36 @@ class Trainer:
             self.run_dir, keep=self.t.keep, rank=world.rank, barrier=lambda: dist.barrier(world)
         )
         self.start_step = self._resume()
-        self.flops_per_token = job_flops_per_token(job, vocab_size=vocab, seq_len=self.seq_len)
+        # A teacher's forward is work the devices do too: MFU counts it beside the student's.
+        self.flops_per_token = (
+            job_flops_per_token(job, vocab_size=vocab, seq_len=self.seq_len) + teacher_flops
+        )
         self._describe(vocab)
+
+    def _distillation(self, model: torch.nn.Module, vocab: int) -> tuple:
+        """(loss function, loss targets hook, teacher forward FLOPs per token) of
+        distill.*: the teacher read, checked against the student, frozen and placed by the
+        job's layout, and the student given the outputs (and projections) the loss needs."""
+        d, job = self.job.distill, self.job
+        teacher_cfg, state = read_teacher(d.teacher)
+        rows = int(state["wte.weight"].shape[0]) if "wte.weight" in state else vocab
+        check_teacher(job.model, teacher_cfg, d, rows=vocab, teacher_rows=rows)
+        teacher = build_model(teacher_cfg, vocab_size=rows)
+        load_teacher_weights(teacher, state, source=d.teacher)
+        outputs = distill_outputs(d)
+        model.distill_outputs = teacher.distill_outputs = outputs
+        if "hidden" in outputs and teacher_cfg.d_model != job.model.d_model:
+            model.add_distill_projections(teacher_cfg.d_model, embedding=d.embedding_weight > 0)
+        if d.init_from_teacher:
+            init_student_from_teacher(model, state, n_teacher=teacher_cfg.n_layer, source=d.teacher)
+        flops = teacher_forward_flops(teacher_cfg, vocab_size=rows, seq_len=self.seq_len)
+        describe_teacher(teacher_cfg, param_counts(teacher)["total"], flops)
+        teacher = place_frozen(
+            teacher, job.parallel, world=self.world, precision=job.precision.dtype
+        )
+        hook = TeacherTargets(teacher, lambda: autocast(job.precision, self.world.device))
+        loss = DistillLoss(d, n_student=job.model.n_layer, n_teacher=teacher_cfg.n_layer)
+        return loss, hook, flops
 
     def _describe(self, vocab: int) -> None:
         counts = self.counts
@@ -289,7 +333,7 @@ class Trainer:
         # DDP averages gradients over ranks; the weight dp / (global targets of the task)
         # undoes that average and normalises each task by its own global count (and scales
         # it by the task's weight in the loss: ELECTRA's lambda).
-        scale = [task_weight(k, self.job.model) for k in keys]
+        scale = [task_weight(k, self.job.model, self.job.distill) for k in keys]
         weights = {
             k: w * self.world.dp_size / max(n, 1.0)
             for k, n, w in zip(keys, counts, scale, strict=True)
@@ -314,9 +358,16 @@ class Trainer:
 
     def _split(self, batch: dict) -> tuple[dict, dict]:
         """(model inputs, labels) of a micro-batch; the inputs carry the language-model
-        labels too when the loss is chunked inside the model."""
+        labels too when the loss is chunked inside the model, and the labels the
+        distillation tasks' scored tokens when distilling."""
         inputs, labels = split_batch(batch)
+        labels = self._with_distill_labels(inputs, labels)
         return with_chunked_labels(inputs, labels, self.t.loss_chunk_tokens), labels
+
+    def _with_distill_labels(self, inputs: dict, labels: dict) -> dict:
+        if not self.job.distill.enabled:
+            return labels
+        return labels | distill_labels(inputs, self.job.distill.tasks)
 
     @torch.no_grad()
     def evaluate(self, between_batches=None) -> dict[str, float]:
@@ -352,7 +403,8 @@ class Trainer:
             batch["sample_ids"] = torch.tensor(chunk, dtype=torch.int64) + EVAL_ID_OFFSET
             inputs, labels = split_batch(self.data.objective(batch))
             labels = {
-                k: torch.where(_rows_mask(real, v), v, IGNORE_INDEX) for k, v in labels.items()
+                k: torch.where(_rows_mask(real, v), v, IGNORE_INDEX)
+                for k, v in self._with_distill_labels(inputs, labels).items()
             }
             inputs = with_chunked_labels(inputs, labels, self.t.loss_chunk_tokens)
             sums, counts = self.engine.evaluate(inputs, labels), target_counts(labels)
@@ -364,7 +416,7 @@ class Trainer:
         keys = sorted(totals)
         reduced = [dist.dp_sum(totals[k], world) for k in keys]
         means = [
-            task_weight(k, self.job.model) * t[0] / t[1].clamp(min=1)
+            task_weight(k, self.job.model, self.job.distill) * t[0] / t[1].clamp(min=1)
             for k, t in zip(keys, reduced, strict=True)
         ]
         return float(sum(means))

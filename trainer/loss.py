@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from data_pipeline.objectives import IGNORE_INDEX
 from models.config import ModelConfig
+from trainer.config import DISTILL_TASKS, DistillConfig
 
 # Label keys of tasks whose model reads the language-model labels in its forward pass.
 _READS_LM_LABELS = ("rtd_labels",)
@@ -45,10 +46,14 @@ def with_chunked_labels(inputs: dict, labels: dict, chunk_tokens: int) -> dict:
     return {**inputs, "labels": labels["labels"]}
 
 
-def task_weight(label_key: str, model: ModelConfig) -> float:
+def task_weight(label_key: str, model: ModelConfig, distill: DistillConfig | None = None) -> float:
     """The weight of a task's mean in the training loss: model.rtd_weight for ELECTRA's
-    replaced token detection, 1 for every other task."""
-    return model.rtd_weight if label_key == "rtd_labels" else 1.0
+    replaced token detection, 1 for every other task; when distilling, the task's
+    distill.*_weight (distill.hard_weight times that for the objective's own tasks)."""
+    weight = model.rtd_weight if label_key == "rtd_labels" else 1.0
+    if distill is not None and distill.enabled:
+        return distill.task_weight(label_key) * (1.0 if label_key in DISTILL_TASKS else weight)
+    return weight
 
 
 def target_counts(labels: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """Conversion between Loom checkpoints and Hugging Face `transformers` models, by family.
 
 Each conversion module (`models.hf.gpt2`, `models.hf.bert`, `models.hf.roberta`,
-`models.hf.t5`, `models.hf.switch`, `models.hf.electra`, `models.hf.bart`) defines
+`models.hf.distilbert`, `models.hf.t5`, `models.hf.switch`, `models.hf.electra`,
+`models.hf.bart`) defines
 `hf_config(cfg, *, vocab_size, token_ids=None)`, `to_hf(state_dict, cfg)`,
 `from_hf(state_dict, cfg)` and `TOKENS` (its tokenizer conventions, a
 `models.hf.common.TokenConventions`), and may define `build_hf_model(cfg, *, vocab_size,
@@ -15,8 +16,14 @@ lives in `models.hf.common`; `models.hf.tokenizer` writes a run's tokenizer in t
 A family converts to one HF model, save where the Loom config says otherwise: a T5 with
 mixture-of-experts layers is a Switch Transformer, and a BERT without the sentence-pair head
 (`model.pair_head=false`) is a RoBERTa (`RobertaForMaskedLM`; BertForPreTraining needs the NSP
-head). The functions below take the family and, where it decides the model, the Loom config
-(or, from the HF side, the HF config, whose `model_type` names the model).
+head), or a DistilBERT (`DistilBertForMaskedLM`) when it has no token types either
+(`model.type_vocab_size=0`). The functions below take the family and, where it decides the
+model, the Loom config (or, from the HF side, the HF config, whose `model_type` names the
+model).
+
+Training-only modules: a Loom checkpoint may hold modules that only training uses and no HF
+model has (`TRAINING_ONLY`: the `distill_proj.*` projections of TinyBERT-style distillation in
+family bert); `to_hf` drops them (`drop_training_only`) before the family converts the rest.
 
 Vocabulary rows, for every family: the HF model has `cfg.vocab_size` rows when that is set,
 else all the rows of the Loom checkpoint (padding included). `to_hf` drops Loom's padded rows
@@ -31,6 +38,7 @@ raises `ConfigError` naming the field.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -40,13 +48,16 @@ from common.errors import ConfigError
 from models.config import ModelConfig
 
 __all__ = [
+    "TRAINING_ONLY",
     "build_hf_model",
+    "drop_training_only",
     "export_notes",
     "family_of",
     "from_hf",
     "hf_config",
     "hf_model_class",
     "loom_config",
+    "read_hf_folder",
     "to_hf",
     "token_conventions",
 ]
@@ -56,6 +67,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "gpt": ("models.hf.gpt2", "GPT2LMHeadModel"),
     "bert": ("models.hf.bert", "BertForPreTraining"),
     "roberta": ("models.hf.roberta", "RobertaForMaskedLM"),
+    "distilbert": ("models.hf.distilbert", "DistilBertForMaskedLM"),
     "t5": ("models.hf.t5", "T5ForConditionalGeneration"),
     "switch": ("models.hf.switch", "SwitchTransformersForConditionalGeneration"),
     "electra": ("models.hf.electra", "ElectraForPreTraining"),
@@ -70,17 +82,22 @@ _MODEL_TYPES = {
     "gpt2": ("gpt", "gpt"),
     "bert": ("bert", "bert"),
     "roberta": ("bert", "roberta"),
+    "distilbert": ("bert", "distilbert"),
     "t5": ("t5", "t5"),
     "switch_transformers": ("t5", "switch"),
     "electra": ("electra", "electra"),
     "bart": ("bart", "bart"),
+}
+# Family -> key prefixes of modules that only training uses (no HF model has them).
+TRAINING_ONLY: dict[str, tuple[str, ...]] = {
+    "bert": ("distill_proj.",),  # TinyBERT-style distillation's learned projections
 }
 
 
 def _model(family: str, cfg: ModelConfig | None = None, hf_cfg: Any = None) -> str:
     """The HF model (a key of _MODELS) that `family` converts to, given the Loom config or,
     from the HF side, the HF config: a T5 with experts is Switch, a BERT without the pair
-    head RoBERTa."""
+    head RoBERTa, and without token types either DistilBERT."""
     if family in _NO_COUNTERPART:
         raise ConfigError(f"model.family={family!r}: {_NO_COUNTERPART[family]}")
     if family not in _FAMILIES:
@@ -92,7 +109,7 @@ def _model(family: str, cfg: ModelConfig | None = None, hf_cfg: Any = None) -> s
         if family == "t5" and cfg.moe.enabled:
             return "switch"
         if family == "bert" and not cfg.has_pair_head:
-            return "roberta"
+            return "distilbert" if cfg.type_vocab_size == 0 else "roberta"
     elif hf_cfg is not None:
         found = _MODEL_TYPES.get(getattr(hf_cfg, "model_type", None))
         if found is not None and found[0] == family:
@@ -113,7 +130,8 @@ def _module(family: str, cfg: ModelConfig | None = None, hf_cfg: Any = None) -> 
 def hf_model_class(family: str, cfg: ModelConfig | None = None, *, hf_cfg: Any = None) -> type:
     """The `transformers` model class a family converts to (GPT2LMHeadModel, ...; given its
     Loom or HF config, a T5 with experts converts to SwitchTransformers and a BERT without
-    the pair head to RobertaForMaskedLM)."""
+    the pair head to RobertaForMaskedLM, or without token types either to
+    DistilBertForMaskedLM)."""
     import transformers
 
     return getattr(transformers, _MODELS[_model(family, cfg, hf_cfg)][1])
@@ -149,11 +167,20 @@ def export_notes(family: str, cfg: ModelConfig) -> list[str]:
     return list(getattr(_module(family, cfg), "EXPORT_NOTES", ()))
 
 
+def drop_training_only(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` without the family's training-only modules (`TRAINING_ONLY`)."""
+    prefixes = TRAINING_ONLY.get(family)
+    if not prefixes:
+        return state_dict
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+
+
 def to_hf(
     family: str, state_dict: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
-    """Loom state dict -> state dict of `hf_model_class(family)`."""
-    return _module(family, cfg).to_hf(state_dict, cfg)
+    """Loom state dict -> state dict of `hf_model_class(family)`; training-only modules
+    (`TRAINING_ONLY`) are dropped first."""
+    return _module(family, cfg).to_hf(drop_training_only(family, state_dict), cfg)
 
 
 def from_hf(
@@ -172,6 +199,24 @@ def loom_config(family: str, hf_cfg: Any, *, name: str | None = None) -> ModelCo
             "pass the Loom model config explicitly"
         )
     return module.loom_config(hf_cfg, name=name or f"{hf_cfg.model_type}_from_hf")
+
+
+def read_hf_folder(
+    path: Path, *, cfg: ModelConfig | None = None, name: str | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(Loom config, Loom state dict) of a Hugging Face model folder (config.json and its
+    weights), read offline; `cfg` overrides the config derived from config.json."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{path / 'config.json'} does not exist (not a Hugging Face model folder)"
+        )
+    hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    family = family_of(hf_cfg)
+    cfg = cfg if cfg is not None else loom_config(family, hf_cfg, name=name)
+    model = hf_model_class(family, hf_cfg=hf_cfg).from_pretrained(path, local_files_only=True)
+    return cfg, from_hf(family, model.state_dict(), cfg)
 
 
 def family_of(hf_cfg: Any) -> str:
