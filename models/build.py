@@ -20,6 +20,7 @@ _BUILDERS: dict[str, str] = {
     "glm": "models.glm:GLM",
     "electra": "models.electra:Electra",
     "bart": "models.bart:Bart",
+    "xlnet": "models.xlnet:XLNet",
 }
 
 

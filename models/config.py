@@ -9,13 +9,13 @@ from fractions import Fraction
 
 from common.errors import ConfigError
 
-FAMILIES = ("gpt", "bert", "t5", "glm", "electra", "bart")
+FAMILIES = ("gpt", "bert", "t5", "glm", "electra", "bart", "xlnet")
 # Objectives that train an encoder-decoder (families t5 and bart), and only such a model.
 SEQ2SEQ_OBJECTIVES = ("span_corruption", "denoising", "mass")
 SEQ2SEQ_FAMILIES = ("t5", "bart")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "gated_gelu")
-POSITIONS = ("learned", "rotary", "relative", "relative_sinusoidal", "none")
+POSITIONS = ("learned", "rotary", "relative", "relative_sinusoidal", "relative_xl", "none")
 DROP_POLICIES = ("position", "probs")
 # Objectives that score a sentence-pair label (NSP, SOP) on BERT's pair head.
 PAIR_OBJECTIVES = ("mlm_nsp", "mlm_sop", "unilm", "mlm_struct")
@@ -23,6 +23,9 @@ PAIR_OBJECTIVES = ("mlm_nsp", "mlm_sop", "unilm", "mlm_struct")
 # sentence structural objective tells next, previous and random apart.
 PAIR_CLASSES = {"mlm_nsp": 2, "mlm_sop": 2, "unilm": 2, "mlm_struct": 3}
 AUX_LOSS_REDUCTIONS = ("mean", "sum")
+# Family xlnet trains with the permutation LM (its two-stream attention) or, as a
+# Transformer-XL, with the causal LM; plm needs the query stream only xlnet has.
+XLNET_OBJECTIVES = ("plm", "clm")
 
 
 @dataclass(kw_only=True)
@@ -204,6 +207,28 @@ FAMILY_FIELDS: dict[str, dict[str, tuple[tuple[object, ...], str]]] = {
             "BART's MLP is ungated (gated_gelu is T5 v1.1's)",
         ),
     },
+    "xlnet": {
+        "norm": (("layernorm",), "XLNet's blocks use LayerNorm"),
+        "position": (
+            ("relative_xl",),
+            "XLNet and Transformer-XL attend with relative sinusoids of the distance",
+        ),
+        "pre_ln": ((False,), "XLNet's blocks are post-LN"),
+        "bias": ((True,), "XLNet's MLP and LayerNorms have biases (its attention has none)"),
+        "type_vocab_size": (
+            (0,),
+            "XLNet encodes segments relatively in every layer, not with token-type embeddings",
+        ),
+        "embedding_size": ((None,), "factorised embeddings are ALBERT's"),
+        "share_layers": ((False,), "cross-layer sharing is ALBERT's"),
+        "n_decoder_layer": ((None,), "XLNet has no separate decoder stack"),
+        "scale_logits": ((False,), "logit scaling is T5's"),
+        "pair_head": ((None,), "the sentence-pair head is BERT's"),
+        "activation": (
+            ("gelu", "gelu_tanh", "relu"),
+            "XLNet's MLP is ungated (gated_gelu is T5 v1.1's)",
+        ),
+    },
 }
 
 
@@ -214,7 +239,7 @@ class ModelConfig:
     name: str = "gpt_debug"
     """Label used in the run directory and logs."""
     family: str = "gpt"
-    """Architecture family: gpt | bert | t5 | glm | electra | bart (one shared block
+    """Architecture family: gpt | bert | t5 | glm | electra | bart | xlnet (one shared block
     library)."""
     objective: str = "clm"
     """Default pretraining objective of this model (data.objective overrides it)."""
@@ -251,6 +276,8 @@ class ModelConfig:
     position: str = "learned"
     """Position encoding: learned | rotary | relative (T5 buckets) | relative_sinusoidal
     (NEZHA: fixed sinusoids of the clipped distance added to keys and values; BERT family) |
+    relative_xl (Transformer-XL and XLNet: sinusoids of the query-key distance, projected by
+    every layer into a position term of the scores, with learned biases; family xlnet) |
     none."""
     rotary_base: float = 10000.0
     """Base of the rotary frequencies (position=rotary)."""
@@ -293,6 +320,13 @@ class ModelConfig:
     and reads the same embeddings. Each product must be a whole number."""
     rtd_weight: float = 50.0
     """ELECTRA: lambda of the loss MLM_generator + lambda x RTD_discriminator (paper: 50)."""
+    mem_len: int = 0
+    """XLNet family: positions of segment memory kept per layer (Transformer-XL): a forward
+    pass with return_mems=True hands back the last mem_len inputs of every layer, which the
+    next segment attends to without gradient; 0 keeps none."""
+    clamp_len: int = -1
+    """XLNet family: relative distances beyond this share the encoding of +-clamp_len, in
+    tokens (Hugging Face's clamp_len); -1 clamps nothing."""
     moe: MoeConfig = field(default_factory=MoeConfig)
     """Mixture-of-experts layers (num_experts 0: dense)."""
 
@@ -362,6 +396,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.position={self.position} needs an even head size, got {self.head_dim}"
             )
+        if self.position == "relative_xl" and self.d_model % 2:
+            raise ConfigError(
+                f"model.position=relative_xl needs an even model.d_model (half sines, half "
+                f"cosines), got {self.d_model}"
+            )
         if self.max_relative_position < 1:
             raise ConfigError(
                 f"model.max_relative_position={self.max_relative_position} must be >= 1"
@@ -380,6 +419,7 @@ class ModelConfig:
         self._check_family()
         self._check_sbo()
         self._check_generator()
+        self._check_memory()
         if isinstance(self.pair_classes, bool) or not isinstance(self.pair_classes, int):
             raise ConfigError(f"model.pair_classes={self.pair_classes!r} must be an integer")
         if self.pair_classes < 2:
@@ -424,6 +464,16 @@ class ModelConfig:
                 f"objective {objective} with model.family={self.family}: family electra (a "
                 "generator and a discriminator) trains with objective electra, and electra "
                 "needs it"
+            )
+        if objective == "plm" and self.family != "xlnet":
+            raise ConfigError(
+                f"objective plm with model.family={self.family}: the permutation LM predicts "
+                "through XLNet's query stream; use model.family=xlnet"
+            )
+        if self.family == "xlnet" and objective not in XLNET_OBJECTIVES:
+            raise ConfigError(
+                f"objective {objective} with model.family=xlnet: XLNet trains with "
+                f"{' or '.join(XLNET_OBJECTIVES)} (the causal LM is Transformer-XL's)"
             )
         if (objective in SEQ2SEQ_OBJECTIVES) != (self.family in SEQ2SEQ_FAMILIES):
             raise ConfigError(
@@ -488,6 +538,23 @@ class ModelConfig:
                 f"divide its width {gen_d}"
             )
 
+    def _check_memory(self) -> None:
+        """Transformer-XL's fields: family xlnet only, mem_len >= 0, clamp_len -1 or >= 1."""
+        if self.family != "xlnet":
+            for key in ("mem_len", "clamp_len"):
+                value = getattr(self, key)
+                if value != getattr(ModelConfig, key):
+                    raise ConfigError(
+                        f"model.{key}={value} is not supported by family={self.family} (it "
+                        f"belongs to XLNet's relative attention); leave it at "
+                        f"{getattr(ModelConfig, key)}"
+                    )
+            return
+        if self.mem_len < 0:
+            raise ConfigError(f"model.mem_len={self.mem_len} must be >= 0 (0: no memory)")
+        if self.clamp_len != -1 and self.clamp_len < 1:
+            raise ConfigError(f"model.clamp_len={self.clamp_len} must be >= 1 (or -1: no clamping)")
+
     def _check_family(self) -> None:
         """The family's own constraints (FAMILY_FIELDS, and the two that are not a list)."""
         for key, (accepted, why) in FAMILY_FIELDS[self.family].items():
@@ -502,10 +569,10 @@ class ModelConfig:
                     f"model.{key}={value!r} is not supported by family={self.family} ({why}); "
                     f"{wanted}"
                 )
-        if self.family == "bart" and self.moe.enabled:
+        if self.family in ("bart", "xlnet") and self.moe.enabled:
             raise ConfigError(
                 f"model.moe.num_experts={self.moe.num_experts} is not supported by "
-                "family=bart (its blocks are dense); set it to 0"
+                f"family={self.family} (its blocks are dense); set it to 0"
             )
         if self.family == "glm" and self.n_head * self.head_dim != self.d_model:
             raise ConfigError(

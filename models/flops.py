@@ -34,8 +34,9 @@ of the score term at seq_len 512 and k = 64 (8 x 129 against 12 x 512), 1.4% of
 NEZHA-base's total. Their gather and scatter-add move memory and are left out like the
 softmax. GLM counts as a GPT of its shape (both position tables are lookups); BERT, ELECTRA
 (two networks, `electra_flops`) and T5 have their own counts below, each in the same
-convention; BART counts as a T5 of its shape (the same matmuls). Every family's arithmetic
-lives in this module.
+convention; BART counts as a T5 of its shape (the same matmuls); XLNet has its own count
+(`xlnet_flops`: two streams, the relative position projection and the segment memory).
+Every family's arithmetic lives in this module.
 
 Mixture-of-experts layers count their active parameters: a token meets top_k experts and
 the router (d_model x E), so FLOPs, and MFU from them, grow with top_k, not with E.
@@ -68,6 +69,7 @@ __all__ = [
     "matmul_params",
     "t5_flops",
     "t5_matmul_params",
+    "xlnet_flops",
 ]
 
 # Dense peaks in TFLOP/s: (name pattern, bf16, fp16, tf32, fp32); None where the data sheet
@@ -256,6 +258,43 @@ def t5_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int, target_len: int
     return float(6 * (n_enc + r * (n_dec + n_out)) + attention)
 
 
+def xlnet_flops(cfg: ModelConfig, *, vocab_size: int, seq_len: int, num_predict: int = 0) -> float:
+    """XLNet and Transformer-XL (models/xlnet.py), per token of the segment, with
+    T = seq_len, M = cfg.mem_len (memory counted full, as in a run that carries it from step
+    to step), L = M + T keys, P = num_predict positions of the query stream (0: one causal
+    content stream, the clm objective), HK = n_head * head_dim and F the MLP's weights:
+
+    * the content stream's k and v on every layer: 6 x 2 D HK; its q, o and MLP,
+      6 (2 D HK + F), on every layer but the last when P > 0 (whose content output feeds
+      nothing, so it is not computed);
+    * the query stream's q, o and MLP on P of the T positions: 6 (P / T) (2 D HK + F) per
+      layer, and the head on those only: 6 (P / T) V D (6 V D on every position when P = 0);
+    * the memory's k and v, M / T rows per token at 4 FLOPs per weight (forward and weight
+      gradient; the memory takes no gradient): 4 (M / T) 2 D HK per layer;
+    * per query (T per layer, plus P per layer for the query stream, less T in the last
+      layer when P > 0): 12 HK L for the two attention matmuls and 6 HK R for the position
+      scores, q times the R projected encodings (forward and both gradients), R = L + T - 1
+      distances (R = L when causal).
+
+    Left out: the projection of the R encodings, which runs once per micro-batch of B rows
+    (all rows share it) and costs 4 R D HK per layer (no input gradient: the table is
+    constant), 4 (R / (B T)) D HK per token: about 1% of xlnet_base's and xlnet_large's
+    totals at B = 8 and seq_len 512 with 85 predictions (8% at B = 1); the segment term (2
+    rows per query) and the gather of the position scores, like the softmax.
+    """
+    t, m, p, n = seq_len, cfg.mem_len, num_predict, cfg.n_layer
+    d, hk = cfg.d_model, cfg.n_head * cfg.head_dim
+    keys = m + t
+    rows = keys if p == 0 else keys + t - 1
+    stream = 2 * d * hk + _mlp_params(cfg, 1)
+    content_layers = n - 1 if p else n
+    n_matmul = n * 2 * d * hk + content_layers * stream + n * (p / t) * stream
+    n_matmul += vocab_size * d * (p / t if p else 1)
+    memory = 4 * n * (m / t) * 2 * d * hk
+    queries = content_layers + n * p / t
+    return float(6 * n_matmul + memory + queries * hk * (12 * keys + 6 * rows))
+
+
 def flops_per_token(
     cfg: ModelConfig,
     *,
@@ -270,8 +309,10 @@ def flops_per_token(
     `vocab_size` is the number of output rows actually computed (the padded vocabulary);
     `seq_len` is the attention context length of the training sequences; `target_len` is
     the decoder length of an encoder-decoder sample (T5: the objective's target length,
-    which depends on its noise settings), unused by the other families; `mask_prob` is the
-    share of tokens masked (ELECTRA's generator head runs on those only).
+    which depends on its noise settings), and for XLNet the positions its query stream
+    predicts per row (the plm objective's; None: none, the clm objective), unused by the
+    other families; `mask_prob` is the share of tokens masked (ELECTRA's generator head runs
+    on those only).
     """
     if cfg.family == "electra":
         return electra_flops(cfg, vocab_size=vocab_size, seq_len=seq_len, mask_prob=mask_prob)
@@ -281,6 +322,8 @@ def flops_per_token(
                 f"model.family={cfg.family!r} counts FLOPs per sample: give its target_len"
             )
         return t5_flops(cfg, vocab_size=vocab_size, seq_len=seq_len, target_len=target_len)
+    if cfg.family == "xlnet":
+        return xlnet_flops(cfg, vocab_size=vocab_size, seq_len=seq_len, num_predict=target_len or 0)
     count = FAMILY_FLOPS.get(cfg.family)
     if count is None:
         raise ValueError(f"model.family={cfg.family!r} has no FLOP count in models/flops.py")

@@ -444,6 +444,14 @@ def check_runnable(job: JobConfig, *, world_size: int) -> None:
             "does not run Loom's MoE layers; use parallel.engine=native"
         )
     if p.tp > 1:
+        from parallel.tensor_parallel import TP_PLANS
+
+        if job.model.family not in TP_PLANS:
+            raise ConfigError(
+                f"parallel.tp={p.tp} with model.family={job.model.family!r}: the family has no "
+                f"tensor-parallel plan (families with one: {', '.join(TP_PLANS)}); set "
+                "parallel.tp=1"
+            )
         vocab = job.model.vocab_size and job.model.padded_vocab_size()
         check_tp_divisibility(job.model, vocab_rows=vocab or None, tp=p.tp)
         seq_len = job.data.seq_len or job.model.max_seq_len

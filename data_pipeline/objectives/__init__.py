@@ -98,7 +98,8 @@ def row_length(name: str, *, cfg: DataConfig, seq_len: int) -> int:
 
 
 def target_length(name: str, *, cfg: DataConfig, seq_len: int) -> int | None:
-    """Decoder tokens per sample of an encoder-decoder objective (None for the others)."""
+    """Targets per sample where the objective fixes their number apart from seq_len: an
+    encoder-decoder's decoder tokens, XLNet's predicted positions (None for the others)."""
     factory = _factory(name)
     if hasattr(factory, "target_length"):
         return int(factory.target_length(cfg, seq_len))

@@ -163,6 +163,11 @@ class PermutationLM:
     their order.
     """
 
+    @staticmethod
+    def target_length(cfg: DataConfig, seq_len: int) -> int:
+        """Predicted positions per sample, P (the query stream's length, for FLOPs)."""
+        return num_targets(seq_len, cfg.plm.predict_ratio)
+
     def __init__(self, name: str, *, cfg: DataConfig, tokenizer, seq_len: int, seed: int):
         cfg.plm.validate()
         cfg.check_objective(name, seq_len=seq_len)

@@ -2,7 +2,7 @@
 
 Each conversion module (`models.hf.gpt2`, `models.hf.bert`, `models.hf.roberta`,
 `models.hf.distilbert`, `models.hf.t5`, `models.hf.switch`, `models.hf.electra`,
-`models.hf.bart`) defines
+`models.hf.bart`, `models.hf.xlnet`) defines
 `hf_config(cfg, *, vocab_size, token_ids=None)`, `to_hf(state_dict, cfg)`,
 `from_hf(state_dict, cfg)` and `TOKENS` (its tokenizer conventions, a
 `models.hf.common.TokenConventions`), and may define `build_hf_model(cfg, *, vocab_size,
@@ -72,8 +72,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "switch": ("models.hf.switch", "SwitchTransformersForConditionalGeneration"),
     "electra": ("models.hf.electra", "ElectraForPreTraining"),
     "bart": ("models.hf.bart", "BartForConditionalGeneration"),
+    "xlnet": ("models.hf.xlnet", "XLNetLMHeadModel"),
 }
-_FAMILIES = ("bert", "gpt", "t5", "electra", "bart")
+_FAMILIES = ("bert", "gpt", "t5", "electra", "bart", "xlnet")
 _NO_COUNTERPART = {
     "glm": "GLM (Du et al. 2022) has no Hugging Face transformers implementation to convert to",
 }
@@ -87,6 +88,7 @@ _MODEL_TYPES = {
     "switch_transformers": ("t5", "switch"),
     "electra": ("electra", "electra"),
     "bart": ("bart", "bart"),
+    "xlnet": ("xlnet", "xlnet"),
 }
 # Family -> key prefixes of modules that only training uses (no HF model has them).
 TRAINING_ONLY: dict[str, tuple[str, ...]] = {

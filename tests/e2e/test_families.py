@@ -32,6 +32,8 @@ SHORT = [
         "t5_v1_1_debug",
         "bart_debug",
         "mass_debug",
+        "xlnet_debug",
+        "transformer_xl_debug",
         "glm_debug",
         "gpt_rotary_debug",
     ],
