@@ -141,7 +141,7 @@ def test_end_to_end_through_build_objective():
     cfg.validate()
     obj = build_objective("plm", cfg=cfg, tokenizer=TOK, seq_len=32, seed=0)
     assert isinstance(obj, PermutationLM)
-    assert target_length("plm", cfg=cfg, seq_len=32) is None
+    assert target_length("plm", cfg=cfg, seq_len=32) == num_targets(32, 1 / 6) == 5
     assert row_length("plm", cfg=cfg, seq_len=32) == 33
     batch = rows(40, 32)
     out = obj(batch)
