@@ -12,6 +12,15 @@ share of B, rounded by largest remainder). The block repeats, so global sample g
 in O(1), and in every block each source's count differs from weight * B by less than one
 sample. Source s serves stream index k from row sample_order(len_s, seed, epoch=k // len_s)
 [k % len_s]: each source walks its own permuted epochs, independently of the other sources.
+
+Segment streams (`segment_streams` = G, the global batch size; one source only): for a model
+that carries memory from one segment to the next (Transformer-XL, XLNet), row j of every
+global batch must continue row j of the batch before. The source's n rows are cut into G
+contiguous streams of L = n // G rows, and sample k = t G + j of an epoch (t < L) reads row
+(j L + t + r_e) mod n: stream j's segment t, with the whole layout rotated by a seeded
+offset r_e per epoch (epochs of L G samples; the n - L G rows left over move with r_e), so
+each epoch cuts the streams elsewhere. A row j of a batch reads stream j whatever the
+data-parallel size.
 """
 
 from __future__ import annotations
@@ -170,6 +179,7 @@ class BlendedSamples:
         *,
         seed: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        segment_streams: int | None = None,
     ) -> None:
         check_blendable(datasets)
         if len(weights) != len(datasets):
@@ -183,6 +193,9 @@ class BlendedSamples:
         self.schedule = BlendSchedule(weights, block_size=block_size)
         self.seed = seed
         self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self.segment_streams = segment_streams
+        if segment_streams is not None:
+            _check_streams(self.datasets, segment_streams)
 
     def __getstate__(self) -> dict:
         # Visiting orders can be large and are cheap to recompute: not shipped to workers.
@@ -192,7 +205,8 @@ class BlendedSamples:
     def fingerprint(self) -> str:
         """'<data>-<blend>': a hash of every source's data, then one of the weights."""
         data = json.dumps([ds.fingerprint for ds in self.datasets])
-        return f"{hashlib.sha256(data.encode()).hexdigest()[:16]}-{self.schedule.identity}"
+        streams = "" if self.segment_streams is None else f"-streams{self.segment_streams}"
+        return f"{hashlib.sha256(data.encode()).hexdigest()[:16]}-{self.schedule.identity}{streams}"
 
     def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, index in that source's stream) of each global sample index."""
@@ -211,6 +225,10 @@ class BlendedSamples:
 
     def rows(self, source: int, k: np.ndarray) -> np.ndarray:
         """Rows of `source` that its stream indices `k` read."""
+        if self.segment_streams is not None:
+            return stream_rows(
+                k, n=len(self.datasets[source]), streams=self.segment_streams, seed=self.seed
+            )
         epochs, within = np.divmod(np.asarray(k, dtype=np.int64), len(self.datasets[source]))
         if len(epochs) and epochs.min() == epochs.max():
             return self._order(source, int(epochs[0]))[within]
@@ -268,4 +286,38 @@ class BlendedSamples:
     def epochs(self, consumed_samples: int) -> list[int]:
         """Epoch of each source's next sample once `consumed_samples` were read."""
         counts = self.schedule.counts_before(consumed_samples)
+        if self.segment_streams is not None:
+            g = self.segment_streams
+            return [
+                int(c) // (len(ds) // g * g) for c, ds in zip(counts, self.datasets, strict=True)
+            ]
         return [int(c) // len(ds) for c, ds in zip(counts, self.datasets, strict=True)]
+
+
+def _check_streams(datasets: Sequence[PackedDataset], streams: int) -> None:
+    if len(datasets) != 1:
+        raise ConfigError(
+            f"segment streams (model.mem_len > 0) read one corpus in order; data.sources blends "
+            f"{len(datasets)}: prepare them as one corpus"
+        )
+    n = len(datasets[0])
+    if not 1 <= streams <= n:
+        raise ConfigError(
+            f"{datasets[0].path}: {n} rows cannot hold {streams} segment streams (one per row of "
+            "the global batch); lower trainer.global_batch_size or use a larger corpus"
+        )
+
+
+def stream_rows(k: np.ndarray, *, n: int, streams: int, seed: int) -> np.ndarray:
+    """Rows that stream indices `k` read under segment streams (module docstring): sample
+    t G + j of an epoch reads row (j L + t + r_e) mod n, L = n // G."""
+    k = np.asarray(k, dtype=np.int64)
+    per_epoch = n // streams * streams
+    epochs, within = np.divmod(k, per_epoch)
+    t, j = np.divmod(within, streams)
+    rows = j * (n // streams) + t
+    for e in np.unique(epochs).tolist():
+        sel = epochs == e
+        offset = np.random.Generator(np.random.PCG64([seed, e, 0x5E6])).integers(n)
+        rows[sel] = (rows[sel] + offset) % n
+    return rows

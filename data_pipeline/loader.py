@@ -335,15 +335,22 @@ def build_loader(
     transform: Transform | None = None,
     verify_checksums: bool = False,
     blend_block_size: int = DEFAULT_BLOCK_SIZE,
+    segment_streams: bool = False,
 ) -> Loader:
     """The loader over `sources` ((path, weight) pairs; weights are relative shares).
-    `transform` (a picklable objective) runs on each micro-batch, in the workers if any."""
+    `transform` (a picklable objective) runs on each micro-batch, in the workers if any.
+    `segment_streams`: row j of every global batch continues row j of the one before
+    (data_pipeline/blend.py; one source)."""
     pairs = _source_pairs(sources)
     if not pairs:
         raise ConfigError("data.sources is empty: the loader needs at least one corpus")
     datasets = [PackedDataset(p, split, verify_checksums=verify_checksums) for p, _ in pairs]
     samples = BlendedSamples(
-        datasets, [w for _, w in pairs], seed=seed, block_size=blend_block_size
+        datasets,
+        [w for _, w in pairs],
+        seed=seed,
+        block_size=blend_block_size,
+        segment_streams=global_batch_size if segment_streams else None,
     )
     return Loader(
         samples,

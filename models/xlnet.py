@@ -233,6 +233,9 @@ class XLNet(TiedOutputMixin, nn.Module):
     )
     # Tokens per slice of the chunked loss (forward with `labels`); 0: the whole sequence.
     loss_chunk_tokens = 0
+    # The causal path (Transformer-XL) reads neither the query stream's mask embedding nor
+    # the segment terms: data parallelism must not wait for their gradients.
+    may_leave_parameters_unused = True
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
@@ -245,6 +248,10 @@ class XLNet(TiedOutputMixin, nn.Module):
         # Keyed by layer index, as every family's blocks.
         self.blocks = nn.ModuleDict({str(i): XLNetBlock(cfg) for i in range(cfg.n_layer)})
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=True)
+        # Segment memory the model keeps between training steps, by memory slot (`forward`'s
+        # memory_slot): n_layer tensors (B, M, D) each. Not a buffer: the trainer saves it
+        # with the checkpoint's per-rank files (`memory_state`, `load_memory_state`).
+        self.memory: dict[int, list[torch.Tensor]] = {}
         self.tie_weights()
         self.init_weights()
 
@@ -274,6 +281,7 @@ class XLNet(TiedOutputMixin, nn.Module):
         mems: list[torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
         return_mems: bool = False,
+        memory_slot: int | None = None,
     ):
         """Logits of token ids (B, T): (B, P, V) of the query stream at `target_positions`
         (B, P), in their order; without them (B, T, V) of the content stream.
@@ -292,7 +300,32 @@ class XLNet(TiedOutputMixin, nn.Module):
         With `labels` ((B, P), or (B, T) without target_positions) the logits are not
         returned but scored a slice at a time: {"row_losses": (B,) summed cross-entropy}.
         With `return_mems` the result is (outputs, new mems), cfg.mem_len positions or fewer.
+
+        `memory_slot` (training with memory carried between steps): the model reads the
+        memory it keeps under that slot (none the first time), and keeps the new memory
+        there for the slot's next segment; the rows of a slot must continue its previous
+        rows (the loader's segment streams).
         """
+        if memory_slot is not None:
+            if mems is not None or return_mems or self.cfg.mem_len <= 0:
+                raise ValueError(
+                    "memory_slot keeps the memory in the model: give no mems or return_mems, "
+                    "and set model.mem_len > 0"
+                )
+            # forward, not __call__: the module's hooks (FSDP's) already ran for this call.
+            outputs, self.memory[memory_slot] = self.forward(
+                input_ids,
+                perm_mask=perm_mask,
+                target_positions=target_positions,
+                token_type_ids=token_type_ids,
+                attention_mask=attention_mask,
+                attn_mask=attn_mask,
+                position_ids=position_ids,
+                mems=self.memory.get(memory_slot),
+                labels=labels,
+                return_mems=True,
+            )
+            return outputs
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -334,6 +367,15 @@ class XLNet(TiedOutputMixin, nn.Module):
             _shape("labels", labels, tuple(y_BQD.shape[:2]))
         outputs = head_outputs(self.lm_head, y_BQD, labels, chunk_tokens=self.loss_chunk_tokens)
         return (outputs, new_mems) if return_mems else outputs
+
+    def memory_state(self) -> dict[int, list[torch.Tensor]]:
+        """The kept memory by slot, on the CPU (for a checkpoint)."""
+        return {slot: [m.cpu() for m in mems] for slot, mems in self.memory.items()}
+
+    def load_memory_state(self, state: dict[int, list[torch.Tensor]]) -> None:
+        """Keep `state` (by slot, as `memory_state` gives it) on this model's device."""
+        device = self.wte.weight.device
+        self.memory = {slot: [m.to(device) for m in mems] for slot, mems in state.items()}
 
     def _cache(self, h_BTD: torch.Tensor, mem_BMD: torch.Tensor | None) -> torch.Tensor:
         """The next segment's memory of one layer: its last mem_len inputs, detached."""

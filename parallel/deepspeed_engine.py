@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from parallel.config import OFFLOADS, ParallelConfig
 from parallel.dist import World
-from parallel.engine import Batch, Engine, MicroBatch, TrainingSpec, sum_micro_losses
+from parallel.engine import Batch, Engine, MicroBatch, TrainingSpec, inputs_to, sum_micro_losses
 from parallel.flat_layout import FlatLayout
 from parallel.state import read_full
 
@@ -362,7 +362,7 @@ class DeepSpeedEngine(Engine):
         return dict(zip(keys, totals.unbind(0), strict=True))
 
     def _forward_loss(self, model: Callable, inputs: Batch, labels: Batch) -> dict:
-        inputs = {k: v.to(self.world.device, non_blocking=True) for k, v in inputs.items()}
+        inputs = inputs_to(self.world.device, inputs)
         with self.spec.forward_context():
             outputs = model(**inputs)
         if self.spec.loss_targets is not None:

@@ -74,6 +74,15 @@ class TrainingSpec:
     outputs (trainer/distill.py). None: the labels alone."""
 
 
+def inputs_to(device: torch.device, inputs: Batch) -> dict:
+    """The model inputs on `device`; values that are not tensors (a memory slot number)
+    pass as they are."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in inputs.items()
+    }
+
+
 def sum_micro_losses(total: torch.Tensor | None, sums: dict[str, torch.Tensor], keys: list[str]):
     """Running float64 per-task sums over micro-batches, in `keys` order, on the device the
     losses are on (reading them on the host would wait for the GPU every micro-batch)."""

@@ -21,7 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from parallel import dist
 from parallel.data_parallel import ReplicaSync, clip_grads_
-from parallel.engine import Batch, Engine, MicroBatch, TrainingSpec, local_losses, sum_micro_losses
+from parallel.engine import (
+    Batch,
+    Engine,
+    MicroBatch,
+    TrainingSpec,
+    inputs_to,
+    local_losses,
+    sum_micro_losses,
+)
 from parallel.state import (
     load_model_state,
     load_optimizer_state,
@@ -100,7 +108,7 @@ class NativeEngine(Engine):
 
     def _forward_loss(self, model: nn.Module, inputs: Batch, labels: Batch) -> dict:
         device = self.world.device
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        inputs = inputs_to(device, inputs)
         with self.spec.forward_context():
             outputs = model(**inputs)
         if self.spec.loss_targets is not None:

@@ -127,7 +127,12 @@ def parallelize(
     group = world.mesh["dp"].get_group()
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     # DDP broadcasts rank 0's weights at construction, so all replicas start equal.
-    return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+    # A model whose objective may leave parameters without gradient says so (XLNet's causal
+    # path never reads its query stream's mask embedding or its segment terms).
+    unused = getattr(model, "may_leave_parameters_unused", False)
+    return DistributedDataParallel(
+        model, device_ids=device_ids, process_group=group, find_unused_parameters=unused
+    )
 
 
 def place_frozen(

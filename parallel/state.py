@@ -132,6 +132,12 @@ def load_sharded(
     }
     names = [list(g["params"]) for g in state["optim"]["param_groups"]]  # load is in place
     renamed = _rename_to_stored(state["optim"]["state"], directory, aliases)
+    # A parameter that never had a gradient (XLNet's segment terms in a causal run) was
+    # saved without optimizer state; it keeps the fresh state the template gave it.
+    stored = _stored_state_names(directory)
+    stateless = [n for n in state["optim"]["state"] if n not in stored]
+    for name in stateless:
+        del state["optim"]["state"][name]
     dcp.load(state, checkpoint_id=str(directory))
     for own, stored in renamed.items():
         state["optim"]["state"][own] = state["optim"]["state"].pop(stored)
@@ -140,7 +146,14 @@ def load_sharded(
     for group, own in zip(state["optim"]["param_groups"], names, strict=True):
         group["params"] = own
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    options = StateDictOptions(strict=False) if stateless else None
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
+
+
+def _stored_state_names(directory: Path) -> set[str]:
+    """Names of the parameters whose optimizer state a DCP checkpoint holds."""
+    keys = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return {k.split(".", 2)[2].rsplit(".", 1)[0] for k in keys if k.startswith("optim.state.")}
 
 
 def _rename_to_stored(
@@ -150,8 +163,7 @@ def _rename_to_stored(
     the writer held the parameter under another name); returns {own name: stored name}."""
     if not aliases:
         return {}
-    keys = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    stored = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in keys if k.startswith("optim.state.")}
+    stored = _stored_state_names(directory)
     renamed = {}
     for name in list(optim_state):
         found = _stored_name(name, stored, aliases)

@@ -404,6 +404,11 @@ def validate_job(job: JobConfig, *, world_size: int = 1) -> None:
             f"data.mlm.sbo_max_targets={job.data.mlm.sbo_max_targets} exceeds the span "
             f"boundary head's model.sbo_max_targets={job.model.sbo_max_targets} positions"
         )
+    if job.model.mem_len > 0 and job.data.sources is not None and len(job.data.sources) > 1:
+        raise ConfigError(
+            f"model.mem_len={job.model.mem_len} carries memory along consecutive segments of one "
+            f"corpus; data.sources blends {len(job.data.sources)}: prepare them as one corpus"
+        )
     if job.parallel.ep > 1 and not job.model.moe.enabled:
         raise ConfigError(
             f"parallel.ep={job.parallel.ep} needs experts to split: set model.moe.num_experts > 0"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from common.log import log_rank0
+from data_pipeline.objectives import target_length
 from models import build_model, param_counts
 from models.config import SEQ2SEQ_FAMILIES
 from parallel.comm import CommTally, summary_lines
@@ -106,12 +107,15 @@ def _logits_bytes(job: JobConfig, *, vocab: int, seq_len: int) -> float:
     """fp32 logits and their gradient, for the tokens scored at once (trainer.loss_chunk_tokens),
     vocabulary-sharded under TP. ELECTRA's generator scores its masked positions only, with
     logits gathered whole under TP, and its sampling adds their fp32 probabilities and
-    float64 cumulative sums."""
+    float64 cumulative sums. XLNet's permutation LM scores its predicted positions only."""
     m, t, tp = job.model, job.trainer, job.parallel.tp
     rows, per_value, split = seq_len * t.micro_batch_size, 2 * 4, tp
     if m.family == "electra":
         masked = max(1, round(job.data.mlm.mask_prob * (seq_len - 2)))
         rows, per_value, split = masked * t.micro_batch_size, 2 * 4 + 4 + 8, 1
+    objective = job.data.objective or m.objective
+    if m.family == "xlnet" and objective == "plm":  # the query stream's predicted positions
+        rows = target_length(objective, cfg=job.data, seq_len=seq_len) * t.micro_batch_size
     scored = min(t.loss_chunk_tokens, rows) if t.loss_chunk_tokens > 0 else rows
     return per_value * scored * vocab / split
 

@@ -34,7 +34,13 @@ from parallel import dist
 from parallel.engine import TrainingSpec
 from parallel.launch_env import launch_env
 from parallel.parallelize import build_engine, place_frozen
-from trainer.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
+from trainer.checkpoint import (
+    CheckpointManager,
+    load_file,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
 from trainer.comm_report import CommAccounting
 from trainer.config import JobConfig, to_yaml
 from trainer.distill import (
@@ -130,6 +136,8 @@ def open_data(job: JobConfig, world: dist.World) -> Data:
         seed=t.seed,
         num_workers=job.data.num_workers,
         transform=objective,
+        # A model that carries memory between steps reads consecutive segments per row.
+        segment_streams=job.model.mem_len > 0,
     )
     total = sum(w for _, w in sources)
     val = []
@@ -302,6 +310,8 @@ class Trainer:
             ) from exc
         self.data.loader.load_state_dict(state["trainer"]["loader"])
         self.scaler.load_state_dict(state["trainer"]["scaler"])
+        if self.job.model.mem_len > 0:
+            self._load_memory(path)
         set_rng_state(state["rng"])
         step = int(state["trainer"]["step"])
         log_rank0("resumed from %s at step %d", path, step)
@@ -313,13 +323,50 @@ class Trainer:
             "loader": self.data.loader.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+        per_rank = {"rng": rng_state()}
+        if self.job.model.mem_len > 0:
+            per_rank["memory"] = self._memory_by_stream()
         path = self.ckpt.save(
             step,
             shared={"trainer.pt": trainer_state},
-            per_rank={"rng": rng_state()},
+            per_rank=per_rank,
             sharded=self.engine.save,
         )
         log_rank0("saved %s", path)
+
+    def _first_stream(self, slot: int, rows: int) -> int:
+        """The segment stream (row of the global batch) of the first row of this rank's
+        micro-batch `slot`, of `rows` rows."""
+        per_rank = self.t.global_batch_size // self.world.dp_size
+        return self.world.dp_rank * per_rank + slot * rows
+
+    def _memory_by_stream(self) -> dict[int, list[torch.Tensor]]:
+        """The model's segment memory by stream: {stream: n_layer tensors (M, D)}, so a
+        resume at another data-parallel or micro-batch size finds each stream's memory."""
+        out = {}
+        for slot, mems in self.engine.module.memory_state().items():
+            rows = mems[0].shape[0]
+            for i in range(rows):
+                out[self._first_stream(slot, rows) + i] = [m[i] for m in mems]
+        return out
+
+    def _load_memory(self, path: Path) -> None:
+        """Every rank's saved memory by stream, given back to this rank's slots; a stream
+        without memory (the global batch size changed) starts without, said once."""
+        saved: dict[int, list[torch.Tensor]] = {}
+        for file in sorted(path.glob("memory_rank*.pt")):
+            saved |= load_file(file)
+        rows, state = self.t.micro_batch_size, {}
+        for slot in range(self.accumulation):
+            streams = [self._first_stream(slot, rows) + i for i in range(rows)]
+            if not all(j in saved for j in streams):
+                warn_once(
+                    f"{path}: no segment memory saved for streams {streams}; they start afresh"
+                )
+                continue
+            layers = zip(*(saved[j] for j in streams), strict=True)
+            state[slot] = [torch.stack(per_row) for per_row in layers]
+        self.engine.module.load_memory_state(state)
 
     def train_step(self, step: int) -> dict:
         lr = self.schedule.apply(self.engine.optimizer, step)
@@ -327,6 +374,10 @@ class Trainer:
             weight = self.world.dp_size / self.t.global_batch_size * self.scaler.scale
             set_aux_loss_weight(self.engine.module, weight)
         micro = [self._split(b) for b in self.data.loader.next_batch()]
+        if self.job.model.mem_len > 0:  # micro-batch m of every step continues the last one's
+            micro = [
+                ({**inputs, "memory_slot": m}, labels) for m, (inputs, labels) in enumerate(micro)
+            ]
         keys = sorted(micro[0][1])
         local = [sum(target_counts(labels)[k] for _, labels in micro) for k in keys]
         counts = dist.dp_sum(torch.tensor(local, dtype=torch.float64), self.world).tolist()

@@ -95,7 +95,7 @@ def test_release_shapes_and_counts(name, layers, d_model, heads, d_ff, total):
 
 def test_debug_recipes_build():
     plm = load_cfg()
-    assert (plm.n_layer, plm.d_model, plm.objective, plm.mem_len) == (2, 128, "plm", 0)
+    assert (plm.n_layer, plm.d_model, plm.objective, plm.mem_len) == (2, 128, "plm", 16)
     xl = load_cfg("transformer_xl_debug")
     assert (xl.family, xl.objective, xl.mem_len) == ("xlnet", "clm", 32)
     assert len(debug_xlnet("transformer_xl_debug").blocks) == 2
@@ -383,7 +383,7 @@ def test_tied_after_to_empty_and_initialised_as_xlnet():
 
 
 def test_inputs_are_checked():
-    model = debug_xlnet()
+    model = debug_xlnet(mem_len=0)
     x = ids(2, 8, seed=1)
     with pytest.raises(ValueError, match="perm_mask has shape"):
         model(x, perm_mask=torch.zeros(2, 8, 7, dtype=torch.bool))
@@ -468,8 +468,10 @@ def test_flops_per_token_dispatches_to_xlnet():
     assert plm == xlnet_flops(cfg, vocab_size=32000, seq_len=512, num_predict=85)
     clm = flops_per_token(cfg, vocab_size=32000, seq_len=512)
     assert clm == xlnet_flops(cfg, vocab_size=32000, seq_len=512)
-    # About 6 x the 117M parameters a token meets, plus attention over 512 keys.
-    assert 6 * 0.9e8 < plm < clm < 6 * 1.4e8
+    # About 6 x the 117M parameters a token meets, plus attention over 384 + 512 keys.
+    assert 6 * 0.9e8 < plm < clm < 6 * 1.6e8
+    no_memory = flops_per_token(dataclasses.replace(cfg, mem_len=0), vocab_size=32000, seq_len=512)
+    assert no_memory < clm  # the memory's keys and values are attended to and projected
 
 
 def test_tensor_and_pipeline_parallelism_are_refused_by_name():
