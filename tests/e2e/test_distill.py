@@ -13,10 +13,10 @@ from tests.conftest import ROOT, read_metrics
 TEACHER = (
     "+model=bert_debug",
     "model.n_layer=4",
-    "trainer.max_steps=30",
+    "trainer.max_steps=12",
     "trainer.global_batch_size=8",
     "trainer.micro_batch_size=4",
-    "trainer.save_every=30",
+    "trainer.save_every=12",
     "trainer.eval_every=0",
     "optim.lr=3e-3",
 )
@@ -44,7 +44,7 @@ def student_overrides(kind: str, teacher: Path, *extra: str) -> tuple[str, ...]:
     )
 
 
-LONGER = ["trainer.max_steps=30", "trainer.log_every=5", "trainer.eval_every=0", "optim.lr=3e-3"]
+LONGER = ["trainer.max_steps=20", "trainer.log_every=5", "trainer.eval_every=0", "optim.lr=3e-3"]
 
 
 def test_distilbert_student_learns_from_its_teacher(one_process, train_cli, tmp_path):

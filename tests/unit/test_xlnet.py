@@ -485,3 +485,12 @@ def test_tensor_and_pipeline_parallelism_are_refused_by_name():
     job.parallel = dataclasses.replace(job.parallel, tp=1, pp=2)
     with pytest.raises(ConfigError, match="'xlnet' cannot be pipelined"):
         check_runnable(job, world_size=2)
+
+
+def test_transformer_xl_base_has_the_papers_size():
+    """Dai et al. 2019, WikiText-103 base: 16 x 410, 10 heads, ReLU MLP 2100, 151M."""
+    cfg = load_cfg("transformer_xl_base")
+    assert (cfg.objective, cfg.activation, cfg.mem_len, cfg.head_dim) == ("clm", "relu", 150, 41)
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size=cfg.padded_vocab_size())
+    assert param_counts(model)["total"] == 151_138_695
