@@ -136,15 +136,25 @@ def parallelize(
 
 
 def place_frozen(
-    model: nn.Module, cfg: ParallelConfig, *, world: World, precision: str = "fp32"
+    model: nn.Module,
+    cfg: ParallelConfig,
+    *,
+    world: World,
+    model_cfg: ModelConfig,
+    precision: str = "fp32",
 ) -> nn.Module:
     """A model that only runs forward passes (a distillation teacher), frozen and in eval
     mode, placed as `parallelize` places a trained one's weights: on this rank's device,
-    whole, or under parallel.zero=3 sharded block by block over the data-parallel ranks
-    (FSDP2, every block all-gathered for its forward and resharded after). Layouts that
-    split a model otherwise (TP, PP) are refused before this (trainer/config.py)."""
+    split by its family's tensor-parallel plan over parallel.tp (without sequence
+    parallelism), and under parallel.zero=3 sharded block by block over the data-parallel
+    ranks (FSDP2, every block all-gathered for its forward and resharded after). Pipeline
+    stages are refused before this (trainer/config.py)."""
     model.requires_grad_(False)
     model = model.to(world.device).eval()
+    if cfg.tp > 1:
+        model = apply_tensor_parallel(
+            model, model_cfg, tp_mesh=world.mesh["tp"], sequence_parallel=False
+        )
     if cfg.zero == 3 and world.dp_size > 1:
         model = _fully_shard(model, world, reshard=True, precision=precision)
     return model

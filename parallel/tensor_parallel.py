@@ -450,7 +450,12 @@ def apply_tensor_parallel(
     if tp == 1:
         return model
     check_tp_divisibility(cfg, vocab_rows=_vocab_rows(model), tp=tp)
-    parallelize_module(model, tp_mesh, tp_plan(cfg, sequence_parallel=sequence_parallel))
+    plan = tp_plan(cfg, sequence_parallel=sequence_parallel)
+    # Training-only maps (a distillation student's projections) run whole on every rank.
+    extra = getattr(model, "distill_proj", None)
+    if extra is not None:
+        plan |= {f"distill_proj.{name}": ReplicateParallel() for name in extra}
+    parallelize_module(model, tp_mesh, plan)
     # Each module's parameters were replaced by DTensors one module at a time, which
     # splits a tied pair; both halves are Shard(0) over the vocabulary, so re-tie them.
     if cfg.tie_embeddings:

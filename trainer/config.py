@@ -498,16 +498,21 @@ def check_runnable(job: JobConfig, *, world_size: int) -> None:
 
 
 def _check_distill_layout(job: JobConfig) -> None:
-    """What distillation does not run with: layouts that split the student's logits, hidden
-    states or scores (TP, PP), a chunked loss (the soft targets need whole logits)."""
+    """What distillation does not run with: pipeline stages and sequence parallelism (the
+    student's and teacher's hidden states are compared whole on each rank), DeepSpeed, a
+    chunked loss (the soft targets need whole logits)."""
     p, d = job.parallel, job.distill
-    for key in ("tp", "pp"):
-        if getattr(p, key) > 1:
-            raise ConfigError(
-                f"distill.teacher with parallel.{key}={getattr(p, key)}: distillation compares "
-                "the student's and teacher's outputs whole on each data-parallel rank; use "
-                "data parallelism (ZeRO-0/1/2/3) instead"
-            )
+    if p.pp > 1:
+        raise ConfigError(
+            f"distill.teacher with parallel.pp={p.pp}: the loss compares the student's and "
+            "teacher's outputs of every layer, which pipeline stages split; use data or "
+            "tensor parallelism"
+        )
+    if p.sp:
+        raise ConfigError(
+            "distill.teacher with parallel.sp=true: the hidden states are compared whole on "
+            "each rank; set parallel.sp=false (tensor parallelism alone works)"
+        )
     if p.engine == "deepspeed":
         raise ConfigError(
             "distill.teacher with parallel.engine=deepspeed: the teacher is placed by the native "

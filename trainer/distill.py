@@ -3,9 +3,12 @@
 The student is the job's model, trained on its objective's batches; the teacher is another
 model of the BERT family (a Loom run or checkpoint, a folder of export_hf.py --to-loom, or
 a Hugging Face folder), read once, frozen, in eval mode, and placed by the job's layout
-(whole on every rank, or sharded block by block over the data-parallel ranks under
-parallel.zero=3: `parallel.parallelize.place_frozen`). It never enters the student's
-optimizer or checkpoints; a resumed run reads it again from distill.teacher.
+(whole on every rank, split by its tensor-parallel plan under parallel.tp, sharded block by
+block over the data-parallel ranks under parallel.zero=3: `parallel.parallelize.place_frozen`).
+Under TP the logits are vocabulary-parallel DTensors and each rank holds some heads'
+attention scores; the soft targets and the score MSE reduce over the shards. The teacher
+never enters the student's optimizer or checkpoints; a resumed run reads it again from
+distill.teacher.
 
 For every micro-batch the engine runs the teacher's forward, under no_grad, right before the
 loss (`TrainingSpec.loss_targets`), so its outputs live no longer than that micro-batch's
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from common.errors import ConfigError
 from common.log import log_rank0
@@ -251,19 +255,21 @@ class DistillLoss:
             return soft_cross_entropy(
                 student["logits"], teacher["logits"], scored_BT, temperature=self.cfg.temperature
             )
+        if key == "att_labels":
+            like = student["logits"]
+            s_scores = [_as_dtensor_heads(x, like) for x in student["attention_scores"]]
+            t_scores = [_as_dtensor_heads(x, like) for x in teacher["attention_scores"]]
+            return sum(
+                mean_squared(s_scores[m - 1], t_scores[g - 1], scored_BT, heads=True)
+                for m, g in enumerate(self.layers, start=1)
+            )
         s_states, t_states = student["hidden_states"], teacher["hidden_states"]
         if key == "cos_labels":
             return cosine_distance(s_states[-1], t_states[-1], scored_BT)
         if key == "emb_labels":
             return mean_squared(s_states[0], t_states[0], scored_BT)
-        if key == "hid_labels":
-            return sum(
-                mean_squared(s_states[m], t_states[g], scored_BT)
-                for m, g in enumerate(self.layers, start=1)
-            )
-        s_scores, t_scores = student["attention_scores"], teacher["attention_scores"]
-        return sum(
-            mean_squared(s_scores[m - 1], t_scores[g - 1], scored_BT, heads=True)
+        return sum(  # hid_labels
+            mean_squared(s_states[m], t_states[g], scored_BT)
             for m, g in enumerate(self.layers, start=1)
         )
 
@@ -273,21 +279,33 @@ def soft_cross_entropy(
 ) -> torch.Tensor:
     """Sum over the scored tokens of T^2 x -sum_v p_teacher(v) log p_student(v), both
     softmaxes at temperature T, in fp32 (Hinton et al. 2015; the T^2 keeps the gradient's
-    scale independent of T)."""
+    scale independent of T). Vocabulary-parallel logits (DTensors sharded over the
+    vocabulary, under loss_parallel) are summed over their shards."""
     t = temperature
-    log_p_student = F.log_softmax(student_BTV[scored_BT].float() / t, dim=-1)
-    p_teacher = F.softmax(teacher_BTV[scored_BT].float() / t, dim=-1)
-    return -(p_teacher * log_p_student).sum() * t * t
+    log_p_student = _log_softmax(student_BTV.float() / t)
+    p_teacher = _log_softmax(teacher_BTV.float() / t).exp()
+    return _token_sum(-(p_teacher * log_p_student).sum(-1), scored_BT) * t * t
+
+
+def _log_softmax(z_BTV: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim. Logits sharded over the vocabulary (a DTensor) are
+    normalised by the maximum and the sum of exponentials reduced over every shard, each
+    made whole (Replicate) before it is subtracted."""
+    if not isinstance(z_BTV, DTensor):
+        return F.log_softmax(z_BTV, dim=-1)
+    whole = [Replicate()]
+    max_BT1 = z_BTV.detach().amax(dim=-1, keepdim=True).redistribute(placements=whole)
+    shifted_BTV = z_BTV - max_BT1
+    sum_BT1 = shifted_BTV.exp().sum(dim=-1, keepdim=True).redistribute(placements=whole)
+    return shifted_BTV - sum_BT1.log()
 
 
 def cosine_distance(
     student_BTD: torch.Tensor, teacher_BTD: torch.Tensor, scored_BT: torch.Tensor
 ) -> torch.Tensor:
     """Sum over the scored tokens of 1 - cos(student, teacher) (DistilBERT's cosine loss)."""
-    cos = F.cosine_similarity(
-        student_BTD[scored_BT].float(), teacher_BTD[scored_BT].float(), dim=-1
-    )
-    return (1.0 - cos).sum()
+    cos_BT = F.cosine_similarity(student_BTD.float(), teacher_BTD.float(), dim=-1)
+    return _token_sum(1.0 - cos_BT, scored_BT)
 
 
 def mean_squared(
@@ -295,13 +313,30 @@ def mean_squared(
 ) -> torch.Tensor:
     """Sum over the scored tokens of the mean squared difference of their vectors: over the
     width of hidden states (B, T, D), or over heads and keys of scores (B, H, T, T), whose
-    query is the token."""
-    if heads:  # (B, H, T, T) -> (B, T, H x T): one row per query token
-        b, h, t, _ = student.shape
-        student = student.transpose(1, 2).reshape(b, t, h * t)
-        teacher = teacher.transpose(1, 2).reshape(b, t, h * t)
-    diff = student[scored_BT].float() - teacher[scored_BT].float()
-    return diff.pow(2).mean(dim=-1).sum()
+    query is the token (heads may be sharded over TP ranks: a DTensor)."""
+    squared = (student.float() - teacher.float()).pow(2)
+    if heads:
+        _, h, _, keys = squared.shape
+        return _token_sum(squared.sum(dim=(1, 3)) / (h * keys), scored_BT)
+    return _token_sum(squared.mean(dim=-1), scored_BT)
+
+
+def _token_sum(per_token_BT: torch.Tensor, scored_BT: torch.Tensor) -> torch.Tensor:
+    """Sum of per-token values over the scored tokens. A DTensor (values summed over TP
+    shards) comes back replicated: its local value is the whole sum."""
+    if not isinstance(per_token_BT, DTensor):
+        return (per_token_BT * scored_BT).sum()
+    mesh = per_token_BT.device_mesh
+    scored = DTensor.from_local(scored_BT.to(per_token_BT.dtype), mesh, [Replicate()])
+    return (per_token_BT * scored).sum().redistribute(placements=[Replicate()])
+
+
+def _as_dtensor_heads(scores_BHTT: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Attention scores of this rank's heads as one DTensor over the TP ranks, when the
+    model is tensor-parallel (its logits, `like`, are a DTensor); as they are otherwise."""
+    if not isinstance(like, DTensor) or isinstance(scores_BHTT, DTensor):
+        return scores_BHTT
+    return DTensor.from_local(scores_BHTT, like.device_mesh, [Shard(1)])
 
 
 def teacher_forward_flops(teacher: ModelConfig, *, vocab_size: int, seq_len: int) -> float:

@@ -260,7 +260,11 @@ class Trainer:
         flops = teacher_forward_flops(teacher_cfg, vocab_size=rows, seq_len=self.seq_len)
         describe_teacher(teacher_cfg, param_counts(teacher)["total"], flops)
         teacher = place_frozen(
-            teacher, job.parallel, world=self.world, precision=job.precision.dtype
+            teacher,
+            job.parallel,
+            world=self.world,
+            model_cfg=teacher_cfg,
+            precision=job.precision.dtype,
         )
         hook = TeacherTargets(teacher, lambda: autocast(job.precision, self.world.device))
         loss = DistillLoss(d, n_student=job.model.n_layer, n_teacher=teacher_cfg.n_layer)

@@ -1,8 +1,9 @@
 """Distillation through launch/train.py on two ranks trains as one process does: DistilBERT's
 mix (distilbert_debug student) under DP=2 and ZeRO-3, TinyBERT's (tinybert_debug student,
-half the teacher's width, with projections) under DP=2 and ZeRO-3, where the teacher is
-sharded too. Train and validation losses within 1e-5 at every step and the same final
-weights."""
+half the teacher's width, with projections; every term, soft targets and attention scores
+included) under DP=2, ZeRO-3 (the teacher sharded too) and TP=2 (student and teacher split
+by heads and vocabulary). Train and validation losses within 1e-5 at every step and the
+same final weights."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from tests.e2e.test_distill import TEACHER, student_overrides
         ("distilbert", ["parallel.zero=3"]),
         ("tinybert", ["parallel.zero=0"]),
         ("tinybert", ["parallel.zero=3"]),
+        ("tinybert", ["parallel.tp=2"]),
     ],
-    ids=["distilbert-ddp", "distilbert-zero3", "tinybert-ddp", "tinybert-zero3"],
+    ids=["distilbert-ddp", "distilbert-zero3", "tinybert-ddp", "tinybert-zero3", "tinybert-tp2"],
 )
 def test_distillation_on_two_ranks_matches_one_process(
     one_process, train_cli, tmp_path, student, layout

@@ -280,7 +280,7 @@ def test_bad_settings_name_the_field(fields, message):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"tp": 2}, "distill.teacher with parallel.tp=2"),
+        ({"tp": 2, "sp": True}, "distill.teacher with parallel.sp=true"),
         ({"pp": 2}, "distill.teacher with parallel.pp=2"),
         ({"engine": "deepspeed", "zero": 3}, "distill.teacher with parallel.engine=deepspeed"),
     ],
@@ -334,3 +334,23 @@ def test_dry_run_reports_the_teacher_from_its_config_alone(tmp_path):
     want = flops_per_token(TEACHER, vocab_size=VOCAB, seq_len=20) / 3
     assert report["forward_flops_per_token"] == pytest.approx(want)
     assert report["weights_gib_per_rank"] == pytest.approx(4 * params / 4 / 1024**3)
+
+
+def test_each_term_alone_needs_only_its_outputs():
+    """A mix of one term asks the models for that term's outputs alone (attention scores
+    without hidden states, say) and scores it."""
+    torch.manual_seed(0)
+    inputs = batch()
+    for field in ("soft_weight", "cosine_weight", "hidden_weight", "attention_weight"):
+        cfg = DistillConfig(teacher="x", hard_weight=0.0, **{field: 1.0})
+        teacher = Bert(TEACHER, vocab_size=VOCAB).eval()
+        student = Bert(dataclasses.replace(STUDENT, d_model=48), vocab_size=VOCAB).eval()
+        teacher.distill_outputs = student.distill_outputs = distill_outputs(cfg)
+        labels = {"labels": torch.randint(0, VOCAB, (3, 20))} | distill_labels(inputs, cfg.tasks)
+        with torch.no_grad():
+            t_out, s_out = teacher(**inputs), student(**inputs)
+        sums = DistillLoss(cfg, n_student=2, n_teacher=4)(
+            s_out, labels | {f"teacher/{k}": v for k, v in t_out.items()}
+        )
+        assert set(sums) == {"labels", *cfg.tasks} and len(cfg.tasks) == 1
+        assert float(sums[cfg.tasks[0]]) > 0
