@@ -80,3 +80,29 @@ def test_explicit_attention_scores_count_in_the_total():
         fused["total_with_scores_gib"] - fused["attention_scores_gib"]
     )
     assert nezha["total_gib"] == pytest.approx(nezha["total_with_scores_gib"])
+
+
+@pytest.mark.parametrize(
+    ("model", "total", "target"),
+    [
+        ("bart_large", 406_287_360, 512),  # the decoder restores the whole window
+        ("mass_base", 123_468_288, 512),
+        ("xlnet_base", 116_750_336, 85),  # round(510 / 6) predicted positions
+        ("distilbert_base", 66_985_530, None),
+    ],
+)
+def test_dry_run_of_the_other_pretraining_systems(tmp_path, model, total, target):
+    """Sizes and FLOPs from the meta device; an encoder-decoder's or XLNet's FLOPs follow
+    the objective's target length, and XLNet's logits are its predicted positions only."""
+    from models.flops import flops_per_token
+
+    job = compose_job(f"+model={model}", "data.seq_len=512", f"trainer.out_dir={tmp_path}")
+    report = dry_run(job, world_size=1)
+    assert report["params_total"] == total
+    want = flops_per_token(
+        job.model, vocab_size=report["vocab_rows"], seq_len=512, target_len=target
+    )
+    assert report["flops_per_token"] == pytest.approx(want)
+    logits = report["memory_per_rank"]["logits_gib"] * 1024**3
+    rows = job.trainer.micro_batch_size * (target if model == "xlnet_base" else 512)
+    assert logits == pytest.approx(8 * rows * report["vocab_rows"])
