@@ -325,7 +325,13 @@ def test_stage_names_cover_the_model_once_and_share_its_tensors():
 
 def test_t5_is_refused_naming_the_field():
     cfg = ModelConfig(
-        name="t5_pp", family="t5", norm="rmsnorm", position="relative", bias=False, n_layer=2
+        name="t5_pp",
+        family="t5",
+        objective="span_corruption",
+        norm="rmsnorm",
+        position="relative",
+        bias=False,
+        n_layer=2,
     )
     with torch.device("meta"):
         model = build_model(cfg, vocab_size=V)

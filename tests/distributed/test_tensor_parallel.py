@@ -49,6 +49,7 @@ CONFIGS: dict[str, dict] = {
     ),
     "t5": dict(
         family="t5",
+        objective="span_corruption",
         d_kv=16,
         d_ff=128,
         norm="rmsnorm",
@@ -63,6 +64,7 @@ CONFIGS: dict[str, dict] = {
     ),
     "t5_v1_1": dict(
         family="t5",
+        objective="span_corruption",
         d_kv=16,
         d_ff=96,
         norm="rmsnorm",
