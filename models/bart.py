@@ -16,8 +16,8 @@ position tables hold two unused leading rows (fairseq's padding offset) and its
 Shape legend (suffixes of tensor names):
     B  batch size
     S  encoder (input) sequence length
-    T  decoder (target) sequence length; inside `BartAttention`, the query length
-    L  key/value length inside `BartAttention` (T in self-attention, S in cross-attention)
+    T  decoder (target) sequence length; inside the attention, the query length
+    L  key/value length inside the attention (T in self-attention, S in cross-attention)
     D  model width, d_model
     H  attention heads (the local heads when the projections are tensor-parallel)
     K  head size
@@ -27,57 +27,13 @@ Shape legend (suffixes of tensor names):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.blocks import MLP, check_seq_len, head_outputs, init_normal_
+from models.blocks import MLP, check_seq_len, init_normal_
 from models.config import ModelConfig
-from models.t5 import compute_dtype, masked_bias
+from models.t5 import EncoderDecoder, T5Attention, compute_dtype, masked_bias
 
-__all__ = ["Bart", "BartAttention", "BartBlock", "BartStack"]
-
-
-class BartAttention(nn.Module):
-    """Multi-head attention with separate q, k, v, o projections.
-
-    Self-attention when `kv_BLD` is None, cross-attention over `kv_BLD` otherwise.
-    `attn_mask` is additive (a large negative number where a query may not attend a key),
-    broadcast to (B, H, T, L).
-    """
-
-    def __init__(
-        self, d_model: int, n_head: int, head_dim: int, *, bias: bool, dropout: float = 0.0
-    ):
-        super().__init__()
-        self.head_dim, self.dropout = head_dim, dropout
-        inner = n_head * head_dim
-        self.q = nn.Linear(d_model, inner, bias=bias)
-        self.k = nn.Linear(d_model, inner, bias=bias)
-        self.v = nn.Linear(d_model, inner, bias=bias)
-        self.o = nn.Linear(inner, d_model, bias=bias)
-
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        *,
-        kv_BLD: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        kv_BLD = x_BTD if kv_BLD is None else kv_BLD
-        b, t, _ = x_BTD.shape
-        l = kv_BLD.shape[1]
-        # -1 heads: a column-sharded (tensor-parallel) projection holds only its local heads.
-        q_BHTK = self.q(x_BTD).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k_BHLK = self.k(kv_BLD).view(b, l, -1, self.head_dim).transpose(1, 2)
-        v_BHLK = self.v(kv_BLD).view(b, l, -1, self.head_dim).transpose(1, 2)
-        y_BHTK = F.scaled_dot_product_attention(
-            q_BHTK,
-            k_BHLK,
-            v_BHLK,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.o(y_BHTK.transpose(1, 2).reshape(b, t, -1))
+__all__ = ["Bart", "BartBlock", "BartStack"]
 
 
 class BartBlock(nn.Module):
@@ -92,8 +48,8 @@ class BartBlock(nn.Module):
         super().__init__()
         d, h, k, eps = cfg.d_model, cfg.n_head, cfg.head_dim, cfg.layer_norm_eps
 
-        def attention() -> BartAttention:
-            return BartAttention(d, h, k, bias=cfg.bias, dropout=cfg.dropout)
+        def attention() -> T5Attention:
+            return T5Attention(d, h, k, dropout=cfg.dropout, bias=cfg.bias, scaled=True)
 
         self.attn = attention()
         self.ln_attn = nn.LayerNorm(d, eps=eps)
@@ -115,9 +71,9 @@ class BartBlock(nn.Module):
         memory_BSD: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x_BTD = self.ln_attn(x_BTD + self.drop(self.attn(x_BTD, attn_mask=self_mask)))
+        x_BTD = self.ln_attn(x_BTD + self.drop(self.attn(x_BTD, bias_BHTL=self_mask)))
         if self.cross_attention:
-            c_BTD = self.cross_attn(x_BTD, kv_BLD=memory_BSD, attn_mask=memory_mask)
+            c_BTD = self.cross_attn(x_BTD, kv_BLD=memory_BSD, bias_BHTL=memory_mask)
             x_BTD = self.ln_cross(x_BTD + self.drop(c_BTD))
         return self.ln_mlp(x_BTD + self.mlp(x_BTD))
 
@@ -171,27 +127,10 @@ class BartStack(nn.Module):
         return x_BTD
 
 
-def _check_mask(name: str, mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if mask.shape != ids.shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected {tuple(ids.shape)}")
-    return mask.bool()
-
-
-class Bart(nn.Module):
+class Bart(EncoderDecoder):
     """Shared token embedding, encoder stack, decoder stack, output projection (tied to the
-    embedding when `cfg.tie_embeddings`, as BART's).
-
-    The forward pass returns logits; the loss belongs to the trainer. `encode`, `decode` and
-    `lm_head` are separate so callers (generation, scoring) can run one part.
-    """
-
-    pipeline_refusal = (
-        "every decoder stage needs the encoder output and the decoder's cross-attention masks"
-    )
-    # Tokens per slice of the chunked loss (forward with `labels`); 0: the whole sequence.
-    loss_chunk_tokens = 0
+    embedding when `cfg.tie_embeddings`, as BART's); `EncoderDecoder` holds the forward
+    pass."""
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
@@ -205,20 +144,6 @@ class Bart(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.tie_weights()
         self.init_weights()
-
-    def tie_weights(self) -> None:
-        """Share `shared.weight` with `lm_head.weight` when configured; idempotent.
-
-        Anything that replaces parameters (`to_empty`, a tensor-parallel plan) breaks the
-        sharing, so it must call this again afterwards.
-        """
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.shared.weight
-
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Bart:
-        super().to_empty(device=device, recurse=recurse)
-        self.tie_weights()
-        return self
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -248,34 +173,5 @@ class Bart(nn.Module):
             memory_mask_BS=attention_mask_BS,
         )
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        decoder_input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Logits (B, T, V) of the decoder for encoder ids (B, S) and decoder ids (B, T).
-
-        Masks are (B, S) / (B, T), True (or 1) for real tokens; padded keys get no
-        attention. The decoder is causal whatever `decoder_attention_mask` says. With `labels`
-        (B, T) the logits are not returned but scored a slice at a time: {"row_losses": (B,)
-        summed cross-entropy} (`chunked_row_losses`).
-        """
-        for name, ids in (("input_ids", input_ids), ("decoder_input_ids", decoder_input_ids)):
-            if ids.dim() != 2:
-                raise ValueError(f"{name} must be (batch, seq_len), got {tuple(ids.shape)}")
-        attention_mask_BS = _check_mask("attention_mask", attention_mask, input_ids)
-        decoder_mask_BT = _check_mask(
-            "decoder_attention_mask", decoder_attention_mask, decoder_input_ids
-        )
-        memory_BSD = self.encode(input_ids, attention_mask_BS=attention_mask_BS)
-        y_BTD = self.decode(
-            decoder_input_ids,
-            memory_BSD=memory_BSD,
-            attention_mask_BS=attention_mask_BS,
-            decoder_attention_mask_BT=decoder_mask_BT,
-        )
-        return head_outputs(self.lm_head, y_BTD, labels, chunk_tokens=self.loss_chunk_tokens)
+    def head(self, y_BTD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(y_BTD)

@@ -40,6 +40,7 @@ from models.config import ModelConfig
 from models.moe import MoE
 
 __all__ = [
+    "EncoderDecoder",
     "RMSNorm",
     "RelativePositionBias",
     "T5",
@@ -139,17 +140,28 @@ class T5Attention(nn.Module):
 
     Self-attention when `kv_BLD` is None, cross-attention over `kv_BLD` otherwise. The whole
     additive bias (relative positions and masks) arrives precomputed in `bias_BHTL`, so every
-    layer of a stack reuses one tensor.
+    layer of a stack reuses one tensor. BART (models/bart.py) uses it with biases in the
+    projections and scores scaled by 1/sqrt(d_kv) (`bias`, `scaled`).
     """
 
-    def __init__(self, d_model: int, n_head: int, d_kv: int, *, dropout: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        d_kv: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = False,
+        scaled: bool = False,
+    ):
         super().__init__()
         self.n_head, self.d_kv, self.dropout = n_head, d_kv, dropout
+        self.scale = None if scaled else 1.0  # None: SDPA's 1/sqrt(d_kv)
         inner = n_head * d_kv
-        self.q = nn.Linear(d_model, inner, bias=False)
-        self.k = nn.Linear(d_model, inner, bias=False)
-        self.v = nn.Linear(d_model, inner, bias=False)
-        self.o = nn.Linear(inner, d_model, bias=False)
+        self.q = nn.Linear(d_model, inner, bias=bias)
+        self.k = nn.Linear(d_model, inner, bias=bias)
+        self.v = nn.Linear(d_model, inner, bias=bias)
+        self.o = nn.Linear(inner, d_model, bias=bias)
 
     def forward(
         self,
@@ -173,7 +185,7 @@ class T5Attention(nn.Module):
             v_BHLK,
             attn_mask=bias_BHTL,
             dropout_p=self.dropout if self.training else 0.0,
-            scale=1.0,
+            scale=self.scale,
         )
         return self.o(y_BHTK.transpose(1, 2).reshape(b, t, -1))
 
@@ -343,18 +355,70 @@ def _check_mask(name: str, mask: torch.Tensor | None, ids: torch.Tensor) -> torc
     return mask.bool()
 
 
-class T5(nn.Module):
-    """Shared token embedding, encoder stack, decoder stack, output projection.
-
-    The forward pass returns logits; the loss belongs to the trainer. `encode`, `decode` and
-    `head` are separate so callers (generation, scoring) can run one part.
+class EncoderDecoder(nn.Module):
+    """What T5 and BART (models/bart.py) share: a token table `shared` that both stacks
+    read, tied to the output projection `lm_head` when cfg.tie_embeddings, and the forward
+    pass. A subclass defines `encode`, `decode` and `head`; they are separate so callers
+    (generation, scoring) can run one part. The forward pass returns logits; the loss
+    belongs to the trainer.
     """
 
+    cfg: ModelConfig
     pipeline_refusal = (
         "every decoder stage needs the encoder output and the decoder's cross-attention masks"
     )
     # Tokens per slice of the chunked loss (forward with `labels`); 0: the whole sequence.
     loss_chunk_tokens = 0
+
+    def tie_weights(self) -> None:
+        """Share `shared.weight` with `lm_head.weight` when configured; idempotent.
+
+        Anything that replaces parameters (`to_empty`, a tensor-parallel plan) breaks the
+        sharing, so it must call this again afterwards.
+        """
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.shared.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True):
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        decoder_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Logits (B, T, V) of the decoder for encoder ids (B, S) and decoder ids (B, T).
+
+        Masks are (B, S) / (B, T), True (or 1) for real tokens; padded keys get no
+        attention. The decoder is causal whatever `decoder_attention_mask` says. With `labels`
+        (B, T) the logits are not returned but scored a slice at a time: {"row_losses": (B,)
+        summed cross-entropy} (`chunked_row_losses`).
+        """
+        for name, ids in (("input_ids", input_ids), ("decoder_input_ids", decoder_input_ids)):
+            if ids.dim() != 2:
+                raise ValueError(f"{name} must be (batch, seq_len), got {tuple(ids.shape)}")
+        attention_mask_BS = _check_mask("attention_mask", attention_mask, input_ids)
+        decoder_mask_BT = _check_mask(
+            "decoder_attention_mask", decoder_attention_mask, decoder_input_ids
+        )
+        memory_BSD = self.encode(input_ids, attention_mask_BS=attention_mask_BS)
+        y_BTD = self.decode(
+            decoder_input_ids,
+            memory_BSD=memory_BSD,
+            attention_mask_BS=attention_mask_BS,
+            decoder_attention_mask_BT=decoder_mask_BT,
+        )
+        return head_outputs(self.head, y_BTD, labels, chunk_tokens=self.loss_chunk_tokens)
+
+
+class T5(EncoderDecoder):
+    """Shared token embedding, encoder stack, decoder stack, output projection."""
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int):
         super().__init__()
@@ -369,20 +433,6 @@ class T5(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.tie_weights()
         self.init_weights()
-
-    def tie_weights(self) -> None:
-        """Share `shared.weight` with `lm_head.weight` when configured; idempotent.
-
-        Anything that replaces parameters (`to_empty`, a tensor-parallel plan) breaks the
-        sharing, so it must call this again afterwards.
-        """
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.shared.weight
-
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> T5:
-        super().to_empty(device=device, recurse=recurse)
-        self.tie_weights()
-        return self
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -445,32 +495,3 @@ class T5(nn.Module):
             # wants; T5 v1.0 rescales the decoder output instead (Mesh TensorFlow).
             y_BTD = y_BTD * self.cfg.d_model**-0.5
         return self.lm_head(y_BTD)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        decoder_input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Logits (B, T, V) of the decoder for encoder ids (B, S) and decoder ids (B, T).
-
-        Masks are (B, S) / (B, T), True (or 1) for real tokens; padded keys get no
-        attention. The decoder is causal whatever `decoder_attention_mask` says. With `labels`
-        (B, T) the logits are not returned but scored a slice at a time: {"row_losses": (B,)
-        summed cross-entropy} (`chunked_row_losses`).
-        """
-        attention_mask_BS = _check_mask("attention_mask", attention_mask, input_ids)
-        decoder_mask_BT = _check_mask(
-            "decoder_attention_mask", decoder_attention_mask, decoder_input_ids
-        )
-        memory_BSD = self.encode(input_ids, attention_mask_BS=attention_mask_BS)
-        y_BTD = self.decode(
-            decoder_input_ids,
-            memory_BSD=memory_BSD,
-            attention_mask_BS=attention_mask_BS,
-            decoder_attention_mask_BT=decoder_mask_BT,
-        )
-        return head_outputs(self.head, y_BTD, labels, chunk_tokens=self.loss_chunk_tokens)
