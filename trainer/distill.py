@@ -50,6 +50,7 @@ from common.log import log_rank0
 from data_pipeline.objectives import IGNORE_INDEX
 from models.config import ModelConfig
 from trainer.config import DISTILL_TASKS, DistillConfig
+from trainer.init_from import checkpoint_config, read_weights
 from trainer.loss import summed_losses
 
 _TEACHER = "teacher/"  # prefix of the teacher's outputs among the loss's labels
@@ -88,8 +89,6 @@ def layer_map(n_teacher: int, n_student: int) -> list[int]:
 def read_teacher(source: str) -> tuple[ModelConfig, dict]:
     """(model config, weights by Loom name) of distill.teacher: a Hugging Face folder
     (config.json, converted by models.hf) or a Loom run, checkpoint or --to-loom folder."""
-    from trainer.init_from import checkpoint_config, read_weights
-
     path = Path(source)
     if (path / "config.json").is_file():
         from models.hf import read_hf_folder
@@ -101,8 +100,6 @@ def read_teacher(source: str) -> tuple[ModelConfig, dict]:
 
 def teacher_config(source: str) -> ModelConfig:
     """The model config of distill.teacher, without reading its weights."""
-    from trainer.init_from import checkpoint_config
-
     path = Path(source)
     if (path / "config.json").is_file():
         from transformers import AutoConfig
