@@ -18,6 +18,7 @@ from data_pipeline.objectives import IGNORE_INDEX
 from models.bert import Bert
 from models.config import ModelConfig
 from models.hf.bert import hf_config, to_hf
+from tests.unit.helpers import randomise_
 from trainer.config import DistillConfig, JobConfig, check_runnable
 from trainer.distill import (
     DistillLoss,
@@ -53,13 +54,6 @@ TEACHER = ModelConfig(
 STUDENT = dataclasses.replace(
     TEACHER, name="student", objective="mlm", n_layer=2, d_model=32, d_ff=64, pair_head=False
 )
-
-
-def randomise_(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def batch(seed: int = 0) -> dict[str, torch.Tensor]:

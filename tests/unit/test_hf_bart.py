@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from models import build_model, param_counts
 from models.bart import Bart
 from models.config import ModelConfig
 from models.hf import bart
 from models.hf.bart import from_hf, hf_config, loom_config, to_hf
+from tests.unit.helpers import one_thread, randomise_, recipe  # noqa: F401 (one_thread: a fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,28 +37,6 @@ SMALL = ModelConfig(
     activation="gelu",
 )
 ROWS = SMALL.padded_vocab_size()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: extra intra-op threads only add synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def recipe(name: str) -> ModelConfig:
-    schema = OmegaConf.structured(ModelConfig)
-    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(CONF_DIR / f"{name}.yaml")))
-
-
-def randomise_(model: torch.nn.Module, seed: int) -> None:
-    """Random values in every parameter, biases and LayerNorms included, so none maps by luck."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def loom_model(cfg: ModelConfig = SMALL, *, seed: int) -> Bart:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from models import build_model, param_counts
 from models.bert import Bert
 from models.config import ModelConfig
 from models.hf import distilbert
 from models.hf.distilbert import from_hf, hf_config, loom_config, to_hf
+from tests.unit.helpers import randomise_, recipe
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,19 +36,6 @@ SMALL = ModelConfig(
     type_vocab_size=0,
     pair_head=False,
 )
-
-
-def recipe(name: str) -> ModelConfig:
-    schema = OmegaConf.structured(ModelConfig)
-    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(CONF_DIR / f"{name}.yaml")))
-
-
-def randomise_(model: torch.nn.Module, seed: int) -> None:
-    """Random values in every parameter, biases and norms included, so none maps by luck."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def hf_model(cfg: ModelConfig, vocab: int = VOCAB) -> torch.nn.Module:

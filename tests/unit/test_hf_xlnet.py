@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from models import build_model, param_counts
 from models.config import ModelConfig
 from models.hf import xlnet
 from models.hf.xlnet import from_hf, hf_config, loom_config, to_hf
 from models.xlnet import XLNet
+from tests.unit.helpers import one_thread, randomise_, recipe  # noqa: F401 (one_thread: a fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,28 +43,6 @@ SMALL = ModelConfig(
 )
 ROWS = SMALL.padded_vocab_size()
 TOL = {"rtol": 0, "atol": 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: extra intra-op threads only add synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def recipe(name: str) -> ModelConfig:
-    schema = OmegaConf.structured(ModelConfig)
-    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(CONF_DIR / f"{name}.yaml")))
-
-
-def randomise_(model: torch.nn.Module, seed: int) -> None:
-    """Random values in every parameter, biases and LayerNorms included, so none maps by luck."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def loom_model(cfg: ModelConfig = SMALL, *, seed: int) -> XLNet:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import ConfigError
@@ -20,24 +19,14 @@ from models.build import build_model, check_pipeline_split, param_counts
 from models.config import ModelConfig
 from models.flops import flops_per_token, xlnet_flops
 from models.xlnet import XLNet, relative_sinusoids
+from tests.unit.helpers import one_thread, recipe  # noqa: F401 (one_thread: a fixture)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: extra intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_cfg(name: str = "xlnet_debug", **overrides) -> ModelConfig:
-    schema = OmegaConf.structured(ModelConfig)
-    cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(CONF_DIR / f"{name}.yaml")))
-    return dataclasses.replace(cfg, **overrides)
+    return recipe(name, **overrides)
 
 
 def debug_xlnet(name: str = "xlnet_debug", **overrides) -> XLNet:
