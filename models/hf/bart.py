@@ -69,6 +69,7 @@ from models.hf.common import (
     check_hf_rows,
     check_vocab_size,
     hf_rows,
+    known_value,
     pad_rows,
     reject_leftovers,
     reject_unsupported,
@@ -209,12 +210,7 @@ def loom_config(hf_cfg, *, name: str = "bart_from_hf") -> ModelConfig:
                 f"BartConfig.decoder_{key}={dec} differs from encoder_{key}={enc}; Loom's BART "
                 "has one value for both stacks"
             )
-    act = hf_cfg.activation_function
-    if act not in ACT_FROM_HF:
-        raise ConfigError(
-            f"BartConfig.activation_function={act!r} has no Loom equivalent; "
-            f"supported: {sorted(ACT_FROM_HF)}"
-        )
+    act = known_value(hf_cfg, "activation_function", ACT_FROM_HF, cls="BartConfig")
     cfg = ModelConfig(
         name=name,
         family="bart",

@@ -45,6 +45,7 @@ from models.hf.common import (
     check_keys,
     check_vocab_size,
     hf_rows,
+    known_value,
     pad_rows,
     qkv_blocks_to_per_head,
     qkv_per_head_to_blocks,
@@ -234,11 +235,7 @@ def encoder_loom_fields(hf_cfg, *, cls: str) -> dict:
         "add_cross_attention": False,
     }
     reject_unsupported(hf_cfg, unsupported, cls=cls)
-    act = hf_cfg.hidden_act
-    if act not in ACT_FROM_HF:
-        raise ConfigError(
-            f"{cls}.hidden_act={act!r} has no Loom equivalent; supported: {sorted(ACT_FROM_HF)}"
-        )
+    act = known_value(hf_cfg, "hidden_act", ACT_FROM_HF, cls=cls)
     return {
         "family": "bert",
         "vocab_size": hf_cfg.vocab_size,

@@ -63,6 +63,17 @@ def reject_unsupported(hf_cfg: Any, accepted: Mapping[str, object], *, cls: str)
             raise ConfigError(f"{cls}.{key}={getattr(hf_cfg, key)!r} has no Loom equivalent")
 
 
+def known_value(hf_cfg: Any, key: str, table: Mapping[str, object], *, cls: str) -> Any:
+    """HF config field `key`, checked to be one of `table`'s keys (e.g. the activations Loom
+    has): ConfigError naming the field and the supported values otherwise."""
+    value = getattr(hf_cfg, key)
+    if value not in table:
+        raise ConfigError(
+            f"{cls}.{key}={value!r} has no Loom equivalent; supported: {sorted(table)}"
+        )
+    return value
+
+
 def check_keys(got: set[str], expected: set[str], *, what: str) -> None:
     """Raise listing (the first 8) missing and unexpected keys of a state dict."""
     missing, unexpected = sorted(expected - got), sorted(got - expected)

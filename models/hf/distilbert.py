@@ -50,6 +50,7 @@ from models.hf.common import (
     check_keys,
     check_vocab_size,
     hf_rows,
+    known_value,
     pad_rows,
     qkv_blocks_to_per_head,
     qkv_per_head_to_blocks,
@@ -177,12 +178,7 @@ def hf_config(
 def loom_config(hf_cfg, *, name: str = "distilbert_from_hf") -> ModelConfig:
     """The Loom ModelConfig of an HF `DistilBertConfig`; raises ConfigError on what Loom lacks."""
     reject_unsupported(hf_cfg, {"sinusoidal_pos_embds": False}, cls="DistilBertConfig")
-    act = hf_cfg.activation
-    if act not in _ACT_FROM_HF:
-        raise ConfigError(
-            f"DistilBertConfig.activation={act!r} has no Loom equivalent; supported: "
-            f"{sorted(_ACT_FROM_HF)}"
-        )
+    act = known_value(hf_cfg, "activation", _ACT_FROM_HF, cls="DistilBertConfig")
     cfg = ModelConfig(
         name=name,
         family="bert",

@@ -40,6 +40,7 @@ from models.hf.common import (
     check_keys,
     check_vocab_size,
     hf_rows,
+    known_value,
     pad_rows,
     qkv_blocks_to_per_head,
     qkv_per_head_to_blocks,
@@ -145,12 +146,7 @@ def loom_config(hf_cfg: GPT2Config, *, name: str = "gpt2_from_hf") -> ModelConfi
         "scale_attn_by_inverse_layer_idx": False,
     }
     reject_unsupported(hf_cfg, unsupported, cls="GPT2Config")
-    act = hf_cfg.activation_function
-    if act not in ACT_FROM_HF:
-        raise ConfigError(
-            f"GPT2Config.activation_function={act!r} has no Loom equivalent; "
-            f"supported: {sorted(ACT_FROM_HF)}"
-        )
+    act = known_value(hf_cfg, "activation_function", ACT_FROM_HF, cls="GPT2Config")
     cfg = ModelConfig(
         name=name,
         family="gpt",

@@ -68,7 +68,14 @@ from torch import nn
 
 from common.errors import ConfigError
 from models.config import ModelConfig, MoeConfig
-from models.hf.common import ACT_FROM_HF, check_vocab_size, reject_leftovers, take
+from models.hf.common import (
+    ACT_FROM_HF,
+    check_vocab_size,
+    known_value,
+    reject_leftovers,
+    reject_unsupported,
+    take,
+)
 from models.hf.t5 import (
     EMBED_ALIASES,
     TOKENS,
@@ -261,15 +268,8 @@ def loom_config(hf_cfg, *, name: str = "switch_from_hf") -> ModelConfig:
     field for what Loom lacks. HF configs carry no input length: 512 is set."""
     unsupported = {"router_bias": False, "router_dtype": "float32"}
     unsupported["router_ignore_padding_tokens"] = False
-    for key, value in unsupported.items():
-        if getattr(hf_cfg, key, value) != value:
-            raise ConfigError(f"{_CONFIG}.{key}={getattr(hf_cfg, key)!r} has no Loom equivalent")
-    act = hf_cfg.dense_act_fn
-    if act not in ACT_FROM_HF:
-        raise ConfigError(
-            f"{_CONFIG}.dense_act_fn={act!r} has no Loom equivalent; supported: "
-            f"{sorted(ACT_FROM_HF)}"
-        )
+    reject_unsupported(hf_cfg, unsupported, cls=_CONFIG)
+    act = known_value(hf_cfg, "dense_act_fn", ACT_FROM_HF, cls=_CONFIG)
     fields = t5_fields(hf_cfg, activation=ACT_FROM_HF[act], tied=bool(hf_cfg.tie_word_embeddings))
     cfg = ModelConfig(name=name, **fields, moe=_loom_moe(hf_cfg))
     cfg.validate()

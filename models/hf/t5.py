@@ -47,6 +47,7 @@ from models.hf.common import (
     check_hf_rows,
     check_vocab_size,
     hf_rows,
+    known_value,
     pad_rows,
     reject_leftovers,
     take,
@@ -139,12 +140,7 @@ def loom_config(hf_cfg, *, name: str = "t5_from_hf") -> ModelConfig:
     The v1.0 / v1.1 distinction is read from `scale_decoder_outputs` (transformers 5) or
     `tie_word_embeddings` (earlier versions). HF configs carry no input length: 512 is set.
     """
-    proj = hf_cfg.feed_forward_proj
-    if proj not in _FEED_FORWARD_FROM_HF:
-        raise ConfigError(
-            f"T5Config.feed_forward_proj={proj!r} has no Loom equivalent; "
-            f"supported: {sorted(_FEED_FORWARD_FROM_HF)}"
-        )
+    proj = known_value(hf_cfg, "feed_forward_proj", _FEED_FORWARD_FROM_HF, cls="T5Config")
     scaled = bool(getattr(hf_cfg, "scale_decoder_outputs", hf_cfg.tie_word_embeddings))
     fields = t5_fields(hf_cfg, activation=_FEED_FORWARD_FROM_HF[proj], tied=scaled)
     cfg = ModelConfig(name=name, **fields)

@@ -61,6 +61,7 @@ from models.hf.common import (
     check_hf_rows,
     check_vocab_size,
     hf_rows,
+    known_value,
     pad_rows,
     reject_leftovers,
     reject_unsupported,
@@ -177,12 +178,7 @@ def loom_config(hf_cfg, *, name: str = "xlnet_from_hf") -> ModelConfig:
     """
     accepted = {"reuse_len": None, "bi_data": False, "same_length": False}
     reject_unsupported(hf_cfg, accepted, cls="XLNetConfig")
-    act = hf_cfg.ff_activation
-    if act not in ACT_FROM_HF:
-        raise ConfigError(
-            f"XLNetConfig.ff_activation={act!r} has no Loom equivalent; "
-            f"supported: {sorted(ACT_FROM_HF)}"
-        )
+    act = known_value(hf_cfg, "ff_activation", ACT_FROM_HF, cls="XLNetConfig")
     if hf_cfg.attn_type not in ("bi", "uni"):
         raise ConfigError(f"XLNetConfig.attn_type={hf_cfg.attn_type!r} must be 'bi' or 'uni'")
     cfg = ModelConfig(
