@@ -153,6 +153,7 @@ class Bert(TiedOutputMixin, nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.max_seq_len = cfg.max_seq_len
+        self._types_checked = False  # see _token_type_embedding
         d, eps = cfg.d_model, cfg.layer_norm_eps
         e = cfg.embedding_size if cfg.embedding_size is not None else d
         self.wte = self.wpe = self.tte = self.emb_ln = None
@@ -263,7 +264,11 @@ class Bert(TiedOutputMixin, nn.Module):
     def _token_type_embedding(self, token_type_ids_BT: torch.Tensor | None) -> torch.Tensor:
         if self.tte is None:
             # Objectives send all-zero types for single segments; anything else needs a table.
-            if token_type_ids_BT is not None and bool(token_type_ids_BT.any()):
+            # On a GPU, checked on the first batch only: reading the types waits for it.
+            types = token_type_ids_BT
+            check = types is not None and (types.device.type == "cpu" or not self._types_checked)
+            self._types_checked = True
+            if check and bool(types.any()):
                 raise ValueError(
                     "token_type_ids has non-zero types but model.type_vocab_size=0; "
                     "set model.type_vocab_size (BERT: 2)"

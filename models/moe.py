@@ -90,7 +90,7 @@ def route(
     e = probs_BTE.shape[-1]
     # Choice-major order: all first choices of the row, then all second choices.
     experts_BC = experts_BTK.transpose(1, 2).reshape(b, k * t)
-    onehot_BCE = F.one_hot(experts_BC, e)
+    onehot_BCE = one_hot(experts_BC, e)
     if drop_policy == "position":
         rank_BCE = onehot_BCE.cumsum(dim=1)  # 1-based place in its expert's queue
     elif drop_policy == "probs":
@@ -111,7 +111,7 @@ def route(
 def load_balancing_loss(probs_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> torch.Tensor:
     """Per row, E x sum_i f_i P_i (f from the choices before capacity); summed over rows."""
     e = probs_BTE.shape[-1]
-    chosen_BE = F.one_hot(experts_BTK, e).sum(dim=2).sum(dim=1).to(probs_BTE.dtype)
+    chosen_BE = one_hot(experts_BTK, e).sum(dim=2).sum(dim=1).to(probs_BTE.dtype)
     f_BE = chosen_BE / experts_BTK[0].numel()
     p_BE = probs_BTE.mean(dim=1)
     return e * (f_BE * p_BE).sum()
@@ -123,18 +123,27 @@ def router_z_loss(logits_BTE: torch.Tensor) -> torch.Tensor:
 
 
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on `x`; in backward, d(loss)/d(aux) = `weight` (the aux loss's weight in the
-    objective), so its gradient enters at the layer without passing through the loss."""
+    """Identity on `x`; in backward, d(loss)/d(losses[i]) = `weights[i]` (the aux losses'
+    weights in the objective, host numbers), so their gradient enters at the layer without
+    passing through the loss."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, weight: torch.Tensor):
-        ctx.save_for_backward(weight)
+    def forward(ctx, x: torch.Tensor, losses: torch.Tensor, weights: tuple[float, ...]):
+        ctx.weights, ctx.dtype, ctx.device = weights, losses.dtype, losses.device
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        return grad_x, weight, None
+        # Filled on the device: a tensor made from the host numbers would be a copy to it.
+        full = [torch.full((), w, dtype=ctx.dtype, device=ctx.device) for w in ctx.weights]
+        return grad_x, torch.stack(full), None
+
+
+def one_hot(index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """F.one_hot(index, num_classes) without its range check, which reads the indices on
+    the host on a CPU (here they come from topk, so they are in range)."""
+    out = torch.zeros(*index.shape, num_classes, dtype=torch.int64, device=index.device)
+    return out.scatter_(-1, index.unsqueeze(-1), 1)
 
 
 class Experts(nn.Module):
@@ -390,26 +399,26 @@ class MoE(nn.Module):
 
     def _attach_losses(self, y_BTD: torch.Tensor, aux: torch.Tensor, z: torch.Tensor):
         share = self.loss_share * self.aux_weight
-        coef = torch.tensor(
-            [self.cfg.aux_loss_coef * share, self.cfg.z_loss_coef * share], device=aux.device
-        )
-        if not coef.any():
+        weights = (self.cfg.aux_loss_coef * share, self.cfg.z_loss_coef * share)
+        if not any(weights):
             return y_BTD
-        return _AttachAuxLoss.apply(y_BTD, torch.stack([aux, z]), coef)
+        return _AttachAuxLoss.apply(y_BTD, torch.stack([aux, z]), weights)
 
     def _record(self, aux: torch.Tensor, z: torch.Tensor, routing: Routing, *, rows: int):
         if torch._C._current_graph_task_id() != -1:
             return  # a recomputation inside backward (activation checkpointing)
         kept = routing.kept_BTK
-        load_E = torch.bincount(
-            routing.experts_BTK[kept].reshape(-1), minlength=self.num_experts
-        ).to(aux.dtype)
+        # Kept choices per expert, counted without selecting them (a selection's size
+        # would be read on the host); host numbers enter as fills, not copies.
+        load_E = aux.new_zeros(self.num_experts).scatter_add_(
+            0, routing.experts_BTK.reshape(-1), kept.reshape(-1).to(aux.dtype)
+        )
         head = torch.stack(
             [
                 aux.detach(),
                 z.detach(),
-                aux.new_tensor(float(rows)),
-                aux.new_tensor(float(kept.numel())),
+                torch.full((), float(rows), dtype=aux.dtype, device=aux.device),
+                torch.full((), float(kept.numel()), dtype=aux.dtype, device=aux.device),
                 (~kept).sum().to(aux.dtype),
             ]
         )

@@ -362,16 +362,21 @@ class DeepSpeedEngine(Engine):
         return dict(zip(keys, totals.unbind(0), strict=True))
 
     def _forward_loss(self, model: Callable, inputs: Batch, labels: Batch) -> dict:
-        inputs = inputs_to(self.world.device, inputs)
+        inputs, labels = inputs_to(self.world.device, inputs), inputs_to(self.world.device, labels)
         with self.spec.forward_context():
             outputs = model(**inputs)
         if self.spec.loss_targets is not None:
             labels = {**labels, **self.spec.loss_targets(inputs)}
         return self.spec.loss_fn(outputs, labels)
 
-    def step(self) -> float | None:
-        """DeepSpeed clipped and stepped at the last micro-batch; the pre-clip norm."""
-        return self.grad_norm()
+    def step(self) -> Tensor | float:
+        """DeepSpeed clipped and stepped at the last micro-batch; the global gradient norm
+        before clipping as DeepSpeed keeps it (a device tensor is not read here; nan before
+        any step)."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return math.nan
+        return norm.detach() if isinstance(norm, Tensor) else float(norm)
 
     @torch.no_grad()
     def evaluate(self, inputs: Batch, labels: Batch) -> dict[str, Tensor]:
@@ -415,11 +420,6 @@ class DeepSpeedEngine(Engine):
         boundary = bool(self.engine.is_gradient_accumulation_boundary())
         self.engine.step()
         return boundary
-
-    def grad_norm(self) -> float:
-        """Global gradient L2 norm of the last step, before clipping (nan before any)."""
-        norm = self.engine.get_global_grad_norm()
-        return math.nan if norm is None else float(norm)
 
     @property
     def skipped_steps(self) -> int:

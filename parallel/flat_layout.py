@@ -7,9 +7,10 @@ them through `set_flat_layouts`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 __all__ = ["FlatLayout"]
@@ -37,6 +38,15 @@ class FlatLayout:
     names: tuple[str, ...] = ()
     group: Any = None
     """Opaque handle (a process group) passed to the reduce function; None: one process."""
+    _ids_by_device: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def ids_on(self, device: torch.device) -> Tensor:
+        """`tensor_ids` as an int64 tensor on `device`, made once: a tensor made from host
+        values at every step would be a copy to the device, which waits for it."""
+        key = str(device)
+        if key not in self._ids_by_device:
+            self._ids_by_device[key] = torch.tensor(self.tensor_ids, device=device)
+        return self._ids_by_device[key]
 
     @property
     def num_tensors(self) -> int:

@@ -108,7 +108,7 @@ class NativeEngine(Engine):
 
     def _forward_loss(self, model: nn.Module, inputs: Batch, labels: Batch) -> dict:
         device = self.world.device
-        inputs = inputs_to(device, inputs)
+        inputs, labels = inputs_to(device, inputs), inputs_to(device, labels)
         with self.spec.forward_context():
             outputs = model(**inputs)
         if self.spec.loss_targets is not None:

@@ -64,7 +64,7 @@ from models.config import ModelConfig
 from models.moe import moe_layers
 from parallel.data_parallel import ReplicaSync, local, squared_norm
 from parallel.dist import World
-from parallel.engine import Batch, ContextFactory, MicroBatch, TrainingSpec
+from parallel.engine import Batch, ContextFactory, MicroBatch, TrainingSpec, inputs_to
 from parallel.native_engine import NativeEngine
 
 __all__ = [
@@ -381,7 +381,7 @@ class PipelineEngine(NativeEngine):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             local(g).mul_(coef.to(g.dtype))
-        return total.cpu()
+        return total
 
     # internals ----------------------------------------------------------------------------
 
@@ -406,9 +406,9 @@ class PipelineEngine(NativeEngine):
     def _prepare(self, inputs: Batch, labels: Batch, weights: dict[str, float], *, real_rows: int):
         """input_ids (positional, first stage), the other inputs (keywords, every stage) and
         the row indices that stand in for the labels as the schedule's target."""
-        on_device = {k: v.to(self.device) for k, v in inputs.items() if v is not None}
+        on_device = inputs_to(self.device, {k: v for k, v in inputs.items() if v is not None})
         input_ids = on_device.pop("input_ids")
-        self._labels = {k: v.to(self.device) for k, v in labels.items()}
+        self._labels = inputs_to(self.device, labels)
         self._weights = dict(weights)
         self._real_rows = real_rows
         self._padded = input_ids.shape[0] > real_rows
@@ -448,7 +448,7 @@ class PipelineEngine(NativeEngine):
         if self.pp_size > 1:
             last_rank = (self.stages[0].n_stages - 1) % self.pp_size
             dist.broadcast(sums_N, group=self.group, group_src=last_rank)
-        return dict(zip(keys, sums_N.cpu().unbind(0), strict=True))
+        return dict(zip(keys, sums_N.unbind(0), strict=True))
 
     def _schedule(self, *, train: bool, input_ids: torch.Tensor, kwargs: Batch):
         """The schedule for this microbatch shape, built anew (with fresh stages, whose

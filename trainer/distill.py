@@ -243,7 +243,7 @@ class DistillLoss:
         }
         sums = summed_losses(student_heads, objective)
         for key in self.tasks:
-            scored_BT = own[key].to(outputs["logits"].device) != IGNORE_INDEX
+            scored_BT = own[key].to(outputs["logits"].device, non_blocking=True) != IGNORE_INDEX
             sums[key] = self._task(key, outputs, teacher, scored_BT)
         return sums
 

@@ -396,10 +396,11 @@ class Trainer:
         losses = self.engine.forward_backward(micro, weights)
         grad_norm = self.engine.step()
         sums = dist.dp_sum(torch.stack([losses[k] for k in keys]), self.world)
-        task = sums / torch.tensor(counts, dtype=sums.dtype, device=sums.device).clamp(min=1)
         # Losses and the norm stay tensors on the device: they are read (a wait for the
-        # GPU) only when a step is logged, never inside a step.
-        loss = (task * torch.tensor(scale, dtype=task.dtype, device=task.device)).sum()
+        # GPU) only when a step is logged, never inside a step. The counts and weights are
+        # host numbers: a tensor made of them would be a copy to the device, a wait too.
+        task = torch.stack([sums[i] / max(n, 1.0) for i, n in enumerate(counts)])
+        loss = sum(task[i] * w for i, w in enumerate(scale))
         record = {
             "loss": loss if len(keys) > 1 else task[0],
             "lr": lr,
@@ -549,9 +550,15 @@ class Trainer:
             reason = self._agreed_stop(lead_s=lead, progressed=step > self.start_step + 1)
             if reason is not None:
                 return self._stopped(reason, step - 1, summary, saved=saved, save=save)
+            logs = step % t.log_every == 0 or step == t.max_steps
+            saves = (t.save_every and step % t.save_every == 0) or step == t.max_steps
             tick = time.perf_counter()
             with comm.count(step):  # one step of the run: bytes per collective and axis
                 record = self.train_step(step - 1)
+            if logs or evaluates or saves:
+                # Steps queue work on a GPU without waiting for it; reading the results
+                # waits for the queue, which is time these steps took (tokens/s, MFU).
+                record = host_values(record)
             seconds = time.perf_counter() - tick
             longest["step"] = max(longest["step"], seconds)
             throughput.add(t.global_batch_size * self.seq_len, seconds)
@@ -561,7 +568,7 @@ class Trainer:
             if watchdog is not None:
                 watchdog.beat(seconds)
             summary = {"step": step, **record}
-            if step % t.log_every == 0 or step == t.max_steps:
+            if logs:
                 self._log(metrics, throughput, summary, elapsed=time.perf_counter() - started)
             if evaluates:
                 tick = time.perf_counter()
@@ -575,7 +582,7 @@ class Trainer:
                     {"step": step, **val, "val_ppl": math.exp(min(val["val_loss"], 50.0))}
                 )
                 log_rank0("step %d | val loss %.4f", step, val["val_loss"])
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+            if saves:
                 save(step)
         return host_values({**summary, "reason": "done"})
 

@@ -76,15 +76,18 @@ def summed_losses(
             raise ValueError(f"the objective's {key!r} has no matching model output {name!r}")
         value = logits[name]
         decided = key[: -len("labels")] + "targets"
+        target = target.to(value.device, non_blocking=True)  # the engines moved it already
         if decided in logits:  # binary, targets from the model, positions from the labels
-            scored = target.to(value.device) != IGNORE_INDEX
+            # Weights 0 and 1 rather than a boolean selection: the same sum, and no wait
+            # for the device to count the selected positions.
+            scored = (target != IGNORE_INDEX).to(torch.float32)
             sums[key] = F.binary_cross_entropy_with_logits(
-                value[scored].float(), logits[decided][scored].float(), reduction="sum"
+                value.float(), logits[decided].float(), weight=scored, reduction="sum"
             )
             continue
         sums[key] = F.cross_entropy(
             value.reshape(-1, value.size(-1)).float(),
-            target.reshape(-1).to(value.device),
+            target.reshape(-1),
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )

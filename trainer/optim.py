@@ -232,7 +232,7 @@ class Lamb(torch.optim.Optimizer):
                 continue  # this rank holds only padding of this flat tensor
             # Elementwise on the (num_tensors,) vectors: rounds as _foreach_apply does.
             scales_vec = _trust_ratio(w_norms, u_norms).mul_(-lr)
-            ids = torch.tensor(layout.tensor_ids, device=scales_vec.device)
+            ids = layout.ids_on(scales_vec.device)
             scales = list(scales_vec.index_select(0, ids).to(u.dtype).unbind(0))
             if foreach:
                 torch._foreach_addcmul_(w_pieces, u_pieces, scales)
@@ -254,7 +254,7 @@ class Lamb(torch.optim.Optimizer):
         # square exactly in float64, so a tensor held whole gets its own norm back.
         sq = torch.zeros(2, layout.num_tensors, dtype=torch.float64, device=flat.device)
         if w_pieces:
-            ids = torch.tensor(layout.tensor_ids, device=flat.device)
+            ids = layout.ids_on(flat.device)
             w = torch.stack(local_norms(w_pieces, foreach=foreach)).double()
             u = torch.stack(local_norms(u_pieces, foreach=foreach)).double()
             sq[0].index_add_(0, ids, w * w)

@@ -132,7 +132,7 @@ def ds_step(engine, world: World, step: int) -> tuple[float, float, list[bool]]:
         boundaries.append(engine.micro_step())
         local += total.double()
     dist.all_reduce(local)
-    return float(local) / count, engine.grad_norm(), boundaries
+    return float(local) / count, float(engine.step()), boundaries
 
 
 def ds_train(world: World, *, zero: int, offload: str, start: int, stop: int, **kw) -> dict:

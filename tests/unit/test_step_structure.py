@@ -1,10 +1,15 @@
 """The training step leaves its results on the device: losses and the gradient norm come
-back as tensors, read only when a step is logged (on CUDA, tests/gpu proves no call in a
-step synchronises)."""
+back as tensors, read only when a step is logged, and the engine's forward, backward and
+optimizer step call no operation that makes the host wait for a GPU (on CUDA, tests/gpu
+proves no call in a step synchronises)."""
 
 from __future__ import annotations
 
+import traceback
+
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallel.dist import init_world
 from trainer.config import compose_job
@@ -29,3 +34,100 @@ def test_a_step_returns_tensors_that_logging_reads(loom_cache, tmp_path, monkeyp
     host = host_values(record)
     assert host["loss"] == host["loss_lm"] + host["loss_nsp"]
     assert all(isinstance(host[k], float) for k in (*tasks, "grad_norm"))
+
+
+aten = torch.ops.aten
+# Operations that read a device tensor on the host, or whose output size depends on the
+# values (so the host must wait for them): each synchronises with a GPU. Tensors made from
+# host values (lift_fresh) inside the engine are copies to the device.
+_SYNCING = {
+    aten._local_scalar_dense.default,  # .item(), float(t), bool(t), if t: ...
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.repeat_interleave.Tensor,
+    aten.lift_fresh.default,  # torch.tensor(host values, device=...)
+}
+_MASK_INDEXED = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default}
+
+
+class SyncCalls(TorchDispatchMode):
+    """Records the operations of _SYNCING, and indexing by boolean masks (nonzero inside).
+
+    Optimizers keep their step counters on the host (torch's unless fused or capturable,
+    and Loom's LAMB), so reading those, and what torch.optim does with them, never waits:
+    `host_counters` holds the counters' data pointers."""
+
+    def __init__(self, host_counters: set[int]):
+        super().__init__()
+        self.host_counters = host_counters
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masked = func in _MASK_INDEXED and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        )
+        if (func in _SYNCING or masked) and not self._host_side(func, args):
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def _host_side(self, func, args) -> bool:
+        if func is aten._local_scalar_dense.default:
+            return args[0].data_ptr() in self.host_counters
+        if func is aten.lift_fresh.default:
+            return any("torch/optim/" in f.filename for f in traceback.extract_stack())
+        return False
+
+
+def host_counters(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {
+        state["step"].data_ptr()
+        for state in optimizer.state.values()
+        if isinstance(state.get("step"), torch.Tensor)
+    }
+
+
+# Selections whose size depends on the data, read on the host by design: which tokens go
+# to which expert (as every dispatcher's token counts are), and ELECTRA's generator head,
+# run on the masked positions only. Nothing else in a step may wait.
+_ALLOWED = {
+    "gpt_moe_debug": {"aten.nonzero.default"},
+    "electra_debug": {"aten.index.Tensor", "aten.index_put.default"},
+}
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gpt_debug",
+        "bert_debug",
+        "roberta_debug",
+        "electra_debug",
+        "t5_debug",
+        "bart_debug",
+        "xlnet_debug",
+        "glm_debug",
+        "gpt_moe_debug",
+    ],
+)
+def test_the_engine_step_never_reads_the_device(loom_cache, tmp_path, monkeypatch, model):
+    monkeypatch.setenv("LOOM_CACHE", str(loom_cache))
+    job = compose_job(
+        [f"+model={model}", "trainer.tensorboard=false", f"trainer.out_dir={tmp_path}"]
+    )
+    trainer = Trainer(job, init_world(job.parallel, device_preference="cpu"))
+    host_values(trainer.train_step(0))  # the optimizer's state exists from the first step
+    engine = trainer.engine
+    seen = SyncCalls(host_counters(engine.optimizer))
+    for name in ("forward_backward", "step"):
+        method = getattr(engine, name)
+
+        def watched(*args, method=method, **kwargs):
+            with seen:
+                return method(*args, **kwargs)
+
+        monkeypatch.setattr(engine, name, watched)
+    for step in range(1, 3):
+        host_values(trainer.train_step(step))
+    assert set(seen.calls) <= _ALLOWED.get(model, set()), sorted(set(seen.calls))
