@@ -68,7 +68,11 @@ def measure(
     job = compose_job([*overrides, "trainer.tensorboard=false"])
     fit_micro_batch(job, world_size=1)
     validate_job(job)
-    world = init_world(job.parallel, device_preference=job.trainer.device)
+    world = init_world(
+        job.parallel,
+        device_preference=job.trainer.device,
+        deterministic=job.trainer.deterministic,
+    )
     try:
         trainer = Trainer(job, world)
         device = world.device

@@ -54,7 +54,11 @@ def main() -> None:
     job = compose_job(
         [*DEFAULT, *args.overrides, f"trainer.device={args.device}", f"trainer.out_dir={out}"]
     )
-    world = init_world(job.parallel, device_preference=job.trainer.device)
+    world = init_world(
+        job.parallel,
+        device_preference=job.trainer.device,
+        deterministic=job.trainer.deterministic,
+    )
     trainer = Trainer(job, world)
     device, t = world.device, job.trainer
 

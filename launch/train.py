@@ -133,7 +133,11 @@ def run(job: JobConfig) -> dict:
 
     # init_world checks the device and the layout before it creates any process group.
     with user_errors(ValueError, LoomError, every_rank_alike=True):
-        world = init_world(job.parallel, device_preference=job.trainer.device)
+        world = init_world(
+            job.parallel,
+            device_preference=job.trainer.device,
+            deterministic=job.trainer.deterministic,
+        )
     try:
         with user_errors(LoomError, every_rank_alike=False):
             return Trainer(job, world).fit()

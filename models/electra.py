@@ -67,15 +67,22 @@ __all__ = ["IGNORE_INDEX", "Electra", "sample_inverse_cdf"]
 IGNORE_INDEX = -100
 
 
+# Probabilities as integers in units of 2**-53 (float64's resolution just below 1).
+_CDF_UNITS = 2.0**53
+
+
 @torch.no_grad()
 def sample_inverse_cdf(logits_NV: torch.Tensor, u_N: torch.Tensor) -> torch.Tensor:
     """One draw from softmax(logits) per row by inverse CDF: the first id whose cumulative
     probability exceeds u in [0, 1), clamped to the last id should the rounded total stay
-    below u. The cumulative sums are float64, so the draw follows the distribution rather
-    than fp32 rounding over tens of thousands of ids. Returns int64 ids (N,)."""
+    below u. The probabilities are summed as integers in units of 2**-53, so the draw
+    follows the distribution rather than fp32 rounding over tens of thousands of ids, and
+    the sums are exact: the same on every device and in any order of addition (a floating
+    cumulative sum on CUDA has no deterministic kernel). Returns int64 ids (N,)."""
     probs_NV = torch.softmax(logits_NV.float(), dim=-1)
-    cdf_NV = probs_NV.double().cumsum(dim=-1)
-    ids_N1 = torch.searchsorted(cdf_NV, u_N.double()[:, None], right=True)
+    cdf_NV = (probs_NV.double() * _CDF_UNITS).round_().long().cumsum(dim=-1)
+    threshold_N1 = (u_N.double() * _CDF_UNITS).floor_().long()[:, None]
+    ids_N1 = torch.searchsorted(cdf_NV, threshold_N1, right=True)
     return ids_N1.squeeze(-1).clamp_(max=logits_NV.shape[-1] - 1)
 
 

@@ -10,6 +10,27 @@ from models.config import ModelConfig
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble")
 OFFLOADS = ("none", "cpu", "nvme")
+# The environment that deterministic kernels and collectives need (trainer.deterministic),
+# read once by each library, so set before CUDA and NCCL start: the accepted values, the
+# first one the default. cuBLAS keeps a fixed workspace per stream, so its split-K
+# reductions run in one order; NCCL's ring all-reduce adds in an order fixed by the
+# topology (its other algorithms may pick a reduction tree by message size).
+DETERMINISTIC_ENV = {
+    "CUBLAS_WORKSPACE_CONFIG": (":4096:8", ":16:8"),
+    "NCCL_ALGO": ("Ring",),
+}
+
+
+def check_deterministic_env(environ: dict[str, str]) -> None:
+    """ValueError naming a variable of DETERMINISTIC_ENV set to a value that would let
+    results vary from run to run (unset is fine: the default is filled in)."""
+    for name, accepted in DETERMINISTIC_ENV.items():
+        value = environ.get(name)
+        if value is not None and value.lower() not in {a.lower() for a in accepted}:
+            raise ValueError(
+                f"trainer.deterministic=true needs {name} unset or one of {list(accepted)}; "
+                f"it is {value!r}"
+            )
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from parallel.config import ParallelConfig
+from parallel.config import DETERMINISTIC_ENV, ParallelConfig, check_deterministic_env
 from parallel.launch_env import launch_env
 
 # Outermost to innermost, as torchtitan orders them: the innermost axis gets the
@@ -66,17 +66,36 @@ def resolve_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def use_deterministic_kernels() -> None:
+    """Make every step's results the same from run to run on one layout (a GPU's atomics
+    and autotuning otherwise vary them in the last bits): PyTorch's deterministic kernels
+    (an operation that has none raises), cuDNN without autotuning, and the environment of
+    DETERMINISTIC_ENV. Call before CUDA and the process group start; ValueError names a
+    variable already set to a value that would undo it."""
+    check_deterministic_env(os.environ)
+    for name, accepted in DETERMINISTIC_ENV.items():
+        os.environ.setdefault(name, accepted[0])
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def world_size_from_env() -> int:
     """The world size torchrun or Slurm describes (1 for a plain process); ValueError names
     a double launch."""
     return launch_env().world_size
 
 
-def init_world(cfg: ParallelConfig, *, device_preference: str) -> World:
+def init_world(
+    cfg: ParallelConfig, *, device_preference: str, deterministic: bool = False
+) -> World:
     """Join the process group that torchrun or Slurm's tasks describe in the environment;
-    collectives may wait parallel.init_timeout_s until `tighten_timeout` is called."""
+    collectives may wait parallel.init_timeout_s until `tighten_timeout` is called.
+    deterministic: `use_deterministic_kernels` first (trainer.deterministic)."""
     env = launch_env()
     env.export()
+    if deterministic:
+        use_deterministic_kernels()
     world_size = env.world_size
     cfg.check_available(world_size=world_size)
     rank, local_rank = env.rank, env.local_rank

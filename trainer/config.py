@@ -8,6 +8,7 @@ at start-up with the key's full name, and `validate_job` rejects impossible valu
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from common.errors import ConfigError
 from data_pipeline.config import OBJECTIVES, DataConfig
 from models.build import check_pipeline_split
 from models.config import ModelConfig
-from parallel.config import ParallelConfig, check_tp_divisibility
+from parallel.config import ParallelConfig, check_deterministic_env, check_tp_divisibility
 from trainer.slurm import SlurmConfig
 
 OPTIMIZERS = ("adamw", "lamb")
@@ -120,6 +121,11 @@ class TrainerConfig:
     """Sequences per forward pass on one rank; global / (micro x DP) gives accumulation steps."""
     seed: int = 1234
     """Seeds weights, data order and dropout."""
+    deterministic: bool = False
+    """Deterministic kernels and collectives (parallel.dist.use_deterministic_kernels), so
+    that on a GPU two runs of one layout, or a run and its resumption, match to the bit
+    (on CPU they do anyway); slower. Needs CUBLAS_WORKSPACE_CONFIG and NCCL_ALGO unset (the
+    defaults are filled in) or set to deterministic values."""
     log_every: int = 10
     """Steps between metrics.jsonl / TensorBoard / console records."""
     eval_every: int = 100
@@ -194,6 +200,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.stop_signal={self.stop_signal!r} must be USR1, USR2 or null")
         if self.stop_margin_s < 0 or (self.hang_timeout_s or 0) < 0:
             raise ValueError("trainer.stop_margin_s and trainer.hang_timeout_s must be >= 0")
+        if self.deterministic:
+            check_deterministic_env(os.environ)
 
 
 # Label key of each distillation task (trainer/distill.py) -> its DistillConfig weight.

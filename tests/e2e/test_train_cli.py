@@ -38,8 +38,13 @@ def test_default_run_with_no_arguments(train_cli, tmp_path):
         assert part in line
 
 
-# MoE: the router's jitter draws come from the generator state the checkpoint keeps.
-@pytest.mark.parametrize("model", [[], ["+model=gpt_moe_debug"]], ids=["dense", "moe"])
+# MoE: the router's jitter draws come from the generator state the checkpoint keeps; it
+# runs with deterministic kernels too (tests/gpu repeats this on CUDA, where they matter).
+@pytest.mark.parametrize(
+    "model",
+    [[], ["+model=gpt_moe_debug", "trainer.deterministic=true"]],
+    ids=["dense", "moe"],
+)
 def test_resume_is_bit_exact(train_cli, tmp_path, model):
     common = [
         *model,

@@ -159,6 +159,17 @@ def test_inverse_cdf_draws_follow_the_softmax():
     assert all(within_4_sigma(int(c), n, float(p)) for c, p in zip(counts, probs, strict=True))
 
 
+def test_inverse_cdf_matches_float64_sums_over_a_large_vocabulary():
+    """The integer sums draw what float64 cumulative sums of the softmax draw, over 30,522
+    ids (BERT's vocabulary) with a peaked distribution."""
+    gen = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(500, 30522, generator=gen)
+    u = torch.rand(500, generator=gen)
+    cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)
+    expected = torch.searchsorted(cdf, u.double()[:, None], right=True).squeeze(-1)
+    assert torch.equal(sample_inverse_cdf(logits, u), expected.clamp(max=30521))
+
+
 # ---- the model ---------------------------------------------------------------------------
 
 
