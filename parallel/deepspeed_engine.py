@@ -153,6 +153,9 @@ def _zero_section(
         "stage": zero,
         "reduce_bucket_size": bucket,
         "allgather_bucket_size": bucket,
+        # Reduce each full bucket during backward, at every stage (DeepSpeed turns this on
+        # by itself for stage 3 only).
+        "overlap_comm": True,
     }
     if zero == 3:
         section["stage3_prefetch_bucket_size"] = bucket

@@ -43,7 +43,9 @@ _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The Transformer blocks: members of any ModuleList/ModuleDict of one repeated class.
+    """The Transformer blocks: members of any ModuleList/ModuleDict of one repeated class
+    that has submodules (a dict of single layers, such as a distillation student's
+    projections, is not a stack of blocks).
 
     They are the units FSDP gathers one at a time (and that activation checkpointing
     wraps), whatever the family calls its stacks.
@@ -52,7 +54,8 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             members = list(module.values() if isinstance(module, nn.ModuleDict) else module)
-            if members and len({type(m) for m in members}) == 1:
+            composite = all(next(m.children(), None) is not None for m in members)
+            if members and composite and len({type(m) for m in members}) == 1:
                 blocks.extend(members)
     return blocks
 

@@ -18,6 +18,7 @@ from data_pipeline.objectives import IGNORE_INDEX
 from models.bert import Bert
 from models.config import ModelConfig
 from models.hf.bert import hf_config, to_hf
+from parallel.parallelize import repeated_blocks
 from tests.unit.helpers import randomise_
 from trainer.config import DistillConfig, JobConfig, check_runnable
 from trainer.distill import (
@@ -165,6 +166,8 @@ def test_projections_map_the_states_to_the_teachers_width():
     out = student(**batch())
     assert [h.shape[-1] for h in out["hidden_states"]] == [48, 48, 48]
     assert "distill_proj.hidden.weight" in student.state_dict()
+    # The projections are single layers, not blocks to checkpoint, compile or shard apart.
+    assert repeated_blocks(student) == list(student.blocks.values())
     plain = Bert(STUDENT, vocab_size=VOCAB).eval()
     plain.distill_outputs = ("hidden",)
     assert [h.shape[-1] for h in plain(**batch())["hidden_states"]] == [32, 32, 32]
