@@ -4,13 +4,22 @@ No weight is allocated, so `+model=gpt3_175b` works on a laptop. The per-rank me
 estimate assumes Loom's mixed-precision layout (fp32 parameters, fp32 gradients, two fp32
 optimizer moments: 16 bytes per parameter), divided by TP x PP, with the ZeRO stage
 sharding optimizer states (1), plus gradients (2), plus parameters (3) over data-parallel
-ranks. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
-Large Transformer Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes per layer for 16-bit
-activations, doubled for fp32, divided by TP, for the layers of one pipeline stage with
-PP micro-batches in flight (1F1B), and for both of ELECTRA's stacks; the 5*a*s/h term is
-the attention-score matrix, which fused SDPA kernels do not store, so it is reported
-separately as an upper bound (and counted in the total for attention that computes its
-scores explicitly: NEZHA's).
+ranks. Activations are what Loom's blocks keep for backward, counted tensor by tensor
+(`layer_bytes`, checked against the bytes a forward pass on the CPU holds): per token of
+a self-attention block of width h and feed-forward width f, the residual stream at both
+norms (fp32 under autocast: parameters are fp32), each norm's output as the next matmul
+reads it, q, k, v, the attention output, both feed-forward activations, and a 1-byte mask
+per residual dropout; an encoder-decoder's decoder layer adds cross-attention.
+Selective checkpointing keeps only the block input and the matmul outputs, full only the
+block input, each plus one block's full set while it is recomputed. Korthikanti et al.
+2022 (eq. 2) count s*b*h*34 bytes for the same block in 16 bits throughout; Loom keeps a
+few tensors more. Under TP the matmul outputs are split, the rest is not unless sequence
+parallelism splits it too; the layers of one pipeline stage count with PP micro-batches
+in flight (1F1B), and ELECTRA's two stacks both count. Without ZeRO-2/3, autocast's
+16-bit copies of the weights are held from forward to backward (2 bytes a parameter).
+The attention-score matrix (5*a*s/h in eq. 2), which fused SDPA kernels do not store, is
+reported separately as an upper bound (and counted in the total for attention that
+computes its scores explicitly: NEZHA's).
 Communication per rank and step, by mesh axis and collective, follows the formula of
 parallel/comm_model.py (which a distributed run's comm.json checks against a measured step),
 with the bytes a rank sends over ring links beside it.
@@ -75,17 +84,40 @@ def memory_estimate(
 
     weights, grads, moments = state(4, 3), state(4, 2), state(8, 1)
     s, b = job.data.seq_len or m.max_seq_len, t.micro_batch_size
+    low = job.precision.dtype != "fp32"
     act_bytes = 1 if job.precision.dtype == "fp32" else 0.5  # eq. 2 counts 16-bit values
+    fsdp = p.zero >= 2 and p.engine == "native"  # FSDP2 computes with 16-bit parameters
     decoder = (m.n_decoder_layer or m.n_layer) if m.family in SEQ2SEQ_FAMILIES else 0
     layers = (m.n_layer + decoder) / p.pp
     in_flight = min(p.pp, max(1, t.global_batch_size // (t.micro_batch_size * dp)))
-    # (width, heads) of each stack of `layers` blocks: ELECTRA's generator is a second one.
-    stacks = [(m.d_model, m.n_head)]
+    # (width, heads, feed-forward width) of each stack: ELECTRA's generator is a second one.
+    stacks = [(m.d_model, m.n_head, m.ffn_size)]
     if m.family == "electra":
         gen = m.generator_config()
-        stacks.append((gen.d_model, gen.n_head))
-    base = sum(2 * act_bytes * s * b * h * 34 / p.tp * layers * in_flight for h, _ in stacks)
-    scores = sum(2 * act_bytes * s * b * 5 * a * s / p.tp * layers * in_flight for _, a in stacks)
+        stacks.append((gen.d_model, gen.n_head, gen.ffn_size))
+    mode = p.activation_checkpointing
+    shape = dict(
+        act=2 if low else 4,
+        residual=2 if low and fsdp else 4,
+        dropout=m.dropout > 0,
+        tp=p.tp,
+        sp=p.sp,
+    )
+    base = 0.0
+    for h, _, f in stacks:
+        held = m.n_layer * layer_bytes(h, f, mode=mode, **shape)
+        held += decoder * layer_bytes(h, f, mode=mode, cross=True, **shape)
+        working = layer_bytes(h, f, mode="none", cross=decoder > 0, **shape)
+        base += s * b * (held / p.pp * in_flight + (working if mode != "none" else 0))
+    # Autocast's 16-bit copies of the weights, held for backward by the matmuls that read
+    # them; recomputed blocks make theirs again (the output layer's stays).
+    copies = 0.0
+    if low and not fsdp:
+        held_params = dense + experts if mode == "none" else _output_params(m, vocab) / p.tp
+        copies = 2 * held_params
+    scores = sum(
+        2 * act_bytes * s * b * 5 * a * s / p.tp * layers * in_flight for _, a, _ in stacks
+    )
     explicit = m.position == "relative_sinusoidal"
     logits = _logits_bytes(job, vocab=vocab, seq_len=s)
     states = weights + grads + moments
@@ -95,12 +127,51 @@ def memory_estimate(
         "grads_gib": grads / _GIB,
         "optimizer_gib": moments / _GIB,
         "activations_gib": base / _GIB,
+        "weight_copies_gib": copies / _GIB,
         "attention_scores_gib": scores / _GIB,
         "logits_gib": logits / _GIB,
         # Attention with explicit scores (NEZHA's relative positions) keeps them.
-        "total_gib": (states + base + logits + (scores if explicit else 0)) / _GIB,
-        "total_with_scores_gib": (states + base + scores + logits) / _GIB,
+        "total_gib": (states + base + copies + logits + (scores if explicit else 0)) / _GIB,
+        "total_with_scores_gib": (states + base + copies + scores + logits) / _GIB,
     }
+
+
+def layer_bytes(
+    h: int,
+    f: int,
+    *,
+    mode: str,
+    act: int,
+    residual: int,
+    dropout: bool,
+    tp: int = 1,
+    sp: bool = False,
+    cross: bool = False,
+) -> float:
+    """Bytes per token one block keeps for backward (module docstring): `act` bytes per
+    activation value (2 in bf16/fp16, 4 in fp32), `residual` per value of the residual
+    stream. Values split over TP: q, k, v, the attention output and the feed-forward
+    activations; the rest is whole on every TP rank unless `sp`. `cross`: a decoder
+    layer's cross-attention too (its norm, q, the memory's k and v, its output)."""
+    split = tp
+    whole = tp if sp else 1
+    if mode == "full":
+        return residual * h / whole
+    if mode == "selective":  # the input and every matmul output
+        kept = act * (4 * h + f) / split + (residual * h + act * 2 * h) / whole
+        if cross:
+            kept += act * 4 * h / split + act * h / whole
+        return kept
+    kept = act * (4 * h + 2 * f) / split + (2 * residual * h + 2 * act * h) / whole
+    kept += 2 * h / whole if dropout else 0  # one-byte masks of the two residual dropouts
+    if cross:
+        kept += act * 4 * h / split + (residual * h + act * h + (h if dropout else 0)) / whole
+    return kept
+
+
+def _output_params(m, vocab: int) -> int:
+    """Parameters of the output projection (vocabulary x width), tied or not."""
+    return vocab * m.d_model
 
 
 def _logits_bytes(job: JobConfig, *, vocab: int, seq_len: int) -> float:
@@ -218,11 +289,13 @@ def _print(r: dict, path: Path) -> None:
     log_rank0("training FLOPs per token (active parameters): %.4g", r["flops_per_token"])
     log_rank0(
         "memory per rank (GiB): weights %.2f, grads %.2f, optimizer %.2f, activations "
-        "%.2f (+%.2f attention scores without fused attention), logits %.2f, total %.2f",
+        "%.2f, 16-bit weight copies %.2f (+%.2f attention scores without fused attention), "
+        "logits %.2f, total %.2f",
         mem["weights_gib"],
         mem["grads_gib"],
         mem["optimizer_gib"],
         mem["activations_gib"],
+        mem["weight_copies_gib"],
         mem["attention_scores_gib"],
         mem["logits_gib"],
         mem["total_gib"],
