@@ -217,6 +217,15 @@ class Experts(nn.Module):
         grouped = self.grouped if self.grouped is not None else grouped_mm_runs(x_ND, w)
         if grouped:
             return self._compute_grouped(x_ND, counts_E, w)
+        return self._compute_loop(x_ND, counts_E, w)
+
+    # Eager inside a compiled block: its shapes are the step's token counts per expert, and
+    # a compiled loop would meet a new graph whenever an expert gets 0 or 1 tokens (sizes
+    # the compiler specialises on), step after step.
+    @torch.compiler.disable
+    def _compute_loop(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, w: dict[str, torch.Tensor | None]
+    ) -> torch.Tensor:
         # split and unbind: their backward joins the pieces' gradients once, where slicing
         # or indexing would add a zero-filled tensor of the whole input or weight per expert.
         per_expert = {k: None if v is None else v.unbind(0) for k, v in w.items()}
