@@ -44,6 +44,8 @@ class LossScaling(Protocol):
 
     scale: float
     skipped_steps: int
+    enabled: bool
+    """Dynamic scaling is on (fp16): only then can a step's gradients overflow."""
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor: ...
 

@@ -132,7 +132,9 @@ class NativeEngine(Engine):
     def _clip(self, max_norm: float) -> tuple[bool, torch.Tensor | None]:
         """(gradients finite on every rank, pre-clip global norm or None when not finite).
         Without fp16 loss scaling nothing here waits for the device."""
-        finite = dist.all_ranks_agree(self.scaler.unscale_and_check(self.params), self.world)
+        finite = self.scaler.unscale_and_check(self.params)
+        if self.scaler.enabled:  # without loss scaling the verdict is always True
+            finite = dist.all_ranks_agree(finite, self.world)
         if not finite:
             return False, None
         if self.sharded_norm:
