@@ -5,7 +5,8 @@ collective Loom issues: DDP and ZeRO-1 (all-reduce, broadcast), FSDP2 at ZeRO-2/
 (fp32 and bf16), pipelines (send/recv, the tied embedding's gradient), and expert
 parallelism (all-to-all, with no token dropped so the formula's bound is exact).
 
-All layouts run in one pair of spawned workers (start-up dominates the cost): each builds
+The two-rank layouts run in one pair of spawned workers (start-up dominates the cost), the
+four-rank ones (data parallelism beside TP or PP) in one set of four: each builds
 the engine of its layout as the trainer does (parallel.parallelize.build_engine), runs
 three steps the way Trainer.train_step does (token-count sum, forward/backward, step,
 loss sum) and measures the third with the trainer's own CommAccounting, which writes
@@ -67,6 +68,18 @@ EXPECTED_KEYS = {
     "pp": {("send", "pp"), ("recv", "pp")},
     "pp_interleaved": {("send", "pp"), ("recv", "pp")},
     "ep": {("all_to_all", "ep"), ("all_reduce", "ep")},
+}
+# Four ranks: data parallelism beside TP or PP, where Loom's own bucketed gradient
+# averaging (ReplicaSync, overlapped with the last backward) carries the dp traffic.
+CASES_4 = {
+    "tp_dp": ["parallel.tp=2"],
+    "tp_dp_zero1": ["parallel.tp=2", "parallel.zero=1"],
+    "pp_dp": ["parallel.pp=2"],
+}
+EXPECTED_KEYS |= {
+    "tp_dp": {("all_reduce", "tp"), ("all_reduce", "dp_replicate")},
+    "tp_dp_zero1": {("all_reduce", "tp"), ("all_reduce", "dp_replicate")},
+    "pp_dp": {("send", "pp"), ("recv", "pp"), ("all_reduce", "dp_replicate")},
 }
 
 
@@ -131,7 +144,7 @@ def _run_case(name: str, overrides: list[str], out: Path) -> dict:
     return report
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, world: int, names: list[str]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -140,11 +153,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
+        WORLD_SIZE=str(world),
         TORCHELASTIC_RUN_ID="comm-accounting",
     )
     results = {}
-    for name, overrides in CASES.items():
+    for name in names:
+        overrides = {**CASES, **CASES_4}[name]
         try:
             results[name] = _run_case(name, overrides, Path(out_dir))
         except Exception:
@@ -155,16 +169,24 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> dict[str, dict]:
-    out = tmp_path_factory.mktemp("comm")
-    spawn_ranks(_worker, WORLD, free_port(), str(out))
-    ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
-    for name in CASES:
+def _measure(out: Path, world: int, cases: dict) -> dict[str, dict]:
+    spawn_ranks(_worker, world, free_port(), str(out), world, list(cases))
+    ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    for name in cases:
         written = out / name / "comm.json"
         if "error" not in ranks[0].get(name, {"error": "not run"}):
             assert json.loads(written.read_text())["measured"] == ranks[0][name]["measured"]
     return ranks[0]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict[str, dict]:
+    return _measure(tmp_path_factory.mktemp("comm"), WORLD, CASES)
+
+
+@pytest.fixture(scope="module")
+def reports_4(tmp_path_factory) -> dict[str, dict]:
+    return _measure(tmp_path_factory.mktemp("comm4"), 4, CASES_4)
 
 
 def data_bytes(volumes: dict) -> dict[tuple[str, str], float]:
@@ -179,6 +201,15 @@ def data_bytes(volumes: dict) -> dict[tuple[str, str], float]:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_measured_bytes_per_axis_match_the_formula(reports, name):
+    check_against_formula(reports, name)
+
+
+@pytest.mark.parametrize("name", list(CASES_4))
+def test_data_parallel_beside_tp_or_pp_matches_the_formula(reports_4, name):
+    check_against_formula(reports_4, name)
+
+
+def check_against_formula(reports: dict, name: str) -> None:
     report = reports.get(name, {"error": "not run (an earlier case failed)"})
     assert "error" not in report, report["error"]
     measured, formula = data_bytes(report["measured"]), data_bytes(report["formula"])
