@@ -178,7 +178,7 @@ def _logits_bytes(job: JobConfig, *, vocab: int, seq_len: int) -> float:
     """fp32 logits and their gradient, for the tokens scored at once (trainer.loss_chunk_tokens),
     vocabulary-sharded under TP. ELECTRA's generator scores its masked positions only, with
     logits gathered whole under TP, and its sampling adds their fp32 probabilities and
-    float64 cumulative sums. XLNet's permutation LM scores its predicted positions only."""
+    int64 cumulative sums. XLNet's permutation LM scores its predicted positions only."""
     m, t, tp = job.model, job.trainer, job.parallel.tp
     rows, per_value, split = seq_len * t.micro_batch_size, 2 * 4, tp
     if m.family == "electra":

@@ -419,7 +419,7 @@ def test_flops_count_both_networks(name, mask_prob, shape):
 
 
 def test_dry_run_counts_both_networks(tmp_path):
-    from trainer.dry_run import dry_run
+    from trainer.dry_run import dry_run, layer_bytes
 
     job = compose_job(
         "+model=electra_small",
@@ -435,7 +435,10 @@ def test_dry_run_counts_both_networks(tmp_path):
         direct_flops(12, 256, 1024, 64, 256, 128, V=30522, T=128, K=k)
     )
     mem = report["memory_per_rank"]
-    # fp32 logits + gradient, probabilities and float64 sums of the 4 x K masked positions.
+    # fp32 logits + gradient, probabilities and int64 sums of the 4 x K masked positions.
     assert mem["logits_gib"] == pytest.approx((8 + 4 + 8) * 4 * k * 30522 / 1024**3)
-    per_layer = 2 * 128 * 4 * 34  # fp32 activations per unit of width and layer
-    assert mem["activations_gib"] == pytest.approx(per_layer * 12 * (256 + 64) / 1024**3)
+    # Both stacks' 12 layers (widths 256 and 64, feed-forward 4x), fp32, dropout 0.1.
+    per_token = sum(
+        layer_bytes(h, 4 * h, mode="none", act=4, residual=4, dropout=True) for h in (256, 64)
+    )
+    assert mem["activations_gib"] == pytest.approx(128 * 4 * 12 * per_token / 1024**3)

@@ -98,9 +98,11 @@ _ALLOWED = {
 
 
 @pytest.mark.parametrize(
-    "model",
+    "run",
     [
         "gpt_debug",
+        # LAMB's trust ratios, bf16 autocast and the loss scored in slices inside the model
+        "gpt_debug optim=lamb precision=bf16 trainer.loss_chunk_tokens=64",
         "bert_debug",
         "roberta_debug",
         "electra_debug",
@@ -111,10 +113,11 @@ _ALLOWED = {
         "gpt_moe_debug",
     ],
 )
-def test_the_engine_step_never_reads_the_device(loom_cache, tmp_path, monkeypatch, model):
+def test_the_engine_step_never_reads_the_device(loom_cache, tmp_path, monkeypatch, run):
+    model, *overrides = run.split()
     monkeypatch.setenv("LOOM_CACHE", str(loom_cache))
     job = compose_job(
-        [f"+model={model}", "trainer.tensorboard=false", f"trainer.out_dir={tmp_path}"]
+        [f"+model={model}", *overrides, "trainer.tensorboard=false", f"trainer.out_dir={tmp_path}"]
     )
     trainer = Trainer(job, init_world(job.parallel, device_preference="cpu"))
     host_values(trainer.train_step(0))  # the optimizer's state exists from the first step
