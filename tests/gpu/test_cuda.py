@@ -104,16 +104,24 @@ def test_training_steps_never_wait_for_the_gpu(loom_cache, tmp_path, monkeypatch
     monkeypatch.setenv("LOOM_CACHE", str(loom_cache))
     job = compose_job(["trainer.device=cuda", "precision=bf16", f"trainer.out_dir={tmp_path}"])
     trainer = Trainer(job, init_world(job.parallel, device_preference="cuda"))
-    for step in range(2):  # warm-up: allocator, cuBLAS handles, optimizer state
+    records = steps_under_sync_check(trainer, warmup=2, steps=3)
+    assert float(records[-1]["loss"]) < 10
+
+
+def steps_under_sync_check(trainer, *, warmup: int, steps: int) -> list[dict]:
+    """`steps` training steps after `warmup` ones (allocator, cuBLAS handles, optimizer
+    state), under set_sync_debug_mode("error"): any call that waits for the device raises.
+    Their records, whose losses and norms are still on the device."""
+    for step in range(warmup):
         trainer.train_step(step)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        records = [trainer.train_step(step) for step in range(2, 5)]
+        records = [trainer.train_step(step) for step in range(warmup, warmup + steps)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(r["loss"].is_cuda and r["grad_norm"].is_cuda for r in records)
-    assert float(records[-1]["loss"]) < 10
+    return records
 
 
 def _peak_and_estimate(loom_cache, tmp_path, monkeypatch, *overrides: str) -> tuple[float, dict]:

@@ -14,7 +14,10 @@ from models.config import ModelConfig
 from parallel.activation import apply_activation_checkpointing
 from parallel.parallelize import repeated_blocks
 from tests.conftest import read_metrics
+from tests.e2e.test_compile import check_compiled_matches_eager
 from tests.e2e.test_families import SHORT
+from tests.e2e.test_train_cli import check_resume_is_bit_exact
+from tests.gpu.test_cuda import steps_under_sync_check
 
 pytestmark = pytest.mark.gpu
 
@@ -44,26 +47,9 @@ def test_every_family_trains_in_bf16_on_cuda(train_cli, tmp_path, model):
 # MoE: the expert dispatch (index_add_) and the router's jitter draws on the device.
 @pytest.mark.parametrize("model", [[], ["+model=gpt_moe_debug"]], ids=["dense", "moe"])
 def test_deterministic_resume_on_cuda_is_bit_exact(train_cli, tmp_path, model):
-    common = [
-        *model,
-        *CUDA,
-        "precision=bf16",
-        "trainer.deterministic=true",
-        "model.dropout=0.1",
-        "optim.decay_steps=40",
-        "optim.warmup_steps=5",
-        "trainer.log_every=1",
-        "trainer.save_every=20",
-        "trainer.eval_every=0",
-    ]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    train_cli(*common, "trainer.max_steps=40", f"trainer.out_dir={whole}")
-    train_cli(*common, "trainer.max_steps=20", f"trainer.out_dir={split}")
-    proc = train_cli(*common, "trainer.max_steps=40", f"trainer.out_dir={split}")
-    assert "resumed from" in proc.stdout
-    a = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(whole)]
-    b = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(split)]
-    assert len(a) == 40 and a == b
+    check_resume_is_bit_exact(
+        train_cli, tmp_path, *model, *CUDA, "precision=bf16", "trainer.deterministic=true"
+    )
 
 
 def test_deterministic_electra_runs_repeat_to_the_bit(train_cli, tmp_path):
@@ -123,20 +109,7 @@ def test_compiled_blocks_train_like_eager_on_cuda(train_cli, tmp_path):
         "trainer.log_every=1",
         "trainer.eval_every=4",
     ]
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    train_cli(*tiny, f"trainer.out_dir={eager}")
-    proc = train_cli(
-        *tiny,
-        "parallel.compile=true",
-        f"trainer.out_dir={compiled}",
-        env={"TORCH_LOGS": "recompiles"},
-    )
-    a, b = read_metrics(eager), read_metrics(compiled)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b, strict=True):
-        key = "loss" if "loss" in x else "val_loss"
-        assert abs(x[key] - y[key]) < 1e-3, (x["step"], key, x[key], y[key])
-    assert proc.stderr.count("Recompiling function") <= 1, proc.stderr[-3000:]
+    check_compiled_matches_eager(train_cli, tmp_path, *tiny, tolerance=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -151,12 +124,4 @@ def test_other_families_steps_never_wait_for_the_gpu(loom_cache, tmp_path, monke
     monkeypatch.setenv("LOOM_CACHE", str(loom_cache))
     job = compose_job([f"+model={model}", *CUDA, "precision=bf16", f"trainer.out_dir={tmp_path}"])
     trainer = Trainer(job, init_world(job.parallel, device_preference="cuda"))
-    for step in range(2):
-        trainer.train_step(step)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        records = [trainer.train_step(step) for step in range(2, 4)]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert all(r["loss"].is_cuda and r["grad_norm"].is_cuda for r in records)
+    steps_under_sync_check(trainer, warmup=2, steps=2)
