@@ -15,29 +15,14 @@ from omegaconf import OmegaConf
 from models.build import build_model, param_counts
 from models.config import ModelConfig
 from models.t5 import T5
+from tests.unit.helpers import one_thread, recipe  # noqa: F401 (one_thread: a fixture)
 
 transformers = pytest.importorskip("transformers")
 from models.hf import switch  # noqa: E402
 from models.hf.switch import build_hf_model, from_hf, hf_config, loom_config, to_hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = ROOT / "conf" / "model"
 VOCAB = 200
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: extra intra-op threads only add synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_cfg(name: str, **overrides) -> ModelConfig:
-    schema = OmegaConf.structured(ModelConfig)
-    cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(CONF_DIR / f"{name}.yaml")))
-    return dataclasses.replace(cfg, **overrides)
 
 
 def with_moe(cfg: ModelConfig, **moe) -> ModelConfig:
@@ -48,7 +33,7 @@ def with_moe(cfg: ModelConfig, **moe) -> ModelConfig:
     ("name", "expected"), [("switch_base_8", 619_339_008), ("switch_base_128", 7_415_217_408)]
 )
 def test_parameter_counts_match_transformers(name, expected):
-    cfg = load_cfg(name)
+    cfg = recipe(name)
     with torch.device("meta"):
         ours = build_model(cfg, vocab_size=cfg.padded_vocab_size())
         theirs = build_hf_model(cfg, vocab_size=cfg.vocab_size)
@@ -67,7 +52,7 @@ def test_parameter_counts_match_transformers(name, expected):
 )
 def test_parameter_counts_match_the_paper(name, expected, paper):
     """Fedus et al. (2021), Table 9 and section 5: within 3% of the published sizes."""
-    cfg = load_cfg(name)
+    cfg = recipe(name)
     with torch.device("meta"):
         total = param_counts(build_model(cfg, vocab_size=cfg.padded_vocab_size()))["total"]
     assert total == expected
@@ -75,7 +60,7 @@ def test_parameter_counts_match_the_paper(name, expected, paper):
 
 
 def test_hf_config_fields():
-    cfg = load_cfg("switch_base_8")
+    cfg = recipe("switch_base_8")
     hf = hf_config(cfg, vocab_size=32128)
     assert type(hf).__name__ == "SwitchTransformersConfig"
     assert (hf.num_experts, hf.num_sparse_encoder_layers, hf.num_sparse_decoder_layers) == (8, 6, 6)
@@ -83,12 +68,12 @@ def test_hf_config_fields():
     assert hf.expert_capacity == 128  # eval factor 2.0 x 512 tokens / 8 experts
     assert (hf.dense_act_fn, hf.tie_word_embeddings, hf.router_jitter_noise) == ("relu", True, 0.01)
     assert (hf.router_aux_loss_coef, hf.router_z_loss_coef, hf.dropout_rate) == (0.01, 0.0, 0.1)
-    every = hf_config(load_cfg("switch_c_2048"), vocab_size=32128)
+    every = hf_config(recipe("switch_c_2048"), vocab_size=32128)
     assert every.num_sparse_encoder_layers == 15 and every.encoder_sparse_step == 1
 
 
 def test_loom_config_inverts_hf_config():
-    cfg = load_cfg("switch_base_8")
+    cfg = recipe("switch_base_8")
     back = loom_config(hf_config(cfg, vocab_size=32128), name="back")
     same = ("vocab_size", "n_layer", "n_decoder_layer", "d_model", "n_head", "d_kv", "d_ff")
     same += ("activation", "tie_embeddings", "scale_logits", "layer_norm_eps", "dropout")
@@ -101,7 +86,7 @@ def test_loom_config_inverts_hf_config():
     for t in (1, 77, 512):
         assert back.moe.capacity(t, training=True) == back.moe.capacity(t, training=False) == 128
     assert hf_config(back, vocab_size=32128).expert_capacity == 128
-    c = loom_config(hf_config(load_cfg("switch_c_2048"), vocab_size=32128))
+    c = loom_config(hf_config(recipe("switch_c_2048"), vocab_size=32128))
     assert c.moe.layers == list(range(15)) and not c.tie_embeddings
 
 
@@ -122,7 +107,7 @@ VARIANTS = {
 def small_cfg(variant: str) -> ModelConfig:
     overrides = dict(VARIANTS[variant])
     moe = {"capacity_factor": None, "eval_capacity_factor": None, **overrides.pop("moe", {})}
-    cfg = load_cfg("switch_debug", vocab_size=VOCAB, d_model=64, n_head=4, d_kv=24, d_ff=96)
+    cfg = recipe("switch_debug", vocab_size=VOCAB, d_model=64, n_head=4, d_kv=24, d_ff=96)
     return with_moe(dataclasses.replace(cfg, **overrides), **moe)
 
 
@@ -270,7 +255,7 @@ def test_loom_fields_without_hf_equivalent_are_refused(overrides, moe, match):
 
 
 def test_every_third_block_converts_but_not_every_third_from_zero():
-    cfg = load_cfg("switch_debug", n_layer=7, n_decoder_layer=7, vocab_size=VOCAB)
+    cfg = recipe("switch_debug", n_layer=7, n_decoder_layer=7, vocab_size=VOCAB)
     hf = hf_config(with_moe(cfg, layers=[1, 4]), vocab_size=VOCAB)
     assert hf.num_sparse_encoder_layers == 2 and hf.encoder_sparse_step == 3
     assert loom_config(hf).moe.layers == [1, 4]

@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from models.build import build_model, param_counts
 from models.config import ModelConfig
 from models.t5 import T5
+from tests.unit.helpers import one_thread, recipe  # noqa: F401 (one_thread: a fixture)
 
 transformers = pytest.importorskip("transformers")
 from models.hf.t5 import build_hf_model, from_hf, hf_config, loom_config, to_hf  # noqa: E402
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 VOCAB = 200
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: extra intra-op threads only add synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_cfg(name: str, **overrides) -> ModelConfig:
-    schema = OmegaConf.structured(ModelConfig)
-    cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(CONF_DIR / f"{name}.yaml")))
-    return dataclasses.replace(cfg, **overrides)
 
 
 @pytest.mark.parametrize(
@@ -47,7 +30,7 @@ def load_cfg(name: str, **overrides) -> ModelConfig:
     ],
 )
 def test_parameter_counts_match_transformers(name, expected):
-    cfg = load_cfg(name)
+    cfg = recipe(name)
     with torch.device("meta"):
         ours = build_model(cfg, vocab_size=cfg.padded_vocab_size())
         theirs = build_hf_model(cfg, vocab_size=cfg.vocab_size)
@@ -56,11 +39,11 @@ def test_parameter_counts_match_transformers(name, expected):
 
 
 def test_hf_config_fields():
-    v10 = hf_config(load_cfg("t5_3b"), vocab_size=32128)
+    v10 = hf_config(recipe("t5_3b"), vocab_size=32128)
     assert (v10.d_model, v10.d_kv, v10.num_heads, v10.d_ff) == (1024, 128, 32, 16384)
     assert v10.feed_forward_proj == "relu" and v10.dense_act_fn == "relu"
     assert v10.layer_norm_epsilon == 1e-6 and v10.relative_attention_num_buckets == 32
-    v11 = hf_config(load_cfg("t5_v1_1_base"), vocab_size=32128)
+    v11 = hf_config(recipe("t5_v1_1_base"), vocab_size=32128)
     assert v11.is_gated_act and v11.dense_act_fn == "gelu_new"
     # transformers 5 always ties and keeps the v1.1 flag as "no output rescaling"
     assert getattr(v11, "scale_decoder_outputs", v11.tie_word_embeddings) is False
@@ -68,7 +51,7 @@ def test_hf_config_fields():
 
 def _pair(name: str, **overrides) -> tuple[ModelConfig, T5, torch.nn.Module]:
     """A Loom model and a Hugging Face model with random (different) weights."""
-    cfg = load_cfg(name, vocab_size=VOCAB, n_decoder_layer=3, d_model=64, n_head=4, d_kv=24)
+    cfg = recipe(name, vocab_size=VOCAB, n_decoder_layer=3, d_model=64, n_head=4, d_kv=24)
     cfg = dataclasses.replace(cfg, **overrides)
     torch.manual_seed(0)
     ours = T5(cfg, vocab_size=VOCAB).eval()
@@ -141,7 +124,7 @@ def test_missing_and_unexpected_keys_are_named():
 
 
 def test_untied_head_without_rescaling_only():
-    cfg = load_cfg("t5_debug", scale_logits=False)
+    cfg = recipe("t5_debug", scale_logits=False)
     with pytest.raises(ValueError, match="model.scale_logits=False"):
         hf_config(cfg, vocab_size=VOCAB)
 
@@ -168,7 +151,7 @@ def test_padded_vocabulary_rows_are_dropped_and_restored():
 
 @pytest.mark.parametrize("name", ["t5_3b", "t5_v1_1_base"])
 def test_loom_config_inverts_hf_config(name):
-    cfg = load_cfg(name)
+    cfg = recipe(name)
     back = loom_config(hf_config(cfg, vocab_size=32128), name=name)
     same = ("vocab_size", "n_layer", "n_decoder_layer", "d_model", "n_head", "d_kv", "d_ff")
     same += ("activation", "tie_embeddings", "scale_logits", "layer_norm_eps", "dropout")

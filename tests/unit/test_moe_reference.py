@@ -22,21 +22,13 @@ import torch.nn.functional as F
 
 from models.config import MoeConfig
 from models.moe import MoE, load_balancing_loss, route, router_z_loss
+from tests.unit.helpers import one_thread  # noqa: F401 (one_thread: a fixture)
 
 # float64 inputs: the references and Loom then agree to rounding, far inside this.
 RTOL64 = 1e-12
 # float32 layers: the same products summed in another order (a batched matmul against a
 # per-token one) differ by a few ulps; 1e-6 relative is about 8 ulps.
 RTOL32, ATOL32 = 1e-6, 1e-6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _hf_switch():
