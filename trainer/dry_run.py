@@ -85,7 +85,6 @@ def memory_estimate(
     weights, grads, moments = state(4, 3), state(4, 2), state(8, 1)
     s, b = job.data.seq_len or m.max_seq_len, t.micro_batch_size
     low = job.precision.dtype != "fp32"
-    act_bytes = 1 if job.precision.dtype == "fp32" else 0.5  # eq. 2 counts 16-bit values
     fsdp = p.zero >= 2 and p.engine == "native"  # FSDP2 computes with 16-bit parameters
     decoder = (m.n_decoder_layer or m.n_layer) if m.family in SEQ2SEQ_FAMILIES else 0
     layers = (m.n_layer + decoder) / p.pp
@@ -96,8 +95,9 @@ def memory_estimate(
         gen = m.generator_config()
         stacks.append((gen.d_model, gen.n_head, gen.ffn_size))
     mode = p.activation_checkpointing
+    act = 2 if low else 4  # bytes of an activation value
     shape = dict(
-        act=2 if low else 4,
+        act=act,
         residual=2 if low and fsdp else 4,
         dropout=m.dropout > 0,
         tp=p.tp,
@@ -113,11 +113,10 @@ def memory_estimate(
     # them; recomputed blocks make theirs again (the output layer's stays).
     copies = 0.0
     if low and not fsdp:
-        held_params = dense + experts if mode == "none" else _output_params(m, vocab) / p.tp
+        # Recomputed blocks leave only the output projection (vocabulary x width) held.
+        held_params = dense + experts if mode == "none" else vocab * m.d_model / p.tp
         copies = 2 * held_params
-    scores = sum(
-        2 * act_bytes * s * b * 5 * a * s / p.tp * layers * in_flight for _, a, _ in stacks
-    )
+    scores = sum(act / 2 * s * b * 5 * a * s / p.tp * layers * in_flight for _, a, _ in stacks)
     explicit = m.position == "relative_sinusoidal"
     logits = _logits_bytes(job, vocab=vocab, seq_len=s)
     states = weights + grads + moments
@@ -153,25 +152,19 @@ def layer_bytes(
     stream. Values split over TP: q, k, v, the attention output and the feed-forward
     activations; the rest is whole on every TP rank unless `sp`. `cross`: a decoder
     layer's cross-attention too (its norm, q, the memory's k and v, its output)."""
-    split = tp
     whole = tp if sp else 1
     if mode == "full":
         return residual * h / whole
     if mode == "selective":  # the input and every matmul output
-        kept = act * (4 * h + f) / split + (residual * h + act * 2 * h) / whole
+        kept = act * (4 * h + f) / tp + (residual * h + act * 2 * h) / whole
         if cross:
-            kept += act * 4 * h / split + act * h / whole
+            kept += act * 4 * h / tp + act * h / whole
         return kept
-    kept = act * (4 * h + 2 * f) / split + (2 * residual * h + 2 * act * h) / whole
+    kept = act * (4 * h + 2 * f) / tp + (2 * residual * h + 2 * act * h) / whole
     kept += 2 * h / whole if dropout else 0  # one-byte masks of the two residual dropouts
     if cross:
-        kept += act * 4 * h / split + (residual * h + act * h + (h if dropout else 0)) / whole
+        kept += act * 4 * h / tp + (residual * h + act * h + (h if dropout else 0)) / whole
     return kept
-
-
-def _output_params(m, vocab: int) -> int:
-    """Parameters of the output projection (vocabulary x width), tied or not."""
-    return vocab * m.d_model
 
 
 def _logits_bytes(job: JobConfig, *, vocab: int, seq_len: int) -> float:
