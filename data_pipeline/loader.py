@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from common.cpu_math import settle_cpu_math
 from common.errors import CheckpointError, ConfigError
 from data_pipeline.blend import DEFAULT_BLOCK_SIZE, BlendedSamples
 from data_pipeline.dataset import PackedDataset
@@ -78,6 +79,12 @@ class RankMicroBatches(Dataset):
     def __getitem__(self, k: int) -> Batch:
         batch = self.samples.read(self.sample_ids(int(k)))
         return self.transform(batch) if self.transform is not None else batch
+
+
+def _settle_worker(worker_id: int) -> None:
+    """A worker runs the objectives' CPU math: settled as in the main process, whatever
+    way the worker was started (common.cpu_math)."""
+    settle_cpu_math()
 
 
 class _Forever(Sampler[int]):
@@ -193,6 +200,7 @@ class Loader:
                 sampler=_Forever(),
                 num_workers=self.num_workers,
                 prefetch_factor=_PREFETCH_PER_WORKER,
+                worker_init_fn=_settle_worker,
             )
             self._stream = iter(loader)
         return self._stream

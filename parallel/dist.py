@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from common.cpu_math import settle_cpu_math
 from parallel.config import DETERMINISTIC_ENV, ParallelConfig, check_deterministic_env
 from parallel.launch_env import launch_env
 
@@ -91,7 +92,9 @@ def init_world(
 ) -> World:
     """Join the process group that torchrun or Slurm's tasks describe in the environment;
     collectives may wait parallel.init_timeout_s until `tighten_timeout` is called.
-    deterministic: `use_deterministic_kernels` first (trainer.deterministic)."""
+    deterministic: `use_deterministic_kernels` first (trainer.deterministic). CPU math is
+    settled first of all (common.cpu_math: its first multi-threaded call may be inexact)."""
+    settle_cpu_math()
     env = launch_env()
     env.export()
     if deterministic:

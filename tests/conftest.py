@@ -14,6 +14,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    """The tests compare runs bit for bit: settle CPU math first (common.cpu_math)."""
+    from common.cpu_math import settle_cpu_math
+
+    settle_cpu_math()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -50,8 +57,10 @@ def spawn_ranks(fn, nprocs: int, *args) -> None:
 
 
 def _rank_main(rank: int, fn, args: tuple) -> None:
+    from common.cpu_math import settle_cpu_math
     from common.process import end_process
 
+    settle_cpu_math()
     fn(rank, *args)
     end_process(0)
 
