@@ -24,7 +24,8 @@ model itself is BERT's code put together, not a copy of it.
 One training forward (objective electra, data_pipeline/objectives/electra.py, which masks
 about 15% of the tokens with [MASK] and draws one uniform u per position):
   1. the generator runs on the masked input; its head runs on the masked positions only
-     (gathered first, as ELECTRA's released code does), scored against the original tokens;
+     (gathered first into the objective's K slots a row, as ELECTRA's released code does
+     with max_predictions_per_seq), scored against the original tokens;
   2. under no_grad, each masked position takes a sample from softmax(generator logits) by
      inverse CDF: the first id whose cumulative probability exceeds its u (`sample_inverse_cdf`).
      The noise comes with the batch, a pure function of (seed, sample id), so the samples
@@ -47,6 +48,7 @@ Shape legend (suffixes of tensor names):
     E  embedding width (cfg.embedding_size, or D)
     V  embedding rows (the padded vocabulary)
     N  masked positions of the batch (C: of one slice of them)
+    K  slots for the masked positions of one row (`masked_positions`)
 """
 
 from __future__ import annotations
@@ -139,12 +141,18 @@ class Electra(TiedOutputMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One ELECTRA step's outputs (class docstring) for the generator's input `input_ids`
         (B, T) (the masked tokens), its targets `labels` (B, T) (the original token where
         a position was masked, -100 elsewhere) and `sample_uniforms` (B, T) (one U[0, 1)
         draw per position; the masked ones choose the samples). `token_type_ids`,
-        `attention_mask`, `position_ids` and `attn_mask` as for `models.bert.Bert`."""
+        `attention_mask`, `position_ids` and `attn_mask` as for `models.bert.Bert`.
+
+        `masked_positions` (B, K): every masked position of each row, padded with positions
+        whose label is -100 (the electra objective's, padded with 0). The head then runs on
+        these B x K positions, a shape known without reading the labels; without it, on the
+        positions the labels select (a count the host must wait for on a GPU)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got {tuple(input_ids.shape)}")
         for name, value in (("labels", labels), ("sample_uniforms", sample_uniforms)):
@@ -158,11 +166,16 @@ class Electra(TiedOutputMixin, nn.Module):
         chosen_BT = labels != IGNORE_INDEX
         original_BT = torch.where(chosen_BT, labels, input_ids)
         h_BTG = self._generator_states(input_ids, attn_mask=mask, **extra)
-        losses_N, sampled_N = self._score_and_sample(
-            h_BTG[chosen_BT], labels[chosen_BT], sample_uniforms[chosen_BT]
-        )
-        row_losses_B = losses_N.new_zeros((b, t)).masked_scatter(chosen_BT, losses_N).sum(1)
-        replaced_BT = original_BT.masked_scatter(chosen_BT, sampled_N)
+        if masked_positions is None:
+            losses_N, sampled_N = self._score_and_sample(
+                h_BTG[chosen_BT], labels[chosen_BT], sample_uniforms[chosen_BT]
+            )
+            row_losses_B = losses_N.new_zeros((b, t)).masked_scatter(chosen_BT, losses_N).sum(1)
+            replaced_BT = original_BT.masked_scatter(chosen_BT, sampled_N)
+        else:
+            row_losses_B, replaced_BT = self._score_and_sample_slots(
+                h_BTG, labels, sample_uniforms, original_BT, masked_positions
+            )
         rtd_logits_BT = self._rtd_logits(replaced_BT, attn_mask=mask, **extra)
         return {
             "row_losses": row_losses_B,
@@ -215,6 +228,33 @@ class Electra(TiedOutputMixin, nn.Module):
         )
         h_BTD = disc.encode(x_BTD, attn_mask=attn_mask, position_ids_BT=position_ids)
         return self.rtd_head(self.rtd_act(self.rtd_dense(h_BTD))).squeeze(-1)
+
+    def _score_and_sample_slots(
+        self,
+        h_BTG: torch.Tensor,
+        labels_BT: torch.Tensor,
+        u_BT: torch.Tensor,
+        original_BT: torch.Tensor,
+        pos_BK: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row losses (B,), the discriminator's input: the originals with the samples in
+        place (B, T)) from the gathered positions `pos_BK`. A padding slot scores nothing
+        (its label is -100) and writes its position's own token back, so a repeated padding
+        position stays as is."""
+        b = labels_BT.shape[0]
+        if pos_BK.dim() != 2 or pos_BK.shape[0] != b:
+            raise ValueError(
+                f"masked_positions has shape {tuple(pos_BK.shape)}, expected ({b}, slots)"
+            )
+        k = pos_BK.shape[1]
+        x_BKG = h_BTG.gather(1, pos_BK[..., None].expand(b, k, h_BTG.shape[-1]))
+        targets_BK = labels_BT.gather(1, pos_BK)
+        losses_N, sampled_N = self._score_and_sample(
+            x_BKG.reshape(b * k, -1), targets_BK.reshape(-1), u_BT.gather(1, pos_BK).reshape(-1)
+        )
+        kept_BK = original_BT.gather(1, pos_BK)
+        sampled_BK = torch.where(targets_BK != IGNORE_INDEX, sampled_N.view(b, k), kept_BK)
+        return losses_N.view(b, k).sum(1), original_BT.scatter(1, pos_BK, sampled_BK)
 
     def _score_and_sample(
         self, x_NG: torch.Tensor, targets_N: torch.Tensor, u_N: torch.Tensor

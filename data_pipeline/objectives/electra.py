@@ -25,6 +25,12 @@ beside mlm's input_ids / labels / attention_mask / token_type_ids:
                                      will replace: the model returns those targets
                                      ("rtd_targets"), and these labels say which positions
                                      count (and how many: the RTD loss is their mean).
+    masked_positions int64   [B, K]  the masked positions of each row in increasing order, then
+                                     padding (position 0, the never-masked [CLS]); K =
+                                     max(1, round(mask_prob * (T - 2))), the most a row masks
+                                     (as mlm_sbo's slots). The generator's head runs on these
+                                     B x K gathered positions: a count known on the host, so
+                                     the step never waits for the device to count the masks.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ import torch
 from data_pipeline.config import DataConfig, MlmConfig
 from data_pipeline.objectives import IGNORE_INDEX, sample_rng
 from data_pipeline.objectives.mlm import MaskedLM
+from data_pipeline.objectives.sbo import sbo_slots
 
-__all__ = ["ReplacedTokenDetection", "electra_masking", "sample_uniforms"]
+__all__ = ["ReplacedTokenDetection", "electra_masking", "masked_slots", "sample_uniforms"]
 
 # The per-position uniforms' stream (1, 2 and 6 are mlm's, 3 UniLM's, 4 and 5 StructBERT's).
 _SAMPLE_SALT = 7
@@ -61,6 +68,18 @@ def sample_uniforms(seed: int, sample_ids: list[int], seq_len: int) -> np.ndarra
     return np.stack(rows) if rows else np.zeros((0, seq_len), dtype=np.float32)
 
 
+def masked_slots(labels_BT: np.ndarray, slots: int) -> np.ndarray:
+    """int64 [B, slots]: each row's masked positions (labels != -100) in increasing order,
+    then 0. A row with more masked positions than slots is a ValueError naming it."""
+    chosen_BT = labels_BT != IGNORE_INDEX
+    counts_B = chosen_BT.sum(axis=1)
+    if len(counts_B) and counts_B.max() > slots:
+        row = int(counts_B.argmax())
+        raise ValueError(f"row {row} masks {counts_B[row]} positions, more than its {slots} slots")
+    order_BK = np.argsort(~chosen_BT, axis=1, kind="stable")[:, :slots]
+    return np.where(np.take_along_axis(chosen_BT, order_BK, axis=1), order_BK, 0).astype(np.int64)
+
+
 class ReplacedTokenDetection:
     """data.objective = electra (module docstring); picklable for workers."""
 
@@ -73,6 +92,7 @@ class ReplacedTokenDetection:
         self.mlm = MaskedLM("mlm", cfg=mlm_cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed)
         self.seq_len = seq_len
         self.seed = seed
+        self.slots = sbo_slots(mlm_cfg.mlm.mask_prob, seq_len)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.mlm(batch)
@@ -80,4 +100,5 @@ class ReplacedTokenDetection:
         out["sample_uniforms"] = torch.from_numpy(sample_uniforms(self.seed, ids, self.seq_len))
         scored = torch.zeros_like(out["input_ids"])
         out["rtd_labels"] = scored.masked_fill(~out["attention_mask"], IGNORE_INDEX)
+        out["masked_positions"] = torch.from_numpy(masked_slots(out["labels"].numpy(), self.slots))
         return out

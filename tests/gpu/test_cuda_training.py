@@ -113,7 +113,7 @@ def test_compiled_blocks_train_like_eager_on_cuda(train_cli, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model", ["bert_debug", "t5_debug", "bart_debug", "xlnet_debug", "glm_debug"]
+    "model", ["bert_debug", "electra_debug", "t5_debug", "bart_debug", "xlnet_debug", "glm_debug"]
 )
 def test_other_families_steps_never_wait_for_the_gpu(loom_cache, tmp_path, monkeypatch, model):
     """As tests/gpu/test_cuda.py's GPT check, for the other dense families."""

@@ -15,7 +15,11 @@ import torch.nn.functional as F
 from common.errors import ConfigError
 from data_pipeline.config import DataConfig, MlmConfig
 from data_pipeline.objectives import IGNORE_INDEX, build_objective, sample_rng
-from data_pipeline.objectives.electra import ReplacedTokenDetection, electra_masking
+from data_pipeline.objectives.electra import (
+    ReplacedTokenDetection,
+    electra_masking,
+    masked_slots,
+)
 from data_pipeline.objectives.mlm import MaskedLM
 from data_pipeline.tokenizers import ByteTokenizer
 from models import build_model, param_counts
@@ -77,6 +81,29 @@ def test_masks_are_mlms_with_every_chosen_token_a_mask():
     assert not chosen[:, 0].any() and not chosen[:, -1].any()
     per_position = chosen[:, 1:-1].sum(0)
     assert all(within_4_sigma(int(c), rows, budget / content) for c in per_position)
+
+
+def test_masked_positions_fill_a_fixed_number_of_slots():
+    """Each row's masked positions in order in K = round(0.15 x (T - 2)) slots: the most a
+    row masks (a full row masks exactly that many; the padding, 0, is tested by hand below)."""
+    seq_len = 64
+    batch = text_rows(50, seq_len)
+    out = electra_objective(seq_len=seq_len)(batch)
+    slots = round(0.15 * (seq_len - 2))
+    assert out["masked_positions"].shape == (50, slots)
+    assert out["masked_positions"].dtype == torch.int64
+    for row, positions in zip(out["labels"], out["masked_positions"], strict=True):
+        chosen = torch.nonzero(row != IGNORE_INDEX).flatten().tolist()
+        assert positions.tolist() == chosen + [0] * (slots - len(chosen))
+
+
+def test_masked_slots_by_hand_and_a_row_that_does_not_fit():
+    labels = np.full((2, 6), IGNORE_INDEX)
+    labels[0, [4, 2]] = 7
+    labels[1, 5] = 9
+    assert masked_slots(labels, 3).tolist() == [[2, 4, 0], [5, 0, 0]]
+    with pytest.raises(ValueError, match="row 0 masks 2 positions, more than its 1 slots"):
+        masked_slots(labels, 1)
 
 
 def test_a_small_row_by_hand():
@@ -281,6 +308,46 @@ def test_chunked_generator_head_matches_the_whole():
         torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-10, atol=1e-12)
+
+
+def first_unmasked_padding(labels: torch.Tensor, slots: int) -> torch.Tensor:
+    """(B, slots): each row's masked positions, padded with its first unmasked position."""
+    rows = []
+    for row in labels:
+        chosen = torch.nonzero(row != IGNORE_INDEX).flatten().tolist()
+        pad = int(torch.nonzero(row == IGNORE_INDEX)[0])
+        rows.append(chosen + [pad] * (slots - len(chosen)))
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_the_head_on_gathered_slots_matches_the_selected_positions(chunk):
+    """The same losses, samples, RTD logits and gradients with masked_positions (a fixed
+    number of slots a row, the padding repeated) as with the positions the labels select."""
+    batch = tiny_batch(b=4)
+    slots = int((batch["labels"] != IGNORE_INDEX).sum(1).max()) + 2  # two pads at least
+    results = []
+    for extra in ({}, {"masked_positions": first_unmasked_padding(batch["labels"], slots)}):
+        model = tiny_model()
+        model.loss_chunk_tokens = chunk
+        out = model(**batch, **extra)
+        (out["row_losses"].sum() + out["rtd_logits"].sum()).backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.equal(a["rtd_targets"], b["rtd_targets"])
+    # The losses are float32 (the head's cross-entropy), summed over T or over K positions.
+    torch.testing.assert_close(a["row_losses"], b["row_losses"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a["rtd_logits"], b["rtd_logits"], rtol=1e-12, atol=1e-12)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], rtol=1e-10, atol=1e-12)
+
+
+def test_masked_positions_of_the_wrong_shape_are_refused():
+    batch = tiny_batch(b=3)
+    with pytest.raises(
+        ValueError, match=r"masked_positions has shape \(2, 4\), expected \(3, slots\)"
+    ):
+        tiny_model()(**batch, masked_positions=torch.zeros(2, 4, dtype=torch.int64))
 
 
 def test_the_networks_share_the_tables_and_tie_the_decoder():
