@@ -36,18 +36,15 @@ VML_FUNCTIONS = (
     "trunc",
 )
 
-_settled = False
-
 
 def settle_cpu_math() -> None:
-    """Call each VML-backed function once, on one element, on this thread (idempotent, a
-    few microseconds). Run it before a process's first multi-threaded CPU math: Loom does in
-    `parallel.dist.init_world` and in the data loader's workers."""
-    global _settled
-    if _settled or not torch.backends.mkl.is_available():
+    """Call each VML-backed function once, on one element, on this thread (a few
+    microseconds; calling again changes nothing). Run it before a process's first
+    multi-threaded CPU math: Loom does in `parallel.dist.init_world` and in the data
+    loader's workers."""
+    if not torch.backends.mkl.is_available():
         return
     for dtype in (torch.float32, torch.float64):
         x = torch.full((1,), 0.5, dtype=dtype)
         for name in VML_FUNCTIONS:
             getattr(torch, name)(x)
-    _settled = True
