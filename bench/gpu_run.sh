@@ -60,4 +60,5 @@ if [[ $PHASE == bench || $PHASE == all ]]; then
         parallel.activation_checkpointing=selective
     mfu bert_large_sweep 120 --micro-batches 16,64 +model=bert_large data.seq_len=512
     mfu glm_large_sweep 120 --micro-batches 8,32 +model=glm_large
+    step moe_layer 40 python bench/moe_layer.py --device cuda --dtype bf16 --repeats 5
 fi

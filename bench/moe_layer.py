@@ -6,15 +6,19 @@
 
 The dense MLP is Loom's `models.blocks.MLP(d_model, ffn)`; with top-1 routing every token
 meets one expert of the same shape, so both do the same matrix products (the MoE layer adds
-the router, d_model x E per token, and its routing, dispatch and combine). Capacity drops
-make the MoE layer do slightly less expert work, never more.
+the router, d_model x E per token, and its routing, dispatch and combine). Sorted, capacity
+drops make the MoE layer do slightly less expert work, never more; padded to capacity, the
+experts also run on the empty slots (capacity factor x top_k x tokens in all).
 
 Each repeat times a training step (forward, backward of the sum of the outputs with the aux
 and z losses attached) and a no-grad forward, for every variant in turn:
 - dense:                the dense MLP;
-- moe (expert loop):    the MoE layer, one GEMM per expert (the CPU path);
-- moe (grouped GEMM):   the MoE layer, one grouped GEMM per weight (the CUDA path where
-                        the device runs it; this torch build also runs it on CPU), when the
+- moe (padded):         the MoE layer with buffers padded to capacity, one batched GEMM
+                        per weight (the default: nothing read on the host);
+- moe (sorted, loop):   the kept choices sorted by expert, one GEMM per expert (the CPU
+                        path of pad_to_capacity=false);
+- moe (sorted, grouped): sorted, one grouped GEMM per weight (the CUDA path where the
+                        device runs it; this torch build also runs it on CPU), when the
                         torch build has grouped_mm.
 Printed: median tokens/s of each and its time relative to dense (1.00 = as fast), and the
 dropped-choice fraction of the routing. Nothing is asserted.
@@ -23,6 +27,7 @@ dropped-choice fraction of the routing. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -75,9 +80,12 @@ def main() -> None:
     moe = MoE(cfg, d_model=args.d_model, ffn_size=args.ffn, activation="gelu", bias=True)
     moe = moe.to(device)
     moe.aux_weight = 1.0  # the aux and z gradients are injected, as in training
-    variants = {"dense": (dense, None), "moe (expert loop)": (moe, False)}
+    padded, sorted_ = (dataclasses.replace(cfg, pad_to_capacity=pad) for pad in (True, False))
+    # name: (module, MoE config, grouped GEMM)
+    variants = {"dense": (dense, None, None), "moe (padded)": (moe, padded, None)}
+    variants["moe (sorted, loop)"] = (moe, sorted_, False)
     if moe_module._GROUPED_MM is not None:
-        variants["moe (grouped GEMM)"] = (moe, True)
+        variants["moe (sorted, grouped)"] = (moe, sorted_, True)
 
     x = torch.randn(args.batch, args.seq_len, args.d_model, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -94,9 +102,9 @@ def main() -> None:
 
     times = {(name, kind): [] for name in variants for kind in ("train", "forward")}
     for repeat in range(args.repeats + 1):  # the first round warms up and is not kept
-        for name, (module, grouped) in variants.items():
-            if grouped is not None:
-                module.experts.grouped = grouped
+        for name, (module, moe_cfg, grouped) in variants.items():
+            if moe_cfg is not None:
+                module.cfg, module.experts.grouped = moe_cfg, grouped
             for kind, fn in (("train", train_step), ("forward", forward)):
                 seconds = timed(lambda fn=fn, module=module: fn(module), device)
                 if repeat:
@@ -110,10 +118,10 @@ def main() -> None:
         f"capacity factor {args.capacity_factor}, {tokens} tokens per call, {device}, "
         f"{args.dtype}, {torch.get_num_threads()} threads; dropped choices {dropped:.1%}"
     )
-    print(f"{'':22}{'train tok/s':>14}{'x dense':>9}{'forward tok/s':>16}{'x dense':>9}")
+    print(f"{'':24}{'train tok/s':>14}{'x dense':>9}{'forward tok/s':>16}{'x dense':>9}")
     base = {kind: statistics.median(times["dense", kind]) for kind in ("train", "forward")}
     for name in variants:
-        row = f"{name:22}"
+        row = f"{name:24}"
         for kind in ("train", "forward"):
             median = statistics.median(times[name, kind])
             row += f"{tokens / median:14,.0f}{median / base[kind]:9.2f}"

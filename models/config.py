@@ -53,6 +53,12 @@ class MoeConfig:
     """Capacity factor in evaluation; None = dropless."""
     min_capacity: int = 4
     """Smallest capacity per expert and row, in tokens."""
+    pad_to_capacity: bool = True
+    """Each expert's input is a buffer of rows x capacity slots, empty ones zero: shapes fixed
+    by the config, so routing never makes the host wait for the device, experts run as one
+    batched GEMM and expert parallelism exchanges equal splits. False sends only the kept
+    choices, sorted by expert (no padding FLOPs, but their counts are read on the host). A
+    dropless layer (capacity null) always sorts."""
     drop_policy: str = "position"
     """Which tokens an over-full expert keeps: position (earlier tokens first, every first
     choice before any second choice; the only one causal families allow) | probs (the
@@ -84,12 +90,21 @@ class MoeConfig:
 
     def capacity(self, tokens: int, *, training: bool) -> int | None:
         """Slots per expert for a group of `tokens` tokens (None: dropless)."""
+        return self.slots(self.capacity_ratio(training=training), tokens)
+
+    def capacity_ratio(self, *, training: bool) -> tuple[int, int] | None:
+        """The capacity factor as the exact fraction written (1.1 is 11 / 10), as (numerator,
+        denominator); None: dropless."""
         factor = self.capacity_factor if training else self.eval_capacity_factor
-        if factor is None:
+        return None if factor is None else Fraction(str(factor)).as_integer_ratio()
+
+    def slots(self, ratio: tuple[int, int] | None, tokens: int) -> int | None:
+        """max(min_capacity, ceil(ratio x tokens x top_k / E)) in integers, so 1.1 x 90 / 3
+        is 33 slots, not 34 (and a compiled layer traces it without a graph break)."""
+        if ratio is None:
             return None
-        # Exact arithmetic on the factor as written: 1.1 x 90 / 3 is 33 slots, not 34.
-        slots = math.ceil(Fraction(str(factor)) * tokens * self.top_k / self.num_experts)
-        return max(self.min_capacity, slots)
+        num, den = ratio
+        return max(self.min_capacity, -(-num * tokens * self.top_k // (den * self.num_experts)))
 
     def validate(self, *, n_layer: int) -> None:
         """ConfigError naming the field for any impossible value."""

@@ -27,9 +27,13 @@ per expert) accumulates in `stats` during training forwards, never during the
 recomputation of activation checkpointing, until the trainer reads it.
 
 Experts keep their weights stacked, row e of every weight being global expert e, so a
-checkpoint names experts by global id whatever layout saved it. `Experts.forward` takes the
-tokens sorted by expert and the count per expert: expert parallelism (parallel/) replaces
-exactly this call with an all-to-all dispatch over the local experts.
+checkpoint names experts by global id whatever layout saved it. With a capacity (and
+`pad_to_capacity`, the default) `Experts.forward` takes an (E, B x capacity, D) buffer, each
+expert's slots padded with zeros, as Switch's and GShard's dispatch tensors do: every shape
+follows from the config, so a step never waits for the device to count tokens. Dropless
+(or unpadded) it takes the kept choices sorted by expert and the count per expert, which
+the host reads. Expert parallelism (parallel/) replaces exactly this call with an
+all-to-all dispatch over the local experts.
 
 Shape legend (suffixes of tensor names):
     B  rows (routing groups)        T  tokens per row        D  d_model
@@ -70,11 +74,13 @@ _ACTIVATIONS = {
 @dataclass(frozen=True)
 class Routing:
     """Where each token choice goes: `experts_BTK` (expert ids), `gates_BTK` (weights of the
-    expert outputs) and `kept_BTK` (False past capacity)."""
+    expert outputs), `kept_BTK` (False past capacity) and, with a capacity, `place_BTK`
+    (0-based place in its expert's queue of the row; below capacity where kept)."""
 
     experts_BTK: torch.Tensor
     gates_BTK: torch.Tensor
     kept_BTK: torch.Tensor
+    place_BTK: torch.Tensor | None = None
 
 
 def route(
@@ -103,9 +109,9 @@ def route(
         )
     else:
         raise ValueError(f"model.moe.drop_policy={drop_policy!r} is unknown")
-    kept_BC = (rank_BCE * onehot_BCE).sum(-1) <= capacity
-    kept_BTK = kept_BC.view(b, k, t).transpose(1, 2)
-    return Routing(experts_BTK, gates_BTK, kept_BTK)
+    place_BC = (rank_BCE * onehot_BCE).sum(-1) - 1
+    place_BTK = place_BC.view(b, k, t).transpose(1, 2)
+    return Routing(experts_BTK, gates_BTK, place_BTK < capacity, place_BTK)
 
 
 def load_balancing_loss(probs_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> torch.Tensor:
@@ -139,6 +145,34 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_x, torch.stack(full), None
 
 
+class _BatchedLinear(torch.autograd.Function):
+    """x_EMI times each expert's (out, in) weight transposed, plus its bias: F.linear per
+    expert, batched. The weight's gradient is made as (E, out, in), the weight's own layout,
+    so autograd stores it without the transposing copy a bmm on the weight's transpose
+    costs. Operands are cast to `dtype` first, as autocast casts F.linear's; autograd casts
+    the gradients back to the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x_EMI, w_EOI, b_EO, dtype):
+        x_EMI, w_EOI = x_EMI.to(dtype), w_EOI.to(dtype)
+        ctx.save_for_backward(x_EMI, w_EOI)
+        ctx.bias = b_EO is not None
+        with torch.autocast(x_EMI.device.type, enabled=False):
+            if b_EO is None:
+                return torch.bmm(x_EMI, w_EOI.transpose(1, 2))
+            return torch.baddbmm(b_EO.to(dtype).unsqueeze(1), x_EMI, w_EOI.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_EMO):
+        x_EMI, w_EOI = ctx.saved_tensors
+        grad_EMO = grad_EMO.to(x_EMI.dtype)
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        grad_x = torch.bmm(grad_EMO, w_EOI) if need_x else None
+        grad_w = torch.bmm(grad_EMO.transpose(1, 2), x_EMI) if need_w else None
+        grad_b = grad_EMO.sum(1) if ctx.bias and need_b else None
+        return grad_x, grad_w, grad_b, None
+
+
 def one_hot(index: torch.Tensor, num_classes: int) -> torch.Tensor:
     """F.one_hot(index, num_classes) without its range check, which reads the indices on
     the host on a CPU (here they come from topk, so they are in range)."""
@@ -149,7 +183,8 @@ def one_hot(index: torch.Tensor, num_classes: int) -> torch.Tensor:
 class Experts(nn.Module):
     """E expert MLPs with stacked weights (row e of each is global expert e).
 
-    `forward(x_ND, counts_E)`: tokens sorted by expert, `counts_E[e]` of them for expert e.
+    `forward(x_ND, counts_E)`: tokens sorted by expert, `counts_E[e]` of them for expert e;
+    `forward(x_EMD)`: M slots per expert (padded to capacity), expert e on x_EMD[e].
     Weights follow nn.Linear's (out, in) layout, one matrix per expert. Expert parallelism
     replaces `forward` with an all-to-all dispatch and `weights` with this rank's rows.
     """
@@ -194,8 +229,10 @@ class Experts(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return self.compute(x_ND, counts_E, self.weights())
+    def forward(self, x: torch.Tensor, counts_E: torch.Tensor | None = None) -> torch.Tensor:
+        if counts_E is None:
+            return self.compute_padded(x, self.weights())
+        return self.compute(x, counts_E, self.weights())
 
     def weights(self) -> dict[str, torch.Tensor | None]:
         """The weights `compute` uses: this module's own (expert parallelism substitutes the
@@ -218,6 +255,21 @@ class Experts(nn.Module):
         if grouped:
             return self._compute_grouped(x_ND, counts_E, w)
         return self._compute_loop(x_ND, counts_E, w)
+
+    def compute_padded(
+        self, x_EMD: torch.Tensor, w: dict[str, torch.Tensor | None]
+    ) -> torch.Tensor:
+        """Expert e of `w`'s rows on x_EMD[e], all experts in one batched GEMM per weight,
+        in the autocast dtype when autocast is on (as F.linear would run)."""
+        device = x_EMD.device
+        dtype = x_EMD.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+
+        def linear(name: str, bias: str, x: torch.Tensor) -> torch.Tensor:
+            return _BatchedLinear.apply(x, w[name], w[bias], dtype)
+
+        return self._mlp(linear, x_EMD)
 
     # Eager inside a compiled block: its shapes are the step's token counts per expert, and
     # a compiled loop would meet a new graph whenever an expert gets 0 or 1 tokens (sizes
@@ -354,6 +406,8 @@ class MoE(nn.Module):
         # The aux and z losses of all MoE layers are averaged (mean) or summed.
         self.loss_share = 1.0 / aux_loss_layers if cfg.aux_loss_reduce == "mean" else 1.0
         self.aux_weight = 0.0  # the weight of one row's loss in the objective (set per step)
+        # Capacity factors of training (True) and evaluation (False) as exact fractions.
+        self.capacity_ratios = {mode: cfg.capacity_ratio(training=mode) for mode in (True, False)}
         self.stats = MoEStats(cfg.num_experts)
         self.reset_parameters()
 
@@ -376,9 +430,12 @@ class MoE(nn.Module):
         cfg = self.cfg
         logits_BTE = self.router_logits(x_BTD)
         probs_BTE = logits_BTE.softmax(dim=-1)
-        capacity = cfg.capacity(t, training=self.training)
+        capacity = cfg.slots(self.capacity_ratios[self.training], t)
         routing = route(probs_BTE, top_k=cfg.top_k, capacity=capacity, drop_policy=cfg.drop_policy)
-        y_BTD = self._dispatch(x_BTD, routing)
+        if capacity is not None and cfg.pad_to_capacity:
+            y_BTD = self._dispatch_padded(x_BTD, routing, capacity)
+        else:
+            y_BTD = self._dispatch(x_BTD, routing)
         if self.training:
             aux = load_balancing_loss(probs_BTE, routing.experts_BTK)
             z = router_z_loss(logits_BTE)
@@ -405,6 +462,33 @@ class MoE(nn.Module):
         out = x_BTD.new_zeros(b * t, d, dtype=y_ND.dtype)
         out.index_add_(0, token_N, weighted_ND)
         return out.view(b, t, d).to(x_BTD.dtype)
+
+    def _dispatch_padded(
+        self, x_BTD: torch.Tensor, routing: Routing, capacity: int
+    ) -> torch.Tensor:
+        """Every expert's input padded to its capacity, through the experts, back weighted
+        by the gates; shapes depend on the config only, so nothing is read on the host.
+
+        Slot (e, r, p) of the (E, B x C) buffer holds the choice of row r placed p-th in
+        expert e's queue; an empty slot holds zeros (its output is never read). Dropped
+        choices point at an extra slot past the buffer, which reads zeros back."""
+        b, t, d = x_BTD.shape
+        e, k = self.num_experts, routing.experts_BTK.shape[-1]
+        slots = e * b * capacity
+        row_BTK = torch.arange(b, device=x_BTD.device).view(b, 1, 1)
+        slot_BTK = (routing.experts_BTK * b + row_BTK) * capacity + routing.place_BTK
+        slot_BTK = torch.where(routing.kept_BTK, slot_BTK, slots)
+        token_BTK = torch.arange(b * t, device=x_BTD.device).view(b, t, 1).expand(b, t, k)
+        # Which token fills each slot: b x t (a zero row) unless a kept choice lands there.
+        token_S = torch.full((slots + 1,), b * t, dtype=torch.int64, device=x_BTD.device)
+        token_S.scatter_(0, slot_BTK.reshape(-1), token_BTK.reshape(-1))
+        x_padded = torch.cat([x_BTD.reshape(b * t, d), x_BTD.new_zeros(1, d)])
+        x_EMD = x_padded[token_S[:slots]].view(e, b * capacity, d)
+        y_EMD = self.experts(x_EMD)
+        y_SD = torch.cat([y_EMD.reshape(slots, d), y_EMD.new_zeros(1, d)])
+        y_BTKD = y_SD[slot_BTK]
+        weighted = (y_BTKD.float() * routing.gates_BTK[..., None]).to(y_BTKD.dtype)
+        return weighted.sum(2).to(x_BTD.dtype)
 
     def _attach_losses(self, y_BTD: torch.Tensor, aux: torch.Tensor, z: torch.Tensor):
         share = self.loss_share * self.aux_weight

@@ -37,8 +37,9 @@ Pipeline (pp > 1), per micro-batch and stage boundary: send/recv(pp) of act (act
   under sp) forward and of its gradient backward; and once per step, the gradient of a
   weight tied across ranks (embedding and head), each copy's local shard both ways.
 Expert parallel (ep > 1), per MoE layer and micro-batch: 4 all_to_alls (dispatch and
-  return, forward and backward) of M T top_k x D: an upper bound, since tokens past an
-  expert's capacity stay home.
+  return, forward and backward) of E x M x capacity x D when the layers pad to capacity
+  (exact: the buffers' shape is fixed); sorted by expert, of M T top_k x D (an upper bound,
+  since choices past an expert's capacity stay home) after one exchange of E counts.
 
 Dtypes: gradients and their reductions are fp32; activations leave a row-parallel layer
 in the compute dtype (bf16 / fp16 under autocast) but the residual stream, norm outputs,
@@ -132,6 +133,8 @@ class CommLayout:
     """Position ids differ per row (documents, GLM), so a position table's output is M T D."""
     top_k: int = 1
     num_experts: int = 0
+    capacity: int | None = None
+    """Slots per expert and row when MoE layers pad to capacity; None: sorted dispatch."""
     # fp32 whatever the compute dtype (see the module docstring):
     grad_bytes: int = 4
     """Gradients as reduced (DDP, ReplicaSync, FSDP2's reduce dtype, tied copies)."""
@@ -279,6 +282,10 @@ def _pipeline(lay: CommLayout, stage: StageParams, index: int) -> Iterator[Event
 
 def _expert_parallel(lay: CommLayout, stage: StageParams) -> Iterator[Event]:
     n = lay.micro_batches * stage.moe_layers
+    if lay.capacity is not None:
+        slots = lay.num_experts * lay.micro_batch_size * lay.capacity
+        yield "all_to_all", "ep", slots * lay.d_model, lay.act_bytes, 4 * n
+        return
     tokens = lay.micro_batch_size * lay.seq_len * lay.top_k
     yield "all_to_all", "ep", lay.num_experts, 8, n  # token counts per expert (int64)
     yield "all_to_all", "ep", tokens * lay.d_model, lay.act_bytes, 4 * n
@@ -325,6 +332,9 @@ def comm_layout(
         positions_per_row=positions_per_row,
         top_k=model_cfg.moe.top_k,
         num_experts=model_cfg.moe.num_experts,
+        capacity=model_cfg.moe.capacity(seq_len, training=True)
+        if model_cfg.moe.enabled and model_cfg.moe.pad_to_capacity
+        else None,
     )
 
 

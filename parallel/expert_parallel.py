@@ -14,7 +14,14 @@ LAMB's per-expert trust ratio count each expert once. The layer's routing, capac
 losses are untouched: routing groups are rows of this rank's batch, so expert parallelism
 moves tokens without changing which are kept.
 
-Dispatch of one MoE layer (`Experts.forward`, replaced per module):
+Dispatch of one MoE layer (`Experts.forward`, replaced per module), padded to capacity
+(the default with a capacity): the (E, M, D) buffer, E = R x L experts in rank order, goes
+to the experts' ranks in one all-to-all of equal splits; each rank runs its L experts on
+the R x M slots it received and sends them back the same way. No count is exchanged and
+nothing is read on the host: every rank of an ep group routes micro-batches of the same
+rows and length (evaluation pads its last batches to the same count), so M is equal.
+
+Sorted by expert (dropless, or pad_to_capacity=false):
   1. the token counts per global expert are exchanged (all_to_all_single of E integers),
      so each rank knows how many rows it receives from each peer for each local expert;
   2. the tokens, sorted by global expert, go to their experts' ranks in one all-to-all
@@ -83,7 +90,21 @@ def _dispatching_forward(experts: Experts, ep_mesh: DeviceMesh):
     ep = ep_mesh.size()
     local = experts.num_experts // ep
 
-    def forward(x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, counts_E: torch.Tensor | None = None) -> torch.Tensor:
+        if counts_E is None:
+            return padded(x)
+        return sorted_by_expert(x, counts_E)
+
+    def padded(x_EMD: torch.Tensor) -> torch.Tensor:
+        e, m, d = x_EMD.shape
+        # Rank r receives expert block r of every peer: (R sources, L, M, D).
+        x_RLMD = all_to_all_single_autograd(x_EMD.contiguous(), None, None, group)
+        x_LMD = x_RLMD.view(ep, local, m, d).transpose(0, 1).reshape(local, ep * m, d)
+        y_LMD = experts.compute_padded(x_LMD, experts.weights())
+        y_RLMD = y_LMD.view(local, ep, m, d).transpose(0, 1).reshape(e, m, d)
+        return all_to_all_single_autograd(y_RLMD.contiguous(), None, None, group)
+
+    def sorted_by_expert(x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         counts_RL = counts_E.to(torch.int64).view(ep, local)
         # Step 1: how many rows each peer sends for each of this rank's experts.
         recv_RL = torch.empty_like(counts_RL)

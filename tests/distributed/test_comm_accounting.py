@@ -3,7 +3,8 @@ formula of parallel/comm_model.py for the same layout (within 5%), for every kin
 collective Loom issues: DDP and ZeRO-1 (all-reduce, broadcast), FSDP2 at ZeRO-2/3
 (all-gather, reduce-scatter), tensor parallelism with and without sequence parallelism
 (fp32 and bf16), pipelines (send/recv, the tied embedding's gradient), and expert
-parallelism (all-to-all, with no token dropped so the formula's bound is exact).
+parallelism (all-to-all: padded to capacity, where the formula is exact, and sorted with no
+token dropped, where its bound is).
 
 The two-rank layouts run in one pair of spawned workers (start-up dominates the cost), the
 four-rank ones (data parallelism beside TP or PP) in one set of four: each builds
@@ -55,6 +56,7 @@ CASES: dict[str, list[str]] = {
         "parallel.virtual_stages=2",
     ],
     "ep": ["+model=gpt_moe_debug", "parallel.ep=2", "model.moe.capacity_factor=null"],
+    "ep_padded": ["+model=gpt_moe_debug", "parallel.ep=2"],
 }
 # The axis and kinds each layout must show: the formula cannot pass by being empty.
 EXPECTED_KEYS = {
@@ -68,6 +70,7 @@ EXPECTED_KEYS = {
     "pp": {("send", "pp"), ("recv", "pp")},
     "pp_interleaved": {("send", "pp"), ("recv", "pp")},
     "ep": {("all_to_all", "ep"), ("all_reduce", "ep")},
+    "ep_padded": {("all_to_all", "ep"), ("all_reduce", "ep")},
 }
 # Four ranks: data parallelism beside TP or PP, where Loom's own bucketed gradient
 # averaging (ReplicaSync, overlapped with the last backward) carries the dp traffic.

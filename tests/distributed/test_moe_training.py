@@ -50,8 +50,10 @@ def assert_same_steps(one, other) -> None:
         # recomputation repeats the all-to-all in backward; telemetry still counted once
         (["parallel.ep=2", "parallel.activation_checkpointing=full"], 2),
         (["parallel.ep=2", "parallel.pp=2"], 4),
+        # the kept choices sorted by expert, their counts exchanged, instead of padded buffers
+        (["parallel.ep=2", "model.moe.pad_to_capacity=false"], 2),
     ],
-    ids=["ep2", "dp2xep2", "ep2-zero1", "ep2-zero3", "ep2-recompute", "ep2xpp2"],
+    ids=["ep2", "dp2xep2", "ep2-zero1", "ep2-zero3", "ep2-recompute", "ep2xpp2", "ep2-sorted"],
 )
 def test_expert_parallel_training_matches_one_process(
     train_cli, one_process, tmp_path, layout, nproc

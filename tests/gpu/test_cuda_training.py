@@ -113,10 +113,20 @@ def test_compiled_blocks_train_like_eager_on_cuda(train_cli, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model", ["bert_debug", "electra_debug", "t5_debug", "bart_debug", "xlnet_debug", "glm_debug"]
+    "model",
+    [
+        "bert_debug",
+        "electra_debug",
+        "t5_debug",
+        "bart_debug",
+        "xlnet_debug",
+        "glm_debug",
+        "gpt_moe_debug",
+    ],
 )
 def test_other_families_steps_never_wait_for_the_gpu(loom_cache, tmp_path, monkeypatch, model):
-    """As tests/gpu/test_cuda.py's GPT check, for the other dense families."""
+    """As tests/gpu/test_cuda.py's GPT check, for the other families and a Switch MoE (its
+    layers padded to capacity, the default)."""
     from parallel.dist import init_world
     from trainer.config import compose_job
     from trainer.loop import Trainer

@@ -261,3 +261,12 @@ def test_dry_run_reports_communication_for_any_layout(tmp_path):
         "+model=gpt2_small", "trainer.dry_run=true", f"trainer.out_dir={tmp_path}", "parallel.pp=5"
     )
     assert "error" in dry_run(bad, world_size=5)["comm_per_rank"]
+
+
+def test_expert_parallel_all_to_all_padded_to_capacity():
+    """Buffers padded to capacity: E x rows x capacity slots each way, no count exchange."""
+    stage = StageParams(params=100, experts=400, moe_layers=1)
+    common = dict(dp=2, ep=2, micro_batches=2, micro_batch_size=2, seq_len=32, d_model=64)
+    got = expected_comm(CommLayout(num_experts=4, capacity=10, stages=(stage,), **common))
+    assert got.bytes[("all_to_all", "ep")] == 2 * 4 * (4 * 2 * 10 * 64) * F32
+    assert ("control", "ep") not in got.bytes

@@ -206,3 +206,75 @@ def test_grouped_gemm_path_equals_the_per_expert_loop(activation, bias):
         bf16 = runs[True, "bf16"][key].float(), runs[False, "bf16"][key].float()
         torch.testing.assert_close(*bf16, rtol=2e-2, atol=2e-2, msg=key)
     assert runs[True, "bf16"]["y"].dtype == torch.bfloat16
+
+
+def _layer_run(layer: MoE, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(grad)
+    out = {"y": y.detach(), "x": x.grad}
+    out.update({n: p.grad.clone() for n, p in layer.named_parameters()})
+    layer.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("top_k", "policy", "activation", "bias"),
+    [
+        (1, "position", "gelu", True),
+        (2, "position", "gated_gelu", False),
+        (2, "probs", "relu", True),
+    ],
+)
+def test_capacity_padded_dispatch_equals_the_sorted_one(top_k, policy, activation, bias):
+    """Experts on buffers padded to capacity (one batched GEMM, no count read) give the
+    sorted dispatch's output and gradients (router, experts, input), drops included: in
+    float64 to rounding, and under bf16 autocast to bf16 precision."""
+    cfg = MoeConfig(
+        num_experts=4,
+        top_k=top_k,
+        capacity_factor=0.5,
+        min_capacity=1,
+        drop_policy=policy,
+        z_loss_coef=1e-3,
+        jitter_eps=0.0,
+    )
+    torch.manual_seed(0)
+    layer = MoE(cfg, d_model=16, ffn_size=24, activation=activation, bias=bias)
+    with torch.no_grad():  # a router far from uniform: some experts overflow, some idle
+        layer.router.weight.mul_(20.0)
+    set_aux_loss_weight(layer, 0.5)
+    g = torch.Generator().manual_seed(3)
+    x, grad = torch.randn(3, 16, 16, generator=g), torch.randn(3, 16, 16, generator=g)
+    runs = {}
+    for pad in (True, False):
+        layer.cfg = dataclasses.replace(cfg, pad_to_capacity=pad)
+        runs[pad] = _layer_run(layer.double(), x.double(), grad.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs[pad, "bf16"] = _layer_run(layer.float(), x, grad)
+    dropped = layer.stats.take()[4]
+    assert dropped > 0  # capacity drops choices, so the padded slots and the trash are used
+    assert runs[True].keys() == runs[False].keys()
+    for key, value in runs[False].items():
+        torch.testing.assert_close(runs[True][key], value, rtol=1e-12, atol=1e-12, msg=key)
+        bf16 = runs[True, "bf16"][key].float(), runs[False, "bf16"][key].float()
+        torch.testing.assert_close(*bf16, rtol=2e-2, atol=2e-2, msg=key)
+
+
+def test_padded_dispatch_shapes_follow_the_config(monkeypatch):
+    """Each expert receives rows x capacity slots whatever the routing, the empty ones zero."""
+    cfg = MoeConfig(num_experts=4, capacity_factor=1.0, min_capacity=1, jitter_eps=0.0)
+    torch.manual_seed(0)
+    layer = MoE(cfg, d_model=8, ffn_size=16, activation="relu", bias=True)
+    seen = []
+    compute = Experts.compute_padded
+    monkeypatch.setattr(
+        Experts, "compute_padded", lambda self, x, w: seen.append(x) or compute(self, x, w)
+    )
+    for bias in ([0.0] * 4, [9.0, 0.0, 0.0, 0.0]):  # balanced, then all on expert 0
+        with torch.no_grad():
+            layer.router.weight.zero_().add_(torch.tensor(bias)[:, None])
+        layer(torch.rand(2, 12, 8) + 0.5)
+    assert [tuple(x.shape) for x in seen] == [(4, 2 * 3, 8)] * 2  # capacity 12 / 4 = 3
+    skewed = seen[1]
+    assert skewed[0].abs().sum(-1).gt(0).all() and not skewed[1:].any()

@@ -304,8 +304,12 @@ def test_fairscale_aux_loss_counts_first_choices_only(monkeypatch):
 # ---------------------------------------------------------------- the layer
 
 
-@pytest.mark.parametrize("dropless", [True, False])
-def test_layer_matches_hf_sparse_mlp(dropless):
+@pytest.mark.parametrize(
+    ("dropless", "pad"),
+    [(True, False), (False, True), (False, False)],
+    ids=["dropless", "padded", "sorted"],
+)
+def test_layer_matches_hf_sparse_mlp(dropless, pad):
     hf = _hf_switch()
     b, t, d, f, e = 2, 8, 16, 32, 4
     config = hf.SwitchTransformersConfig(
@@ -326,7 +330,13 @@ def test_layer_matches_hf_sparse_mlp(dropless):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     # Capacity ceil(1.0 x 8 / 4) = 2, HF's expert_capacity; None: nothing dropped.
     layer = _layer(
-        e=e, d=d, f=f, top_k=1, eval_capacity_factor=None if dropless else 1.0, min_capacity=1
+        e=e,
+        d=d,
+        f=f,
+        top_k=1,
+        eval_capacity_factor=None if dropless else 1.0,
+        min_capacity=1,
+        pad_to_capacity=pad,
     )
     assert layer.cfg.capacity(t, training=False) == (None if dropless else 2)
     with torch.no_grad():
