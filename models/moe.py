@@ -22,9 +22,10 @@ micro-batches or over data-parallel ranks, and they match Hugging Face's
 The losses never pass through the trainer's loss function: the layer attaches their
 gradient to its output (`_AttachAuxLoss`), scaled by `aux_weight`, which the trainer sets
 before each step to what one row's loss weighs in the objective (so pipeline stages never
-pass it on, and fp16 loss scaling covers it). Telemetry (losses, dropped choices, tokens
-per expert) accumulates in `stats` during training forwards, never during the
-recomputation of activation checkpointing, until the trainer reads it.
+pass it on), and by fp16's loss scale (`loss_scale`, a device tensor) as the loss is.
+Telemetry (losses, dropped choices, tokens per expert) accumulates in `stats` during
+training forwards, never during the recomputation of activation checkpointing, until the
+trainer reads it.
 
 Experts keep their weights stacked, row e of every weight being global expert e, so a
 checkpoint names experts by global id whatever layout saved it. With a capacity (and
@@ -130,19 +131,31 @@ def router_z_loss(logits_BTE: torch.Tensor) -> torch.Tensor:
 
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on `x`; in backward, d(loss)/d(losses[i]) = `weights[i]` (the aux losses'
-    weights in the objective, host numbers), so their gradient enters at the layer without
-    passing through the loss."""
+    weights in the objective, host numbers) times `scale` (fp16's loss scale, a device
+    tensor, or None), so their gradient enters at the layer without passing through the
+    loss."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, losses: torch.Tensor, weights: tuple[float, ...]):
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        losses: torch.Tensor,
+        weights: tuple[float, ...],
+        scale: torch.Tensor | None,
+    ):
         ctx.weights, ctx.dtype, ctx.device = weights, losses.dtype, losses.device
+        ctx.save_for_backward(scale)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor):
         # Filled on the device: a tensor made from the host numbers would be a copy to it.
         full = [torch.full((), w, dtype=ctx.dtype, device=ctx.device) for w in ctx.weights]
-        return grad_x, torch.stack(full), None
+        grad = torch.stack(full)
+        (scale,) = ctx.saved_tensors
+        if scale is not None:
+            grad = grad * scale.to(ctx.dtype)
+        return grad_x, grad, None, None
 
 
 class _BatchedLinear(torch.autograd.Function):
@@ -406,6 +419,7 @@ class MoE(nn.Module):
         # The aux and z losses of all MoE layers are averaged (mean) or summed.
         self.loss_share = 1.0 / aux_loss_layers if cfg.aux_loss_reduce == "mean" else 1.0
         self.aux_weight = 0.0  # the weight of one row's loss in the objective (set per step)
+        self.loss_scale: torch.Tensor | None = None  # fp16's loss scale (set per step)
         # Capacity factors of training (True) and evaluation (False) as exact fractions.
         self.capacity_ratios = {mode: cfg.capacity_ratio(training=mode) for mode in (True, False)}
         self.stats = MoEStats(cfg.num_experts)
@@ -467,7 +481,8 @@ class MoE(nn.Module):
         self, x_BTD: torch.Tensor, routing: Routing, capacity: int
     ) -> torch.Tensor:
         """Every expert's input padded to its capacity, through the experts, back weighted
-        by the gates; shapes depend on the config only, so nothing is read on the host.
+        by the gates; shapes follow from the batch's and the config's, so nothing is read
+        on the host.
 
         Slot (e, r, p) of the (E, B x C) buffer holds the choice of row r placed p-th in
         expert e's queue; an empty slot holds zeros (its output is never read). Dropped
@@ -495,7 +510,7 @@ class MoE(nn.Module):
         weights = (self.cfg.aux_loss_coef * share, self.cfg.z_loss_coef * share)
         if not any(weights):
             return y_BTD
-        return _AttachAuxLoss.apply(y_BTD, torch.stack([aux, z]), weights)
+        return _AttachAuxLoss.apply(y_BTD, torch.stack([aux, z]), weights, self.loss_scale)
 
     def _record(self, aux: torch.Tensor, z: torch.Tensor, routing: Routing, *, rows: int):
         if torch._C._current_graph_task_id() != -1:
@@ -523,7 +538,11 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def set_aux_loss_weight(model: nn.Module, weight: float) -> None:
-    """The weight one row's aux and z losses carry in the objective, for the next steps."""
+def set_aux_loss_weight(
+    model: nn.Module, weight: float, *, scale: torch.Tensor | None = None
+) -> None:
+    """The weight one row's aux and z losses carry in the objective, for the next steps, and
+    the loss scale (a device tensor) their gradients carry like the loss's under fp16."""
     for _, layer in moe_layers(model):
         layer.aux_weight = weight
+        layer.loss_scale = scale

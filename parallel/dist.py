@@ -191,13 +191,12 @@ def dp_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     return out
 
 
-def all_ranks_agree(flag: bool, world: World) -> bool:
-    """True only if `flag` is True on every rank (e.g. all gradient shards are finite)."""
-    if not world.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+def max_over_ranks_(value: torch.Tensor, world: World) -> torch.Tensor:
+    """`value` (on the device) set in place to its maximum over every rank, without a wait
+    on the host: e.g. an overflow verdict that any rank's gradient shard may raise."""
+    if world.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
 
 def max_over_ranks(value: int, world: World) -> int:

@@ -40,18 +40,19 @@ ContextFactory = Callable[[], contextlib.AbstractContextManager]
 
 class LossScaling(Protocol):
     """The loss scaler an engine drives (trainer.precision.LossScaler): a no-op for fp32 and
-    bf16, dynamic scaling for fp16."""
+    bf16, dynamic scaling for fp16, its state and verdicts on the device."""
 
     scale: float
-    skipped_steps: int
+    skipped: torch.Tensor
+    """Steps skipped so far (a device tensor)."""
     enabled: bool
     """Dynamic scaling is on (fp16): only then can a step's gradients overflow."""
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor: ...
 
-    def unscale_and_check(self, params: list[nn.Parameter]) -> bool: ...
+    def unscale(self, params: list[nn.Parameter]) -> torch.Tensor | None: ...
 
-    def update(self, finite: bool) -> None: ...
+    def update(self, found_inf: torch.Tensor | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,11 @@ class Engine(ABC):
         (float64, on the device), summed over the micro-batches."""
 
     @abstractmethod
-    def step(self) -> torch.Tensor | float | None:
+    def step(self) -> torch.Tensor | float:
         """Reduce, clip and apply the accumulated gradients, then clear them. Returns the
         global gradient norm before clipping (a device tensor, so that nothing waits for
-        it before the trainer logs it), or None when the step was skipped (fp16 overflow)."""
+        it before the trainer logs it; not finite when fp16 gradients overflowed and the
+        optimizer skipped the step)."""
 
     @abstractmethod
     def evaluate(self, inputs: Batch, labels: Batch) -> dict[str, torch.Tensor]:
@@ -140,8 +142,9 @@ class Engine(ABC):
 
     @property
     @abstractmethod
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped so far because gradients overflowed."""
+    def skipped_steps(self) -> torch.Tensor | int:
+        """Optimizer steps skipped so far because gradients overflowed (a device tensor
+        where the engine keeps the count there)."""
 
     @abstractmethod
     def save(self, directory: Path) -> None:

@@ -5,7 +5,8 @@ Per step: every micro-batch's forward and backward (DDP and FSDP2 reduce gradien
 on the last one; so does `ReplicaSync`, where DDP and FSDP2 do not keep the replicas
 equal: gradient averaging beside TP, its buckets started during the last backward), then
 the wait for those reductions, the fp16 overflow check, clipping, the optimizer step, and
-ZeRO-1's broadcast of the updated tensors.
+ZeRO-1's broadcast of the updated tensors. None of it waits for the device: under fp16
+the overflow verdict is a device tensor the optimizer reads (`found_inf`) to skip.
 """
 
 from __future__ import annotations
@@ -115,35 +116,33 @@ class NativeEngine(Engine):
             labels = {**labels, **self.spec.loss_targets(inputs)}
         return self.loss_fn(outputs, labels)
 
-    def step(self) -> torch.Tensor | None:
+    def step(self) -> torch.Tensor:
         if self.replicas is not None:  # waits for the buckets the last backward started
             self.replicas.reduce_gradients()
-        finite, grad_norm = self._clip(self.spec.grad_clip or math.inf)
-        if finite:
-            self.optimizer.step()
-            if self.replicas is not None:
-                self.replicas.broadcast_parameters()
-        self.scaler.update(finite)
+        found_inf = self.scaler.unscale(self.params)
+        if found_inf is not None:  # fp16: any rank's overflow skips the step on every rank
+            dist.max_over_ranks_(found_inf, self.world)
+        self.optimizer.found_inf = found_inf  # read by the optimizer, on the device
+        grad_norm = self._clip(self.spec.grad_clip or math.inf)
+        self.optimizer.step()
+        if self.replicas is not None:
+            self.replicas.broadcast_parameters()
+        self.scaler.update(found_inf)
         # Every gradient, not only the optimizer's: under ZeRO-1 it holds a subset.
         for p in self.params:
             p.grad = None
         return grad_norm
 
-    def _clip(self, max_norm: float) -> tuple[bool, torch.Tensor | None]:
-        """(gradients finite on every rank, pre-clip global norm or None when not finite).
-        Without fp16 loss scaling nothing here waits for the device."""
-        finite = self.scaler.unscale_and_check(self.params)
-        if self.scaler.enabled:  # without loss scaling the verdict is always True
-            finite = dist.all_ranks_agree(finite, self.world)
-        if not finite:
-            return False, None
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        """The pre-clip global gradient norm (inf or nan after an fp16 overflow, whose step
+        the optimizer skips); nothing here waits for the device."""
         if self.sharded_norm:
-            return True, clip_grads_(self.params, max_norm, self.world.device)
-        return True, torch.nn.utils.clip_grad_norm_(self.params, max_norm).detach()
+            return clip_grads_(self.params, max_norm, self.world.device)
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm).detach()
 
     @property
-    def skipped_steps(self) -> int:
-        return self.scaler.skipped_steps
+    def skipped_steps(self) -> torch.Tensor | int:
+        return self.scaler.skipped
 
     @torch.no_grad()
     def evaluate(self, inputs: Batch, labels: Batch) -> dict[str, torch.Tensor]:

@@ -358,9 +358,9 @@ class PipelineEngine(NativeEngine):
             schedule.eval(input_ids, target=rows, **kwargs)
         return self._collect(sorted(labels))
 
-    def _clip(self, max_norm: float) -> tuple[bool, torch.Tensor | None]:
-        # fp16, the only loss scaling, is refused with pipelines: gradients are finite.
-        return True, self.clip_grad_norm_(max_norm).detach()
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        # The norm over every stage (fp16, the only loss scaling, is refused with pipelines).
+        return self.clip_grad_norm_(max_norm).detach()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """L2 norm of every gradient of the pipeline, tied copies counted once, then clip to

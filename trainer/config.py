@@ -47,7 +47,9 @@ class OptimConfig:
     """Divide the moments by (1 - beta^t) (LAMB only; AdamW always corrects)."""
     foreach: bool | None = None
     """Multi-tensor (foreach) implementation; None picks it on CUDA and the per-tensor loop
-    on CPU, where it is faster. Both give the same result."""
+    on CPU, where it is faster. Both give the same result. Under fp16 AdamW is torch's fused
+    kernel whatever this says (it skips an overflowing step without a wait); LAMB takes its
+    device-side path."""
     fused_lamb: bool = False
     """With optim.name=lamb and parallel.engine=deepspeed on CUDA: DeepSpeed's FusedLamb
     kernel instead of Loom's LAMB. Under ZeRO it takes one trust ratio per flat partition

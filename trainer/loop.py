@@ -172,8 +172,12 @@ def _rows_mask(real_B: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def host_values(record: dict) -> dict:
-    """The record with its tensors (device losses, the gradient norm) read as floats."""
-    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+    """The record with its tensors (device losses, the gradient norm) read as numbers. A
+    step skipped for an fp16 overflow (its "overflow" verdict) has no gradient norm."""
+    out = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+    if out.pop("overflow", 0.0):
+        out["grad_norm"] = None
+    return out
 
 
 class StopAgreed(Exception):
@@ -203,7 +207,7 @@ class Trainer:
         vocab = self.vocab_size = model_vocab_size(job, self.data.loader.vocab_size)
         model = build_model(job.model, vocab_size=vocab)
         model.loss_chunk_tokens = self.t.loss_chunk_tokens
-        self.scaler = LossScaler(job.precision)
+        self.scaler = LossScaler(job.precision, device=world.device)
         loss_fn, loss_targets, teacher_flops = summed_losses, None, 0.0
         if job.distill.enabled:
             loss_fn, loss_targets, teacher_flops = self._distillation(model, vocab)
@@ -216,7 +220,9 @@ class Trainer:
             world=world,
             model_cfg=job.model,
             spec=TrainingSpec(
-                make_optimizer=lambda module: build_optimizer(module, job.optim),
+                make_optimizer=lambda module: build_optimizer(
+                    module, job.optim, skip_on_device=self.scaler.enabled
+                ),
                 loss_fn=loss_fn,
                 loss_targets=loss_targets,
                 scaler=self.scaler,
@@ -375,8 +381,9 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         lr = self.schedule.apply(self.engine.optimizer, step)
         if self.moe:  # one row's aux losses weigh as a row of the objective (DDP-averaged)
-            weight = self.world.dp_size / self.t.global_batch_size * self.scaler.scale
-            set_aux_loss_weight(self.engine.module, weight)
+            weight = self.world.dp_size / self.t.global_batch_size
+            scale = self.scaler.scale_tensor if self.scaler.enabled else None
+            set_aux_loss_weight(self.engine.module, weight, scale=scale)
         micro = [self._split(b) for b in self.data.loader.next_batch()]
         if self.job.model.mem_len > 0:  # micro-batch m of every step continues the last one's
             micro = [
@@ -405,9 +412,11 @@ class Trainer:
             "loss": loss if len(keys) > 1 else task[0],
             "lr": lr,
             "grad_norm": grad_norm,
-            "loss_scale": self.scaler.scale,
+            "loss_scale": self.scaler.scale_tensor,
             "skipped_steps": self.engine.skipped_steps,
         }
+        if self.scaler.found_inf is not None:  # fp16: read with the rest when logged
+            record["overflow"] = self.scaler.found_inf
         if len(keys) > 1:
             record.update({task_name(k): task[i] for i, k in enumerate(keys)})
         return record

@@ -79,6 +79,13 @@ class Lamb(torch.optim.Optimizer):
     their full norms from squared piece norms summed by `reduce_fn` (one call per flat
     tensor per step, a float64 buffer, so an unsplit tensor's norm is bit for bit the one
     Lamb computes on the tensor itself).
+
+    Skipping on the device: with `found_inf` set (a 0-dim float tensor on the params'
+    device, 1.0 when fp16 gradients overflowed, as torch's fused Adam reads it) a step
+    leaves weights, moments and step counts exactly as they were when it is 1.0, and is an
+    ordinary step when it is 0.0, without the host reading it. Those steps keep their step
+    counts on the device and take the bias corrections there (`_skippable_updates`), so
+    they round slightly differently from the two paths above.
     """
 
     def __init__(
@@ -116,12 +123,14 @@ class Lamb(torch.optim.Optimizer):
         self.norm_fn = norm_fn
         self.flat_layouts: dict[Tensor, FlatLayout] = {}
         self.reduce_fn: ReduceFn | None = None
+        self.found_inf: Tensor | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("norm_fn", None)
         self.__dict__.setdefault("flat_layouts", {})
         self.__dict__.setdefault("reduce_fn", None)
+        self.__dict__.setdefault("found_inf", None)
         for group in self.param_groups:
             group.setdefault("bias_correction", True)
             group.setdefault("foreach", None)
@@ -141,20 +150,41 @@ class Lamb(torch.optim.Optimizer):
                 # Multi-tensor kernels save launches on CUDA; on CPU the per-tensor loop is
                 # faster (each tensor stays in cache; bench/lamb_foreach.py).
                 foreach = all(p.device.type == "cuda" for p in params)
-            update_fn = _foreach_updates if foreach else _loop_updates
             hyper = {key: group[key] for key in _UPDATE_KEYS}
-            updates = update_fn(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+            lr: float | Tensor = group["lr"]
+            if self.found_inf is None:
+                update_fn = _foreach_updates if foreach else _loop_updates
+                updates = update_fn(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+            else:
+                keep = 1.0 - self.found_inf  # 0.0: the step changes nothing
+                steps = self._steps_on_device(group)
+                updates = _skippable_updates(
+                    params, grads, exp_avgs, exp_avg_sqs, steps, keep=keep, **hyper
+                )
+                lr = keep * lr  # w - 0 x r x u: the weights stay as they were
             if group.get("expert_rows"):
-                _expert_rows_apply(params, updates, lr=group["lr"])
+                _expert_rows_apply(params, updates, lr=lr)
                 continue
             if self.flat_layouts:
-                self._flat_apply(params, updates, lr=group["lr"], foreach=foreach)
+                self._flat_apply(params, updates, lr=lr, foreach=foreach)
                 continue
             w_norms = self._norms(params, foreach=foreach)
             u_norms = self._norms(updates, foreach=foreach)
             apply_fn = _foreach_apply if foreach else _loop_apply
-            apply_fn(params, updates, w_norms, u_norms, lr=group["lr"])
+            apply_fn(params, updates, w_norms, u_norms, lr=lr)
         return loss
+
+    def _steps_on_device(self, group: dict[str, Any]) -> list[Tensor]:
+        """The step counts of the group's params that have grads, moved to their params'
+        devices (a loaded checkpoint keeps them on the CPU)."""
+        steps = []
+        for p in group["params"]:
+            if p.grad is not None:
+                state = self.state[p]
+                if state["step"].device != p.device:
+                    state["step"] = state["step"].to(p.device)
+                steps.append(state["step"])
+        return steps
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         """The group's params that have grads, with their grads and (lazily made) state."""
@@ -216,7 +246,7 @@ class Lamb(torch.optim.Optimizer):
         return state
 
     def _flat_apply(
-        self, params: list[Tensor], updates: list[Tensor], *, lr: float, foreach: bool
+        self, params: list[Tensor], updates: list[Tensor], *, lr: float | Tensor, foreach: bool
     ) -> None:
         """w -= lr * r * u piece by piece, r taken per original tensor across all ranks."""
         for p, u in zip(params, updates, strict=True):
@@ -351,6 +381,45 @@ def _foreach_updates(
     return list(updates)
 
 
+def _skippable_updates(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    keep: Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+) -> list[Tensor]:
+    """The moments and step counts advanced by `keep` (1.0: one step; 0.0: exactly none)
+    and the updates u, with every factor a device tensor. Gradients are zeroed where not
+    finite (in place: the engine drops them after the step), so a skipped step's update
+    is finite and adds nothing once scaled by keep x lr."""
+    beta1, beta2 = betas
+    w1, w2 = keep * (1.0 - beta1), keep * (1.0 - beta2)
+    updates = []
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        step.add_(keep)
+        m.lerp_(g, w1)  # m + w1 (g - m): m itself when w1 is 0
+        v.lerp_(g * g, w2)
+        denom = v.sqrt()
+        if bias_correction:  # a count still 0 (every step skipped so far) corrects as 1
+            t = step.clamp(min=1.0)
+            sqrt_c2 = (1.0 - torch.pow(beta2, t)).sqrt()
+            denom.add_(eps * sqrt_c2).mul_((1.0 - torch.pow(beta1, t)) / sqrt_c2)
+        else:
+            denom.add_(eps)
+        u = m.div(denom)
+        if weight_decay != 0.0:
+            u.add_(p, alpha=weight_decay)
+        updates.append(u)
+    return updates
+
+
 def _trust_ratio(w_norm: Tensor, u_norm: Tensor) -> Tensor:
     # A zero-initialised weight or a zero update would give 0 or inf; LAMB uses 1 there.
     ok = (w_norm > 0) & (u_norm > 0)
@@ -363,7 +432,7 @@ def _loop_apply(
     w_norms: list[Tensor],
     u_norms: list[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
 ) -> None:
     for p, u, w_norm, u_norm in zip(params, updates, w_norms, u_norms, strict=True):
         # Scaling by a tensor rather than a Python float avoids a device sync per tensor.
@@ -377,7 +446,7 @@ def _foreach_apply(
     w_norms: list[Tensor],
     u_norms: list[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
 ) -> None:
     # Elementwise ops on the stacked norms round exactly as the 0-dim ops in _loop_apply.
     if len({n.device for n in w_norms + u_norms}) == 1:
@@ -389,7 +458,7 @@ def _foreach_apply(
     torch._foreach_addcmul_(params, updates, scales)
 
 
-def _expert_rows_apply(params: list[Tensor], updates: list[Tensor], *, lr: float) -> None:
+def _expert_rows_apply(params: list[Tensor], updates: list[Tensor], *, lr: float | Tensor) -> None:
     """w -= lr * r * u with one trust ratio per row: a stacked expert weight holds one matrix
     (or bias) per expert, and each gets the ratio of its own norms. On a DTensor sharded by
     rows (expert parallelism, FSDP) the row norms are the full rows' norms."""
@@ -430,8 +499,14 @@ def param_groups(model: torch.nn.Module, *, weight_decay: float) -> list[dict[st
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg.name`, at the peak learning rate `cfg.lr`."""
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, *, skip_on_device: bool = False
+) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg.name`, at the peak learning rate `cfg.lr`.
+
+    `skip_on_device` (fp16 loss scaling): the optimizer must skip a step whose `found_inf`
+    says the gradients overflowed without reading it on the host. Loom's LAMB does; AdamW
+    is then torch's fused kernel, the one that reads `found_inf` (optim.foreach is moot)."""
     groups = param_groups(model, weight_decay=cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.fused_lamb:
@@ -453,7 +528,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
             betas=betas,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            foreach=cfg.foreach,
+            foreach=None if skip_on_device else cfg.foreach,
+            fused=skip_on_device or None,
         )
     raise ValueError(f"optim.name={cfg.name!r} is unknown; choose 'adamw' or 'lamb'")
 

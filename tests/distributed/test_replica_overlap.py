@@ -178,10 +178,10 @@ class _NoScaling:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
-    def unscale_and_check(self, params) -> bool:
-        return True
+    def unscale(self, params) -> None:
+        return None
 
-    def update(self, finite: bool) -> None:
+    def update(self, found_inf) -> None:
         pass
 
 

@@ -21,6 +21,14 @@ TINY = [
 ]
 
 
+# 2^28 and 2^20 overflow, 2^12 does not.
+FP16_SKIPS = [
+    "precision=fp16",
+    "precision.initial_scale=268435456",
+    "precision.backoff_factor=0.00390625",
+]
+
+
 def test_default_run_with_no_arguments(train_cli, tmp_path):
     proc = train_cli(cwd=tmp_path)
     run = tmp_path / "runs" / "gpt_debug"
@@ -42,8 +50,15 @@ def test_default_run_with_no_arguments(train_cli, tmp_path):
 # runs with deterministic kernels too (tests/gpu repeats this on CUDA, where they matter).
 @pytest.mark.parametrize(
     "model",
-    [[], ["+model=gpt_moe_debug", "trainer.deterministic=true"]],
-    ids=["dense", "moe"],
+    [
+        [],
+        ["+model=gpt_moe_debug", "trainer.deterministic=true"],
+        # fp16: two skipped steps first; the scale, its counts and the optimizer's device
+        # step counts are restored too
+        [*FP16_SKIPS, "optim=lamb"],
+        [*FP16_SKIPS, "optim=adamw"],
+    ],
+    ids=["dense", "moe", "fp16-lamb", "fp16-adamw"],
 )
 def test_resume_is_bit_exact(train_cli, tmp_path, model):
     check_resume_is_bit_exact(train_cli, tmp_path, *model, *TINY)
@@ -69,6 +84,8 @@ def check_resume_is_bit_exact(train_cli, tmp_path, *overrides: str) -> None:
     a = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(whole)]
     b = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(split)]
     assert len(a) == 40 and a == b  # identical to the bit, steps 1..40
+    if "precision=fp16" in overrides:
+        assert [r["skipped_steps"] for r in read_metrics(split)][:3] == [1, 2, 2]
 
 
 def test_corrupt_latest_checkpoint_falls_back(train_cli, tmp_path):

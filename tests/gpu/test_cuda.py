@@ -93,16 +93,22 @@ def test_moe_model_trains_on_cuda(train_cli, tmp_path):
     assert records[-1]["mfu"] is not None and 0 < records[-1]["mfu"] < 1
 
 
-def test_training_steps_never_wait_for_the_gpu(loom_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "overrides",
+    [["precision=bf16"], ["precision=fp16"], ["precision=fp16", "optim=lamb"]],
+    ids=["bf16", "fp16-adamw", "fp16-lamb"],
+)
+def test_training_steps_never_wait_for_the_gpu(loom_cache, tmp_path, monkeypatch, overrides):
     """Between logged steps nothing reads the device: losses, token counts, the gradient
-    norm and (without fp16) the finiteness verdict stay on it. Any synchronising call in
-    these steps raises under torch.cuda.set_sync_debug_mode("error")."""
+    norm and fp16's overflow verdict and loss scale stay on it (the optimizer skips an
+    overflowing step there). Any synchronising call in these steps raises under
+    torch.cuda.set_sync_debug_mode("error")."""
     from parallel.dist import init_world
     from trainer.config import compose_job
     from trainer.loop import Trainer
 
     monkeypatch.setenv("LOOM_CACHE", str(loom_cache))
-    job = compose_job(["trainer.device=cuda", "precision=bf16", f"trainer.out_dir={tmp_path}"])
+    job = compose_job(["trainer.device=cuda", *overrides, f"trainer.out_dir={tmp_path}"])
     trainer = Trainer(job, init_world(job.parallel, device_preference="cuda"))
     records = steps_under_sync_check(trainer, warmup=2, steps=3)
     assert float(records[-1]["loss"]) < 10

@@ -333,3 +333,104 @@ def test_params_without_grad_are_skipped():
     opt.step()
     assert b not in opt.state and torch.equal(b.detach(), torch.ones(2))
     assert not torch.equal(a.detach(), torch.ones(2))
+
+
+# -- skipping on the device (fp16 loss scaling) ----------------------------------------------
+
+
+def _state_copy(opt: torch.optim.Optimizer, model: torch.nn.Module) -> list[Tensor]:
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for state in opt.state.values():
+        tensors += [v.detach().clone() for v in state.values() if isinstance(v, Tensor)]
+    return tensors
+
+
+def _poison(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Overflowed gradients: random, with inf and nan in some tensors."""
+    set_random_grads([model], gen, 0)
+    grads = [p.grad for p in model.parameters()]
+    grads[0].view(-1)[0] = float("inf")
+    grads[-1].view(-1)[-1] = float("nan")
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_skipping_on_the_device_matches_the_paper(bias_correction):
+    """found_inf = 0: the hand-computed steps of the paper (float64 reference)."""
+    hyper = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1)
+    expected = reference_lamb(
+        flat(W0), [flat(g) for g in GRADS], bias_correction=bias_correction, **hyper
+    )
+    w = torch.tensor(W0, requires_grad=True)
+    opt = Lamb([w], bias_correction=bias_correction, **hyper)
+    opt.found_inf = torch.tensor(0.0)
+    for step, grad in enumerate(GRADS):
+        w.grad = torch.tensor(grad)
+        opt.step()
+        want = torch.tensor(expected[step]).view(2, 2)
+        torch.testing.assert_close(w.detach(), want, rtol=1e-6, atol=1e-7)
+    assert opt.state[w]["step"].item() == 2.0
+
+
+def test_lamb_skipped_steps_leave_no_trace():
+    """Overflowed steps (found_inf = 1, gradients with inf and nan) leave weights, moments
+    and step counts bit for bit as they were, stacked expert rows included: a run with
+    skips between its steps ends where the same steps without them end. Clean steps agree
+    with the host path to float32 rounding."""
+    models = [make_mlp(), make_mlp(), make_mlp()]
+
+    def optimizer(model: torch.nn.Module) -> Lamb:
+        groups = lamb_groups(model)
+        groups[1]["expert_rows"] = True  # one trust ratio per row of lin2.weight
+        return Lamb(groups, lr=1e-2)
+
+    skipping, clean, host = (optimizer(m) for m in models)
+    clean.found_inf = torch.tensor(0.0)
+    gen, bad = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    for step in range(8):
+        if step in (0, 3, 4):  # the very first step too: counts still 0
+            _poison(models[0], bad)
+            before = _state_copy(skipping, models[0])
+            skipping.found_inf = torch.tensor(1.0)
+            skipping.step()
+            after = _state_copy(skipping, models[0])
+            if step == 0:  # the state made by this step is all zeros: steps, moments
+                params = len(list(models[0].parameters()))
+                after, made = after[:params], after[params:]
+                assert made and not any(t.any() for t in made)
+            assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), step
+        set_random_grads(models, gen, step)
+        skipping.found_inf = torch.tensor(0.0)
+        for opt in (skipping, clean, host):
+            opt.step()
+    for a, b, c in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+    steps = [s["step"].item() for s in skipping.state.values()]
+    assert steps == [s["step"].item() for s in host.state.values()] and max(steps) == 8
+
+
+def test_adamw_built_to_skip_on_the_device():
+    """build_optimizer(skip_on_device=True): torch's fused AdamW, which skips a step whose
+    found_inf is 1 and otherwise steps as the foreach AdamW does."""
+    cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1)
+    models = [make_mlp(), make_mlp()]
+    fused = build_optimizer(models[0], cfg, skip_on_device=True)
+    plain = build_optimizer(models[1], cfg)
+    assert fused.defaults["fused"] and not plain.defaults.get("fused")
+    gen, bad = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    for step in range(4):
+        if step == 2:
+            _poison(models[0], bad)
+            before = _state_copy(fused, models[0])
+            fused.found_inf = torch.tensor(1.0)
+            fused.step()
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(before, _state_copy(fused, models[0]), strict=True)
+            )
+        set_random_grads(models, gen, step)
+        fused.found_inf = torch.tensor(0.0)
+        fused.step()
+        plain.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -37,18 +37,23 @@ def test_schedule_writes_every_param_group():
 
 
 def test_fp16_scaler_skips_overflow_and_backs_off():
+    """The verdict, scale and counts stay tensors; they follow GradScaler's rules."""
     scaler = LossScaler(PrecisionConfig(dtype="fp16", initial_scale=1024.0, growth_interval=2))
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.tensor([1024.0, float("inf"), 0.0])
-    assert scaler.unscale_and_check([p]) is False
-    scaler.update(False)
+    found_inf = scaler.unscale([p])
+    assert isinstance(found_inf, torch.Tensor) and found_inf.item() == 1.0
+    scaler.update(found_inf)
     assert scaler.scale == 512.0 and scaler.skipped_steps == 1
     p.grad = torch.tensor([512.0, 1024.0, 0.0])
-    assert scaler.unscale_and_check([p]) is True
+    found_inf = scaler.unscale([p])
+    assert found_inf.item() == 0.0 and scaler.found_inf is found_inf
     assert torch.equal(p.grad, torch.tensor([1.0, 2.0, 0.0]))
-    scaler.update(True)
-    scaler.update(True)
-    assert scaler.scale == 1024.0  # grew after growth_interval clean steps
+    scaler.update(found_inf)
+    assert scaler.scale == 512.0
+    scaler.update(found_inf)
+    assert scaler.scale == 1024.0 and scaler.skipped_steps == 1  # grew after 2 clean steps
+    assert scaler.scale_loss(torch.tensor(2.0)).item() == 2048.0
     restored = LossScaler(PrecisionConfig(dtype="fp16"))
     restored.load_state_dict(scaler.state_dict())
     assert restored.state_dict() == scaler.state_dict()
@@ -58,3 +63,4 @@ def test_scaler_is_identity_without_fp16():
     scaler = LossScaler(PrecisionConfig(dtype="bf16"))
     loss = torch.tensor(3.0)
     assert scaler.scale_loss(loss) is loss and scaler.scale == 1.0
+    assert scaler.unscale([]) is None and scaler.found_inf is None

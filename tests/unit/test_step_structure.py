@@ -102,6 +102,11 @@ _ALLOWED = {_SORTED_MOE: {"aten.nonzero.default"}}
         "gpt_debug",
         # LAMB's trust ratios, bf16 autocast and the loss scored in slices inside the model
         "gpt_debug optim=lamb precision=bf16 trainer.loss_chunk_tokens=64",
+        # fp16 loss scaling: the overflow verdict stays on the device, the optimizer skips
+        # there (torch's fused AdamW, Loom's LAMB), the scale is updated there
+        "gpt_debug precision=fp16",
+        "gpt_debug optim=lamb precision=fp16",
+        "gpt_moe_debug precision=fp16",
         "bert_debug",
         "roberta_debug",
         "electra_debug",
