@@ -15,7 +15,11 @@ block input, each plus one block's full set while it is recomputed. Korthikanti 
 2022 (eq. 2) count s*b*h*34 bytes for the same block in 16 bits throughout; Loom keeps a
 few tensors more. Under TP the matmul outputs are split, the rest is not unless sequence
 parallelism splits it too; the layers of one pipeline stage count with PP micro-batches
-in flight (1F1B), and ELECTRA's two stacks both count. Without ZeRO-2/3, autocast's
+in flight (1F1B), and ELECTRA's two stacks both count. An MoE layer keeps its own set
+in place of the dense MLP's (`moe_layer_bytes`, checked the same way): the router's
+jittered input and probabilities, each expert's padded input and hidden activations (E x
+capacity slots per row, so capacity factor x top_k per token at most), the expert outputs
+for the gate product and the slot indices. Without ZeRO-2/3, autocast's
 16-bit copies of the weights are held from forward to backward (2 bytes a parameter).
 The attention-score matrix (5*a*s/h in eq. 2), which fused SDPA kernels do not store, is
 reported separately as an upper bound (and counted in the total for attention that
@@ -35,7 +39,7 @@ import torch
 from common.log import log_rank0
 from data_pipeline.objectives import target_length
 from models import build_model, param_counts
-from models.config import SEQ2SEQ_FAMILIES
+from models.config import SEQ2SEQ_FAMILIES, MoeConfig
 from parallel.comm import CommTally, summary_lines
 from parallel.comm_model import expected_comm
 from trainer.comm_report import job_comm_layout
@@ -104,10 +108,15 @@ def memory_estimate(
         sp=p.sp,
     )
     base = 0.0
-    for h, _, f in stacks:
+    for i, (h, _, f) in enumerate(stacks):
         held = m.n_layer * layer_bytes(h, f, mode=mode, **shape)
         held += decoder * layer_bytes(h, f, mode=mode, cross=True, **shape)
         working = layer_bytes(h, f, mode="none", cross=decoder > 0, **shape)
+        moe_layers = len(m.moe.layer_ids(m.n_layer))
+        moe_layers += len(m.moe.layer_ids(decoder)) if decoder else 0
+        if moe_layers and i == 0:  # the experts are in the main stack (both of T5's)
+            held += moe_layers * moe_layer_bytes(h, f, m.moe, seq_len=s, mode=mode, act=act)
+            working += moe_layer_bytes(h, f, m.moe, seq_len=s, mode="none", act=act)
         base += s * b * (held / p.pp * in_flight + (working if mode != "none" else 0))
     # Autocast's 16-bit copies of the weights, held for backward by the matmuls that read
     # them; recomputed blocks make theirs again (the output layer's stays).
@@ -165,6 +174,30 @@ def layer_bytes(
     if cross:
         kept += act * 4 * h / tp + (residual * h + act * h + (h if dropout else 0)) / whole
     return kept
+
+
+def moe_layer_bytes(h: int, f: int, moe: MoeConfig, *, seq_len: int, mode: str, act: int) -> float:
+    """Bytes per token an MoE layer keeps for backward beyond the dense block whose MLP it
+    replaces, with `act` bytes per activation value. Each token has s expert slots: E x
+    capacity / seq_len padded to capacity; sorted (dropless or unpadded) s = top_k, every
+    choice taken as kept (an upper bound). Selective checkpointing keeps the router's
+    logits and both expert products in place of the two MLP products; full, nothing more."""
+    if mode == "full":
+        return 0.0
+    e, k = moe.num_experts, moe.top_k
+    capacity = moe.capacity(seq_len, training=True)
+    s = e * capacity / seq_len if capacity is not None and moe.pad_to_capacity else k
+    if mode == "selective":
+        return 4 * e + act * s * (f + h) - act * (f + h)
+    # fp32 router: its input times the jitter (and the jitter), logits and probabilities
+    # (the z-loss's and the softmax's), top-k gates and expert ids, the z-loss's logsumexp,
+    # and with k > 1 the gates' sum that renormalises them.
+    router = (8 if moe.jitter_eps > 0 else 4) * h + 8 * e + 12 * k + 4
+    router += 4 * k + 4 if k > 1 else 0
+    indices = 8 * s + 8 * k  # int64: the token of each slot, the slot of each choice
+    experts = act * s * (h + 2 * f)  # each slot's input, hidden layer and activation
+    combine = 4 * k * h  # expert outputs in fp32 for the gate product
+    return router + indices + experts + combine - act * (h + 2 * f)
 
 
 def _logits_bytes(job: JobConfig, *, vocab: int, seq_len: int) -> float:

@@ -11,11 +11,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from models import build_model
+from models.config import MoeConfig
+from models.moe import set_aux_loss_weight
 from parallel.activation import apply_activation_checkpointing
 from parallel.parallelize import repeated_blocks
 from tests.unit.helpers import recipe
 from tests.unit.test_config import compose_job
-from trainer.dry_run import dry_run, layer_bytes, memory_estimate, resolve_vocab
+from trainer.dry_run import dry_run, layer_bytes, memory_estimate, moe_layer_bytes, resolve_vocab
 
 
 def test_dry_run_reports_gpt2_small_without_allocating(tmp_path):
@@ -173,16 +175,22 @@ class HeldAfterForward(TorchDispatchMode):
         return sum(n for n, c in alive if not c), sum(n for n, c in alive if c)
 
 
-def held_per_layer(name: str, mode: str, dtype: str) -> tuple[float, float]:
+def held_per_layer(
+    name: str, mode: str, dtype: str, moe: MoeConfig | None = None
+) -> tuple[float, float]:
     """(activation bytes per token, weight-copy bytes) one more block keeps, measured on
-    the CPU: the difference between 4 and 2 blocks, halved."""
+    the CPU: the difference between 4 and 2 blocks, halved. With `moe`, every block's MLP
+    is an MoE layer (training: its aux losses attached, as the trainer does)."""
     runs = []
     for layers in (2, 4):
         torch.manual_seed(0)
         cfg = dataclasses.replace(
             recipe(name), n_layer=layers, d_model=256, n_head=4, d_ff=1024, dropout=0.0
         )
+        if moe is not None:
+            cfg = dataclasses.replace(cfg, moe=dataclasses.replace(moe, layers=list(range(layers))))
         model = build_model(cfg, vocab_size=512)
+        set_aux_loss_weight(model, 0.25)
         apply_activation_checkpointing(repeated_blocks(model), mode)
         params = {p.data_ptr() for p in model.parameters()}
         watch = HeldAfterForward(params)
@@ -210,5 +218,31 @@ def test_layer_bytes_are_what_a_forward_pass_keeps(name, dtype, mode):
     expected = layer_bytes(256, 1024, mode=mode, act=act, residual=4, dropout=False)
     assert activations == pytest.approx(expected, rel=0.01), (activations, expected)
     block_params = 12 * 256 * 256  # qkv, output, two feed-forward matrices
+    held_copies = dtype == "bf16" and mode == "none"
+    assert copies == pytest.approx(2 * block_params if held_copies else 0, rel=0.01)
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "moe",
+    [
+        MoeConfig(num_experts=4),  # Switch: top-1, capacity factor 1.25, jitter
+        MoeConfig(num_experts=8, top_k=2, capacity_factor=1.0, jitter_eps=0.0),  # GShard
+        MoeConfig(num_experts=4, capacity_factor=2.0),
+    ],
+    ids=["switch", "top2", "cf2"],
+)
+def test_moe_layer_bytes_are_what_a_forward_pass_keeps(moe, dtype, mode):
+    """A GPT block whose MLP is an MoE layer (padded to capacity: 128 tokens a row) keeps
+    the dense block's bytes plus moe_layer_bytes, against the CPU forward pass; autocast's
+    weight copies are those of every expert."""
+    activations, copies = held_per_layer("gpt_debug", mode, dtype, moe)
+    act = 2 if dtype == "bf16" else 4
+    dense = layer_bytes(256, 1024, mode=mode, act=act, residual=4, dropout=False)
+    expected = dense + moe_layer_bytes(256, 1024, moe, seq_len=128, mode=mode, act=act)
+    assert activations == pytest.approx(expected, rel=0.01), (activations, expected)
+    # Attention's four matrices and every expert's two (the router runs in fp32).
+    block_params = 4 * 256 * 256 + moe.num_experts * 2 * 256 * 1024
     held_copies = dtype == "bf16" and mode == "none"
     assert copies == pytest.approx(2 * block_params if held_copies else 0, rel=0.01)
