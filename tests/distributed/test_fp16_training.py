@@ -9,17 +9,12 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import assert_same_weights, read_metrics
+from tests.distributed.test_zero import TINY
 
 FP16 = [
-    "+model=gpt_debug",
-    "model.n_layer=2",
-    "model.d_model=64",
-    "model.n_head=2",
-    "model.max_seq_len=64",
-    "trainer.global_batch_size=8",
-    "trainer.micro_batch_size=2",
-    "trainer.log_every=1",
-    "trainer.eval_every=0",
+    # Each test names its optimizer; the default warm-up keeps the learning rate low, so
+    # fp16's rounding differences between layouts stay small in the weights.
+    *(o for o in TINY if not o.startswith("optim")),
     "trainer.max_steps=8",
     "trainer.save_every=8",
     "precision=fp16",

@@ -22,20 +22,11 @@ from tests.gpu.test_cuda import steps_under_sync_check
 pytestmark = pytest.mark.gpu
 
 CUDA = ["trainer.device=cuda", "trainer.tensorboard=false"]
+# The families besides GPT (which tests/gpu/test_cuda.py runs).
+FAMILIES = ["bert_debug", "electra_debug", "t5_debug", "bart_debug", "xlnet_debug", "glm_debug"]
 
 
-@pytest.mark.parametrize(
-    "model",
-    [
-        "bert_debug",
-        "electra_debug",
-        "t5_debug",
-        "bart_debug",
-        "xlnet_debug",
-        "glm_debug",
-        "gpt_rotary_debug",
-    ],
-)
+@pytest.mark.parametrize("model", [*FAMILIES, "gpt_rotary_debug"])
 def test_every_family_trains_in_bf16_on_cuda(train_cli, tmp_path, model):
     train_cli(f"+model={model}", *CUDA, "precision=bf16", *SHORT, f"trainer.out_dir={tmp_path}")
     records = read_metrics(tmp_path)
@@ -112,18 +103,7 @@ def test_compiled_blocks_train_like_eager_on_cuda(train_cli, tmp_path):
     check_compiled_matches_eager(train_cli, tmp_path, *tiny, tolerance=1e-3)
 
 
-@pytest.mark.parametrize(
-    "model",
-    [
-        "bert_debug",
-        "electra_debug",
-        "t5_debug",
-        "bart_debug",
-        "xlnet_debug",
-        "glm_debug",
-        "gpt_moe_debug",
-    ],
-)
+@pytest.mark.parametrize("model", [*FAMILIES, "gpt_moe_debug"])
 def test_other_families_steps_never_wait_for_the_gpu(loom_cache, tmp_path, monkeypatch, model):
     """As tests/gpu/test_cuda.py's GPT check, for the other families and a Switch MoE (its
     layers padded to capacity, the default)."""
