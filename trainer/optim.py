@@ -141,8 +141,9 @@ class Lamb(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skippable = self.found_inf is not None
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
+            params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group, skippable)
             if not params:
                 continue
             foreach = group["foreach"]
@@ -152,12 +153,11 @@ class Lamb(torch.optim.Optimizer):
                 foreach = all(p.device.type == "cuda" for p in params)
             hyper = {key: group[key] for key in _UPDATE_KEYS}
             lr: float | Tensor = group["lr"]
-            if self.found_inf is None:
+            if not skippable:
                 update_fn = _foreach_updates if foreach else _loop_updates
                 updates = update_fn(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
             else:
                 keep = 1.0 - self.found_inf  # 0.0: the step changes nothing
-                steps = self._steps_on_device(group)
                 updates = _skippable_updates(
                     params, grads, exp_avgs, exp_avg_sqs, steps, keep=keep, **hyper
                 )
@@ -174,20 +174,10 @@ class Lamb(torch.optim.Optimizer):
             apply_fn(params, updates, w_norms, u_norms, lr=lr)
         return loss
 
-    def _steps_on_device(self, group: dict[str, Any]) -> list[Tensor]:
-        """The step counts of the group's params that have grads, moved to their params'
-        devices (a loaded checkpoint keeps them on the CPU)."""
-        steps = []
-        for p in group["params"]:
-            if p.grad is not None:
-                state = self.state[p]
-                if state["step"].device != p.device:
-                    state["step"] = state["step"].to(p.device)
-                steps.append(state["step"])
-        return steps
-
-    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
-        """The group's params that have grads, with their grads and (lazily made) state."""
+    def _gather(self, group: dict[str, Any], steps_on_device: bool) -> tuple[list[Tensor], ...]:
+        """The group's params that have grads, with their grads and (lazily made) state;
+        `steps_on_device` moves step counts to their params' devices (the skippable path
+        counts there; a loaded checkpoint brings them back on the CPU)."""
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
@@ -195,6 +185,8 @@ class Lamb(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("Lamb does not support sparse gradients")
             state = self._init_state(p)
+            if steps_on_device and state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
