@@ -92,6 +92,13 @@ class MoeConfig:
         """Slots per expert for a group of `tokens` tokens (None: dropless)."""
         return self.slots(self.capacity_ratio(training=training), tokens)
 
+    def padded_capacity(self, tokens: int, *, training: bool) -> int | None:
+        """Slots per expert for a group of `tokens` tokens when the layer pads each expert's
+        input to them; None when it sorts (dropless, pad_to_capacity false, or no experts)."""
+        if not self.enabled or not self.pad_to_capacity:
+            return None
+        return self.capacity(tokens, training=training)
+
     def capacity_ratio(self, *, training: bool) -> tuple[int, int] | None:
         """The capacity factor as the exact fraction written (1.1 is 11 / 10), as (numerator,
         denominator); None: dropless."""

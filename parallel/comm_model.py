@@ -332,9 +332,7 @@ def comm_layout(
         positions_per_row=positions_per_row,
         top_k=model_cfg.moe.top_k,
         num_experts=model_cfg.moe.num_experts,
-        capacity=model_cfg.moe.capacity(seq_len, training=True)
-        if model_cfg.moe.enabled and model_cfg.moe.pad_to_capacity
-        else None,
+        capacity=model_cfg.moe.padded_capacity(seq_len, training=True),
     )
 
 

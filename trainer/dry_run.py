@@ -107,13 +107,13 @@ def memory_estimate(
         tp=p.tp,
         sp=p.sp,
     )
+    moe_layers = len(m.moe.layer_ids(m.n_layer))
+    moe_layers += len(m.moe.layer_ids(decoder)) if decoder else 0
     base = 0.0
     for i, (h, _, f) in enumerate(stacks):
         held = m.n_layer * layer_bytes(h, f, mode=mode, **shape)
         held += decoder * layer_bytes(h, f, mode=mode, cross=True, **shape)
         working = layer_bytes(h, f, mode="none", cross=decoder > 0, **shape)
-        moe_layers = len(m.moe.layer_ids(m.n_layer))
-        moe_layers += len(m.moe.layer_ids(decoder)) if decoder else 0
         if moe_layers and i == 0:  # the experts are in the main stack (both of T5's)
             held += moe_layers * moe_layer_bytes(h, f, m.moe, seq_len=s, mode=mode, act=act)
             working += moe_layer_bytes(h, f, m.moe, seq_len=s, mode="none", act=act)
@@ -185,8 +185,8 @@ def moe_layer_bytes(h: int, f: int, moe: MoeConfig, *, seq_len: int, mode: str, 
     if mode == "full":
         return 0.0
     e, k = moe.num_experts, moe.top_k
-    capacity = moe.capacity(seq_len, training=True)
-    s = e * capacity / seq_len if capacity is not None and moe.pad_to_capacity else k
+    capacity = moe.padded_capacity(seq_len, training=True)
+    s = k if capacity is None else e * capacity / seq_len
     if mode == "selective":
         return 4 * e + act * s * (f + h) - act * (f + h)
     # fp32 router: its input times the jitter (and the jitter), logits and probabilities
