@@ -42,11 +42,8 @@ class LossScaling(Protocol):
     """The loss scaler an engine drives (trainer.precision.LossScaler): a no-op for fp32 and
     bf16, dynamic scaling for fp16, its state and verdicts on the device."""
 
-    scale: float
     skipped: torch.Tensor
     """Steps skipped so far (a device tensor)."""
-    enabled: bool
-    """Dynamic scaling is on (fp16): only then can a step's gradients overflow."""
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor: ...
 
