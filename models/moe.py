@@ -513,8 +513,8 @@ class MoE(nn.Module):
         return _AttachAuxLoss.apply(y_BTD, torch.stack([aux, z]), weights, self.loss_scale)
 
     def _record(self, aux: torch.Tensor, z: torch.Tensor, routing: Routing, *, rows: int):
-        if torch._C._current_graph_task_id() != -1:
-            return  # a recomputation inside backward (activation checkpointing)
+        if _recomputing():
+            return
         kept = routing.kept_BTK
         # Kept choices per expert, counted without selecting them (a selection's size
         # would be read on the host); host numbers enter as fills, not copies.
@@ -531,6 +531,15 @@ class MoE(nn.Module):
             ]
         )
         self.stats.add(torch.cat([head, load_E]))
+
+
+def _recomputing() -> bool:
+    """Whether autograd is re-running this forward in backward (activation checkpointing).
+    A compiled graph never is: its recomputation is part of its own backward graph, and an
+    eagerly checkpointed region re-runs its Python, where the check is made."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:

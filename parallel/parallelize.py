@@ -103,11 +103,21 @@ def _tensor_parallel_and_checkpointing(
     blocks = repeated_blocks(model)
     apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
     if cfg.compile:
-        # Regional compilation: each block's call, checkpointing included; with nn modules
-        # inlined (torch's default) the blocks of one class share one compiled graph.
-        for block in blocks:
-            block.compile()
+        compile_blocks(blocks)
     return model
+
+
+def compile_blocks(blocks: list[nn.Module]) -> None:
+    """Regional compilation: each block's call, checkpointing included; with nn modules
+    inlined (torch's default) the blocks of one class share one compiled graph.
+
+    A checkpointed block's forward may record telemetry (MoE's) as a side effect, which its
+    recomputation in backward must not repeat, as eager recomputation does not; torch is
+    told so, and compiles the checkpointed block whole (older torch breaks the graph there)."""
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for block in blocks:
+        block.compile()
 
 
 def parallelize(

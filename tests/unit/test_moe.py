@@ -10,13 +10,14 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from models import build_model, flops_per_token, param_counts
 from models import moe as moe_module
 from models.config import ModelConfig, MoeConfig
 from models.moe import Experts, MoE, moe_layers, set_aux_loss_weight
 from parallel.activation import apply_activation_checkpointing
-from parallel.parallelize import repeated_blocks
+from parallel.parallelize import compile_blocks, repeated_blocks
 from trainer.optim import Lamb, param_groups
 
 V = 97
@@ -83,17 +84,44 @@ def test_gradients_do_not_depend_on_the_micro_batch_split(capacity_factor):
         torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7)
 
 
-def test_telemetry_counts_each_forward_once_under_checkpointing():
-    model, ids = moe_gpt(capacity_factor=1.0), batch(rows=4)
-    apply_activation_checkpointing(repeated_blocks(model), "full")
+def telemetry(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     model.train()
     ce_sum(model, ids).backward()
-    for name, layer in moe_layers(model):
-        stats = layer.stats.take()
+    return [layer.stats.take() for _, layer in moe_layers(model)]
+
+
+@pytest.mark.parametrize(
+    "mode, compiled, pad",
+    [
+        ("full", False, True),
+        ("selective", False, True),
+        ("full", True, True),
+        ("selective", True, True),
+        ("full", True, False),
+    ],
+    ids=["full", "selective", "full-compiled", "selective-compiled", "full-compiled-sorted"],
+)
+def test_telemetry_counts_each_forward_once_under_checkpointing(mode, compiled, pad):
+    ids = batch(rows=4)
+    plain = telemetry(moe_gpt(capacity_factor=1.0, pad_to_capacity=pad), ids)
+    model = moe_gpt(capacity_factor=1.0, pad_to_capacity=pad)
+    blocks = repeated_blocks(model)
+    apply_activation_checkpointing(blocks, mode)
+    counters.clear()
+    if compiled:  # checkpointing inside the compiled block, as parallelize orders them
+        torch._dynamo.reset()
+        compile_blocks(blocks)
+    checkpointed = telemetry(model, ids)
+    # The padded layer's telemetry is a forward side effect that a compiled recomputation
+    # leaves out, so the checkpointed block compiles whole (the sorted one reads counts).
+    assert pad == (not counters["graph_break"]), dict(counters["graph_break"])
+    torch._dynamo.reset()
+    for (name, layer), stats, expected in zip(moe_layers(model), checkpointed, plain, strict=True):
         aux, z, rows, choices, dropped = stats[:5].tolist()
         load = stats[5:]
         assert rows == 4 and choices == 4 * 16, name  # not 8 rows: recomputation not counted
         assert load.sum() + dropped == choices and aux > 0 and z > 0
+        torch.testing.assert_close(stats, expected, rtol=1e-5, atol=0)
         assert layer.stats.take().abs().sum() == 0  # taken: the window starts again
     model.eval()
     with torch.no_grad():
