@@ -50,6 +50,20 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _save_seeded(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Full recomputation except ops that draw random numbers (CPU attention among them),
+    whose outputs are kept."""
+    seeded = torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
+    return CheckpointPolicy.MUST_SAVE if seeded else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# A compiled block recomputing a random op on the CPU saves the generator's state as an
+# extra forward output; torch 2.13 puts it after a saved device mesh (any DTensor
+# parameter's: tensor or expert parallelism) and then takes the mesh for a tensor. On
+# CUDA the state is a graph input instead; on the CPU the random ops are kept instead.
+_CPU_COMPILED_FULL = functools.partial(create_selective_checkpoint_contexts, _save_seeded)
+
+
 def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
     """Make each block recompute its activations in backward according to `mode`."""
     if mode not in MODES:
@@ -69,7 +83,10 @@ def _checkpointed(forward, context_fn):
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing to save
             return forward(*args, **kwargs)
-        extra = {"context_fn": context_fn} if context_fn is not None else {}
+        fn = context_fn
+        if fn is None and torch.compiler.is_compiling() and args[0].device.type == "cpu":
+            fn = _CPU_COMPILED_FULL
+        extra = {"context_fn": fn} if fn is not None else {}
         return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 
     return run

@@ -52,8 +52,19 @@ def assert_same_steps(one, other) -> None:
         (["parallel.ep=2", "parallel.pp=2"], 4),
         # the kept choices sorted by expert, their counts exchanged, instead of padded buffers
         (["parallel.ep=2", "model.moe.pad_to_capacity=false"], 2),
+        # compiled blocks, all-to-all and recomputation inside each block's graph
+        (["parallel.ep=2", "parallel.activation_checkpointing=full", "parallel.compile=true"], 2),
     ],
-    ids=["ep2", "dp2xep2", "ep2-zero1", "ep2-zero3", "ep2-recompute", "ep2xpp2", "ep2-sorted"],
+    ids=[
+        "ep2",
+        "dp2xep2",
+        "ep2-zero1",
+        "ep2-zero3",
+        "ep2-recompute",
+        "ep2xpp2",
+        "ep2-sorted",
+        "ep2-compiled-recompute",
+    ],
 )
 def test_expert_parallel_training_matches_one_process(
     train_cli, one_process, tmp_path, layout, nproc
