@@ -23,6 +23,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -109,15 +110,39 @@ def _tensor_parallel_and_checkpointing(
 
 def compile_blocks(blocks: list[nn.Module]) -> None:
     """Regional compilation: each block's call, checkpointing included; with nn modules
-    inlined (torch's default) the blocks of one class share one compiled graph.
+    inlined (torch's default) the blocks of one class share their compiled graphs.
 
     A checkpointed block's forward may record telemetry (MoE's) as a side effect, which its
     recomputation in backward must not repeat, as eager recomputation does not; torch is
-    told so, and compiles the checkpointed block whole (older torch breaks the graph there)."""
+    told so, and compiles the checkpointed block whole (older torch breaks the graph there).
+    Each block is handed its inputs as they are compiled for (see `_block_input`)."""
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks:
         block.compile()
+        block._compiled_call_impl = _with_block_inputs(block._compiled_call_impl)
+
+
+def _with_block_inputs(compiled_call):
+    def call(*args, **kwargs):
+        args = tuple(_block_input(a) for a in args)
+        kwargs = {k: _block_input(v) for k, v in kwargs.items()}
+        return compiled_call(*args, **kwargs)
+
+    return call
+
+
+def _block_input(x):
+    """A block's input as its graph is compiled for: a plain tensor (the pending result of a
+    collective outside the block, such as a tensor-parallel embedding's all-reduce, is
+    waited for: a stream dependency on the device, not a host sync) of static shape (one
+    graph per shape, such as T5's encoder and decoder lengths, rather than one dynamic
+    graph, whose backward torch 2.13 fails to compile around DTensor parameters)."""
+    if isinstance(x, AsyncCollectiveTensor):
+        x = torch.ops._c10d_functional.wait_tensor(x)
+    if isinstance(x, torch.Tensor):
+        torch._dynamo.mark_static(x)
+    return x
 
 
 def parallelize(

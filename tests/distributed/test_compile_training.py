@@ -1,7 +1,8 @@
-"""parallel.compile=true composed with tensor parallelism and FSDP2 (ZeRO-3), each with
-activation checkpointing, and pipelining: on gloo processes the compiled blocks train like
-the eager single process at the same global batch (losses within 1e-5; inductor's fusions
-differ from eager by fp32 rounding, seen at most 2.4e-7). Expert parallelism compiled:
+"""parallel.compile=true composed with tensor parallelism (T5, whose encoder and decoder
+blocks see two lengths) and FSDP2 (ZeRO-3), each with activation checkpointing, and
+pipelining: on gloo processes the compiled blocks train like the eager single process at
+the same global batch (losses within 1e-5; inductor's fusions differ from eager by fp32
+rounding, seen at most 2.4e-7). Expert parallelism compiled:
 tests/distributed/test_moe_training.py."""
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ TINY = [
 
 
 @pytest.mark.parametrize(
-    "layout",
+    "model, layout",
     [
-        # the recomputation inside each compiled block, around DTensor parameters
-        ["parallel.tp=2", "parallel.activation_checkpointing=full"],
-        ["parallel.zero=3", "parallel.activation_checkpointing=full"],
-        ["parallel.pp=2"],
+        # T5's encoder and decoder blocks (two lengths) recomputed around DTensor parameters
+        (["+model=t5_debug"], ["parallel.tp=2", "parallel.activation_checkpointing=full"]),
+        ([], ["parallel.zero=3", "parallel.activation_checkpointing=full"]),
+        ([], ["parallel.pp=2"]),
     ],
-    ids=["tp2-recompute", "zero3-recompute", "pp2"],
+    ids=["t5-tp2-recompute", "zero3-recompute", "pp2"],
 )
-def test_compiled_layout_matches_eager_one_process(train_cli, one_process, tmp_path, layout):
-    eager = one_process(*TINY)
+def test_compiled_layout_matches_eager_one_process(train_cli, one_process, tmp_path, model, layout):
+    eager = one_process(*model, *TINY)
     out = tmp_path / "compiled"
-    train_cli(*TINY, *layout, "parallel.compile=true", f"trainer.out_dir={out}", nproc=2)
+    train_cli(*model, *TINY, *layout, "parallel.compile=true", f"trainer.out_dir={out}", nproc=2)
     assert_same_losses(eager, out)

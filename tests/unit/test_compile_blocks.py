@@ -3,9 +3,10 @@ T5's encoder and decoder, GLM's, a Switch MoE layer padded to capacity and one s
 expert (whose routing breaks the graph where it reads token counts; its per-expert loop
 runs eager) and blocks under selective activation checkpointing. Losses match eager within
 1e-5 over 8 steps (inductor fuses differently: fp32 rounding only), and once the first
-steps and the first evaluation have compiled their graphs (a new shape, such as T5's
-decoder length or MoE's token counts becoming dynamic, and evaluation's grad mode), nine
-more steps and three more evaluations compile nothing. The graph breaks only where a test
+steps and the first evaluation have compiled their graphs (one per block input shape,
+such as T5's encoder and decoder lengths; MoE's token counts becoming dynamic past a
+sorted layer's break; evaluation's grad mode), nine more steps and three more evaluations
+compile nothing. The graph breaks only where a test
 expects it: only in the sorted MoE layer. (A checkpointed MoE block compiles whole too:
 tests/unit/test_moe.py.) tests/e2e/test_compile.py runs the CLI."""
 
