@@ -46,22 +46,33 @@ _SAVED_OPS = {
 }
 
 
-def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _seeded(op) -> bool:
+    """The op draws random numbers (dropout, router jitter, the CPU attention kernel)."""
+    return torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
 
 
-def _save_seeded(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Full recomputation except ops that draw random numbers (CPU attention among them),
-    whose outputs are kept."""
-    seeded = torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
-    return CheckpointPolicy.MUST_SAVE if seeded else CheckpointPolicy.PREFER_RECOMPUTE
+def _saving(save) -> functools.partial:
+    """Selective checkpointing that keeps the outputs of the ops `save` picks and
+    recomputes the rest."""
+
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if save(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-# A compiled block recomputing a random op on the CPU saves the generator's state as an
-# extra forward output; torch 2.13 puts it after a saved device mesh (any DTensor
-# parameter's: tensor or expert parallelism) and then takes the mesh for a tensor. On
-# CUDA the state is a graph input instead; on the CPU the random ops are kept instead.
-_CPU_COMPILED_FULL = functools.partial(create_selective_checkpoint_contexts, _save_seeded)
+# The checkpoint contexts per mode, eager and compiled on the CPU (None: torch's full
+# recomputation). A compiled block recomputing a random op on the CPU saves the generator's
+# state as an extra forward output; torch 2.13 puts it after a saved device mesh (any
+# DTensor parameter's: tensor or expert parallelism) and then takes the mesh for a tensor.
+# On CUDA that state is a graph input instead; on the CPU random ops are kept instead.
+_CONTEXTS = {
+    "full": (None, _saving(_seeded)),
+    "selective": (
+        _saving(_SAVED_OPS.__contains__),
+        _saving(lambda op: op in _SAVED_OPS or _seeded(op)),
+    ),
+}
 
 
 def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
@@ -70,22 +81,17 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
         raise ValueError(f"parallel.activation_checkpointing={mode!r}; choose one of {MODES}")
     if mode == "none":
         return
-    context_fn = (
-        functools.partial(create_selective_checkpoint_contexts, _policy)
-        if mode == "selective"
-        else None
-    )
     for block in blocks:
-        block.forward = _checkpointed(block.forward, context_fn)
+        block.forward = _checkpointed(block.forward, *_CONTEXTS[mode])
 
 
-def _checkpointed(forward, context_fn):
+def _checkpointed(forward, context_fn, cpu_compiled_context_fn):
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing to save
             return forward(*args, **kwargs)
         fn = context_fn
-        if fn is None and torch.compiler.is_compiling() and args[0].device.type == "cpu":
-            fn = _CPU_COMPILED_FULL
+        if torch.compiler.is_compiling() and args[0].device.type == "cpu":
+            fn = cpu_compiled_context_fn
         extra = {"context_fn": fn} if fn is not None else {}
         return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 

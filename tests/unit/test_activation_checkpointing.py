@@ -2,12 +2,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
-from models.config import ModelConfig
+from models.config import ModelConfig, MoeConfig
 from parallel.activation import apply_activation_checkpointing
-from parallel.parallelize import repeated_blocks
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.parallelize import compile_blocks, repeated_blocks
 
 
 def grads_after_step(mode: str, family_cfg: ModelConfig):
@@ -88,3 +93,45 @@ def test_checkpointing_recomputes_what_its_mode_says():
     assert full[0] == selective[0] == 2  # each of the two blocks ran forward again
     assert full[1] > none[1] and full[2] == 2  # matmuls and GELUs recomputed
     assert selective[1] == none[1] and selective[2] == 2  # matmul outputs were kept
+
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_compiled_checkpointing_beside_dtensor_parameters_matches_eager(one_rank_mesh, mode):
+    """Expert weights as DTensors (expert parallelism over one rank), dropout and router
+    jitter drawing random numbers, each block checkpointed and compiled on the CPU: loss and
+    gradients as eager (inductor told to draw as eager does, so the draws compare)."""
+    moe = MoeConfig(num_experts=4, jitter_eps=1e-2)
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, max_seq_len=16, dropout=0.1, moe=moe)
+    ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(1))
+
+    def step(compiled: bool):
+        torch.manual_seed(0)
+        model = build_model(cfg, vocab_size=97)
+        apply_expert_parallel(model, one_rank_mesh)
+        blocks = repeated_blocks(model)
+        apply_activation_checkpointing(blocks, mode)
+        if compiled:
+            torch._dynamo.reset()
+            compile_blocks(blocks)
+        torch.manual_seed(2)
+        loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return loss.detach(), {
+            n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items()
+        }
+
+    with torch._inductor.config.patch(fallback_random=True):
+        eager_loss, eager = step(compiled=False)
+        loss, grads = step(compiled=True)
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+    for name in eager:
+        torch.testing.assert_close(grads[name], eager[name], rtol=1e-5, atol=1e-7, msg=name)
