@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -35,9 +36,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def at_rest(model: nn.Module) -> nn.Module:
+    """`model` with every FSDP2 unit holding its sharded parameters, the ones its optimizer
+    steps and its state is read from. ZeRO-2 keeps a unit gathered from forward until its
+    backward; an evaluation's forward has no backward, and left gathered, the module's
+    parameters would not be the optimizer's."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
 def model_state(model: nn.Module) -> dict:
     """Full state dict of the plain model (rank 0 holds it; other ranks may get {})."""
-    return get_model_state_dict(model, options=_FULL)
+    return get_model_state_dict(at_rest(model), options=_FULL)
 
 
 def load_model_state(model: nn.Module, state: dict) -> None:
@@ -45,12 +57,12 @@ def load_model_state(model: nn.Module, state: dict) -> None:
     (any it lacks still fails, naming them)."""
     own = unwrap(model).state_dict().keys()
     state = {k: v for k, v in state.items() if k in own}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(at_rest(model), state, options=StateDictOptions(full_state_dict=True))
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Full optimizer state keyed by parameter name (collective: call on every rank)."""
-    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+    return get_optimizer_state_dict(at_rest(model), optimizer, options=_FULL)
 
 
 def load_optimizer_state(
@@ -66,7 +78,7 @@ def load_optimizer_state(
     pipeline a rank's optimizer holds a subset of the model. `aliases` gives the other
     names of tied parameters, whose state may be stored under one of them.
     """
-    own = _own_names(model, optimizer)
+    own = _own_names(at_rest(model), optimizer)
     saved = state["state"]
     found = {n: _stored_name(n, saved.keys(), aliases) for n in own}
     state = {
@@ -96,7 +108,7 @@ def _own_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
 
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Every rank writes its shards of model and optimizer state into `directory` (DCP)."""
-    optim = _merge_group_names(get_optimizer_state_dict(model, optimizer))
+    optim = _merge_group_names(get_optimizer_state_dict(at_rest(model), optimizer))
     dcp.save({"model": get_model_state_dict(model), "optim": optim}, checkpoint_id=str(directory))
 
 
@@ -126,6 +138,7 @@ def load_sharded(
     """Load a DCP checkpoint written under any layout into this one; `aliases` as for
     `load_optimizer_state`."""
     # The templates say which shard of each tensor this rank needs; DCP fills them in.
+    at_rest(model)
     state = {
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer),

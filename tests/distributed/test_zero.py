@@ -20,19 +20,16 @@ TINY = [
 ]
 
 
-def run_pair(train_cli, one_process, tmp_path, *extra):
-    one, two = one_process(*TINY, "trainer.max_steps=6"), tmp_path / "two"
-    train_cli(*TINY, "trainer.max_steps=6", f"trainer.out_dir={two}", *extra, nproc=2)
-    return one, two
-
-
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_lamb_under_zero_matches_single_process(train_cli, one_process, tmp_path, zero):
-    one, two = run_pair(train_cli, one_process, tmp_path, f"parallel.zero={zero}")
+    # Evaluations come before checkpoints: ZeRO-2 leaves a unit gathered after a forward
+    # with no backward, and the state saved must still be the sharded one.
+    common = [*TINY, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.eval_samples=8"]
+    one, two = one_process(*common), tmp_path / "two"
+    train_cli(*common, f"trainer.out_dir={two}", f"parallel.zero={zero}", nproc=2)
     a, b = read_metrics(one), read_metrics(two)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
-    for x, y in zip(a, b, strict=True):
-        assert abs(x["loss"] - y["loss"]) < 1e-5, (zero, x["step"], x["loss"], y["loss"])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 3, 4, 5, 6, 6]
+    assert_same_losses(one, two)
     assert_same_weights(one, two)
 
 
