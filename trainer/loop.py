@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from common.errors import CheckpointError, ConfigError, DataError
 from common.log import get_logger, log_rank0, warn_once
@@ -312,11 +313,11 @@ class Trainer:
         full = {"model": state["model"], "optim": state["optim"]} if "model" in state else None
         try:
             self.engine.load(path / "dcp", full=full)
-        except (RuntimeError, ValueError, KeyError) as exc:  # another model's or a bad state
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except (RuntimeError, ValueError, KeyError, CheckpointException) as exc:
+            # another model's state, or a bad one
             raise CheckpointError(
-                f"{path}: does not load into this model and layout ({reason}); set "
-                "trainer.resume=never or another trainer.out_dir to start afresh"
+                f"{path}: does not load into this model and layout ({_load_failure(exc)}); "
+                "set trainer.resume=never or another trainer.out_dir to start afresh"
             ) from exc
         self.data.loader.load_state_dict(state["trainer"]["loader"])
         self.scaler.load_state_dict(state["trainer"]["scaler"])
@@ -652,3 +653,12 @@ class Trainer:
         record.update(moe_record)
         metrics.write(record, histograms=histograms)
         metrics.progress(record, seconds_per_step=seconds_per_step)
+
+
+def _load_failure(exc: BaseException) -> str:
+    """The first line of why a state did not load; for torch.distributed.checkpoint's
+    collective error, the first failing rank's own exception."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,7 +1,7 @@
 """launch/train.py reports a user's mistake as one line and exit code 2, without a traceback.
 
 Each case fails before training: a config error before any data is read, a missing corpus
-when the data is opened. LOOM_DEBUG=1 (or HYDRA_FULL_ERROR=1) shows the traceback instead.
+when the data is opened, another model's checkpoint when the run resumes. LOOM_DEBUG=1 (or HYDRA_FULL_ERROR=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -133,3 +133,16 @@ def test_data_error_in_a_loader_worker_is_one_line(train, tmp_path):
     line = assert_one_line_error(proc, "outside the vocabulary")
     assert line.startswith(f"[rank 0] data error: shard {shard}, row ")
     assert "Original Traceback" not in proc.stdout + proc.stderr
+
+
+def test_another_models_checkpoint_is_one_line(train, tmp_path):
+    """A run directory holding a GPT checkpoint, resumed as BERT: the sharded load fails on
+    every rank (torch's collective error), and the report names the checkpoint and the
+    first state it lacks."""
+    tiny = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "trainer.tensorboard=false"]
+    assert train(*tiny, "trainer.max_steps=1", "trainer.eval_every=0").returncode == 0
+    proc = train("+model=bert_debug", *tiny, "trainer.max_steps=2")
+    line = assert_one_line_error(proc, "does not load into this model")
+    step = tmp_path / "run" / "checkpoints" / "step_1"
+    assert line.startswith(f"[rank 0] checkpoint error: {step}: does not load into this model")
+    assert "Missing key in checkpoint state_dict: model." in line
