@@ -22,6 +22,7 @@ from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
+    noop_context_fn,
 )
 
 MODES = ("none", "full", "selective")
@@ -61,16 +62,31 @@ def _saving(save) -> functools.partial:
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-# The checkpoint contexts per mode, eager and compiled on the CPU (None: torch's full
-# recomputation). A compiled block recomputing a random op on the CPU saves the generator's
-# state as an extra forward output; torch 2.13 puts it after a saved device mesh (any
-# DTensor parameter's: tensor or expert parallelism) and then takes the mesh for a tensor.
-# On CUDA that state is a graph input instead; on the CPU random ops are kept instead.
+def _when_compiled(compiled, eager):
+    """A context factory that gives `compiled`'s contexts where torch traces the region
+    into a compiled graph and `eager`'s (None: plain recomputation) where it runs it."""
+
+    def contexts():
+        if torch.compiler.is_compiling():
+            return compiled()
+        return eager() if eager is not None else noop_context_fn()
+
+    return contexts
+
+
+_SELECTIVE = _saving(_SAVED_OPS.__contains__)
+
+# The checkpoint contexts per mode: any device, and the CPU's. A compiled block recomputing
+# a random op on the CPU saves the generator's state as an extra forward output; torch 2.13
+# puts it after a saved device mesh (any DTensor parameter's: tensor or expert parallelism)
+# and then takes the mesh for a tensor. On CUDA that state is a graph input instead; on
+# the CPU a compiled region keeps random ops' outputs instead (a region torch cannot
+# compile, and so runs eagerly, recomputes as usual).
 _CONTEXTS = {
-    "full": (None, _saving(_seeded)),
+    "full": (None, _when_compiled(_saving(_seeded), None)),
     "selective": (
-        _saving(_SAVED_OPS.__contains__),
-        _saving(lambda op: op in _SAVED_OPS or _seeded(op)),
+        _SELECTIVE,
+        _when_compiled(_saving(lambda op: op in _SAVED_OPS or _seeded(op)), _SELECTIVE),
     ),
 }
 
@@ -85,13 +101,11 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
         block.forward = _checkpointed(block.forward, *_CONTEXTS[mode])
 
 
-def _checkpointed(forward, context_fn, cpu_compiled_context_fn):
+def _checkpointed(forward, context_fn, cpu_context_fn):
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing to save
             return forward(*args, **kwargs)
-        fn = context_fn
-        if torch.compiler.is_compiling() and args[0].device.type == "cpu":
-            fn = cpu_compiled_context_fn
+        fn = cpu_context_fn if args[0].device.type == "cpu" else context_fn
         extra = {"context_fn": fn} if fn is not None else {}
         return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 
