@@ -104,13 +104,16 @@ def _tensor_parallel_and_checkpointing(
     blocks = repeated_blocks(model)
     apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
     if cfg.compile:
-        compile_blocks(blocks)
+        compile_blocks(blocks, split_backward=cfg.pp > 1 and cfg.pp_schedule == "zero_bubble")
     return model
 
 
-def compile_blocks(blocks: list[nn.Module]) -> None:
+def compile_blocks(blocks: list[nn.Module], *, split_backward: bool = False) -> None:
     """Regional compilation: each block's call, checkpointing included; with nn modules
     inlined (torch's default) the blocks of one class share their compiled graphs.
+    `split_backward`: a schedule runs each backward in two passes (zero bubble: input
+    gradients, then weight gradients), so the compiled backward must not reuse (donate) its
+    saved buffers in the first.
 
     A checkpointed block's forward may record telemetry (MoE's) as a side effect, which its
     recomputation in backward must not repeat, as eager recomputation does not; torch is
@@ -118,6 +121,8 @@ def compile_blocks(blocks: list[nn.Module]) -> None:
     Each block is handed its inputs as they are compiled for (see `_block_input`)."""
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    if split_backward:
+        torch._functorch.config.donated_buffer = False
     for block in blocks:
         block.compile()
         block._compiled_call_impl = _with_block_inputs(block._compiled_call_impl)

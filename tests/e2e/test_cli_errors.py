@@ -1,7 +1,8 @@
 """launch/train.py reports a user's mistake as one line and exit code 2, without a traceback.
 
 Each case fails before training: a config error before any data is read, a missing corpus
-when the data is opened, another model's checkpoint when the run resumes. LOOM_DEBUG=1 (or HYDRA_FULL_ERROR=1) shows the traceback instead.
+when the data is opened, another model's checkpoint when the run resumes. LOOM_DEBUG=1 (or
+HYDRA_FULL_ERROR=1) shows the traceback instead.
 """
 
 from __future__ import annotations
