@@ -120,6 +120,15 @@ class ParallelConfig:
             )
         if self.offload != "none" and self.engine != "deepspeed":
             raise ConfigError(f"parallel.offload={self.offload} needs parallel.engine=deepspeed")
+        if self.activation_checkpointing == "selective" and self.ep > 1 and self.zero >= 2:
+            # torch 2.13's selective checkpointing replays ops by count, and the FSDP2 unit
+            # of a block's experts runs its hooks a different number of times in recompute.
+            raise ConfigError(
+                f"parallel.activation_checkpointing=selective with parallel.ep={self.ep} and "
+                f"parallel.zero={self.zero}: torch's selective checkpointing does not survive "
+                "the expert units' FSDP2 hooks inside each block; use "
+                "activation_checkpointing=full, or zero=1"
+            )
         if self.engine == "deepspeed":
             check_layout(self, world_size=world_size)
 

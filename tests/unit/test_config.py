@@ -153,6 +153,10 @@ def test_every_native_composition_is_available_and_the_rest_refused_by_name():
         compose_job("parallel.sp=true").parallel.check_available(world_size=2)
     with pytest.raises(ValueError, match=r"parallel.offload=cpu needs parallel.engine=deepspeed"):
         compose_job("parallel.offload=cpu").parallel.check_available(world_size=2)
+    moe = ("+model=gpt_moe_debug", "parallel.ep=2", "parallel.activation_checkpointing=selective")
+    compose_job(*moe, "parallel.zero=1").parallel.check_available(world_size=2)
+    with pytest.raises(ValueError, match=r"selective with parallel.ep=2 and parallel.zero=3: "):
+        compose_job(*moe, "parallel.zero=3").parallel.check_available(world_size=2)
 
 
 def test_explicit_dp_must_match_world():
