@@ -5,11 +5,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
 from models.config import ModelConfig, MoeConfig
+from models.moe import moe_layers
 from parallel.activation import apply_activation_checkpointing
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.parallelize import compile_blocks, repeated_blocks
@@ -98,25 +100,20 @@ def test_checkpointing_recomputes_what_its_mode_says():
 @pytest.fixture
 def one_rank_mesh(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
+    yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("edp", "ep"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_compiled_checkpointing_beside_dtensor_parameters_matches_eager(one_rank_mesh, mode):
-    """Expert weights as DTensors (expert parallelism over one rank), dropout and router
-    jitter drawing random numbers, each block checkpointed and compiled on the CPU: loss and
-    gradients as eager (inductor told to draw as eager does, so the draws compare)."""
-    moe = MoeConfig(num_experts=4, jitter_eps=1e-2)
-    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, max_seq_len=16, dropout=0.1, moe=moe)
+def compiled_against_eager(cfg: ModelConfig, prepare) -> None:
+    """One step of `cfg`'s model laid out by `prepare(model)`, eager and with checkpointed
+    compiled blocks: loss and gradients agree (inductor told to draw random numbers as eager
+    does, so dropout and router jitter compare)."""
     ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(1))
 
     def step(compiled: bool):
         torch.manual_seed(0)
         model = build_model(cfg, vocab_size=97)
-        apply_expert_parallel(model, one_rank_mesh)
-        blocks = repeated_blocks(model)
-        apply_activation_checkpointing(blocks, mode)
+        blocks = prepare(model)
         if compiled:
             torch._dynamo.reset()
             compile_blocks(blocks)
@@ -135,3 +132,47 @@ def test_compiled_checkpointing_beside_dtensor_parameters_matches_eager(one_rank
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
     for name in eager:
         torch.testing.assert_close(grads[name], eager[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+_MOE_DEBUG = ModelConfig(
+    n_layer=2,
+    d_model=32,
+    n_head=2,
+    max_seq_len=16,
+    dropout=0.1,
+    moe=MoeConfig(num_experts=4, jitter_eps=1e-2),
+)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_compiled_checkpointing_beside_dtensor_parameters_matches_eager(one_rank_mesh, mode):
+    """Expert weights as DTensors (expert parallelism over one rank), dropout and router
+    jitter drawing random numbers, each block checkpointed and compiled on the CPU."""
+
+    def prepare(model):
+        apply_expert_parallel(model, one_rank_mesh["ep"])
+        blocks = repeated_blocks(model)
+        apply_activation_checkpointing(blocks, mode)
+        return blocks
+
+    compiled_against_eager(_MOE_DEBUG, prepare)
+
+
+def test_compiled_full_checkpointing_of_blocks_holding_fsdp_units_matches_eager(one_rank_mesh):
+    """The expert-parallel ZeRO-3 layout (experts and blocks as FSDP2 units) with full
+    checkpointing, compiled: torch runs such a block's checkpointed region eagerly, where it
+    must recompute as eager checkpointing does (a saving policy there fails in backward: a
+    tensor it kept was changed in place before backward)."""
+
+    def prepare(model):
+        apply_expert_parallel(model, one_rank_mesh["ep"])
+        for _, layer in moe_layers(model):
+            fully_shard(layer.experts, mesh=one_rank_mesh["edp"])
+        blocks = repeated_blocks(model)
+        for block in blocks:
+            fully_shard(block, mesh=one_rank_mesh["edp"])
+        fully_shard(model, mesh=one_rank_mesh["edp"])
+        apply_activation_checkpointing(blocks, "full")
+        return blocks
+
+    compiled_against_eager(_MOE_DEBUG, prepare)
