@@ -359,7 +359,7 @@ class PipelineEngine(NativeEngine):
         return self._collect(sorted(labels))
 
     def _clip(self, max_norm: float) -> torch.Tensor:
-        # The norm over every stage (fp16, the only loss scaling, is refused with pipelines).
+        # The norm over every stage (inf or nan after an fp16 overflow on any rank).
         return self.clip_grad_norm_(max_norm).detach()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -435,7 +435,9 @@ class PipelineEngine(NativeEngine):
         labels = {k: v.index_select(0, rows_M) for k, v in self._labels.items()}
         sums = self.loss_fn(output, labels)
         self._records.append({k: v.detach() for k, v in sums.items()})
-        return sum(sums[k] * self._weights[k] for k in sorted(sums))
+        # fp16: the last stage scales the loss, so every stage's gradients come back scaled
+        # (and are unscaled by the step, the overflow verdict taken over every rank).
+        return self.scaler.scale_loss(sum(sums[k] * self._weights[k] for k in sorted(sums)))
 
     def _collect(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Per-task sums over the microbatches, broadcast from the last stage's rank."""

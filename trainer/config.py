@@ -488,11 +488,6 @@ def check_runnable(job: JobConfig, *, world_size: int) -> None:
             micro_batch_size=t.micro_batch_size,
             dp_size=dp_size,
         )
-        if job.precision.dtype == "fp16":
-            raise ConfigError(
-                "precision.dtype=fp16 with parallel.pp > 1 is not available (the loss scale "
-                "would have to reach every stage); use bf16"
-            )
     if p.engine == "deepspeed":
         if job.precision.dtype == "fp16":
             raise ConfigError(

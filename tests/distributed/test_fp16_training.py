@@ -1,7 +1,7 @@
 """fp16 loss scaling on gloo processes trains like one process: a scale so large that the
 first two steps overflow, then backs off; every rank skips the same steps (the verdict is the
 maximum over ranks, taken on the device), and losses, loss scales, skipped-step counts and
-final parameters match the single-process run, under DDP, ZeRO-1, ZeRO-3 (FSDP2) and TP,
+final parameters match the single-process run, under DDP, ZeRO-1, ZeRO-3 (FSDP2), TP and PP,
 with LAMB and AdamW."""
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def assert_same_fp16_steps(one, other, *, tol: float) -> None:
         ("lamb", ["parallel.zero=1"]),
         ("lamb", ["parallel.zero=3"]),
         ("lamb", ["parallel.tp=2"]),
+        ("lamb", ["parallel.pp=2"]),
         ("adamw", ["parallel.zero=3"]),
     ],
-    ids=["ddp-lamb", "zero1-lamb", "zero3-lamb", "tp2-lamb", "zero3-adamw"],
+    ids=["ddp-lamb", "zero1-lamb", "zero3-lamb", "tp2-lamb", "pp2-lamb", "zero3-adamw"],
 )
 def test_fp16_overflow_skips_the_same_steps_as_one_process(
     train_cli, one_process, tmp_path, optim, layout
