@@ -126,6 +126,8 @@ def train_cli(train_env):
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        # A log call whose arguments do not fit its format loses its line without failing.
+        assert "--- Logging error ---" not in proc.stderr, proc.stderr
         return proc
 
     return run

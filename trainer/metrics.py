@@ -100,13 +100,15 @@ class MetricsLogger:
         scale = (
             "" if record.get("loss_scale") in (None, 1.0) else f" | scale {record['loss_scale']:g}"
         )
+        # A step skipped for an fp16 overflow has no gradient norm.
+        grad = "- (skipped)" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
         log.info(
-            "step %d/%d | loss %.4f | lr %.3e | grad %.3f | %s tok/s | mfu %s%s | ETA %s",
+            "step %d/%d | loss %.4f | lr %.3e | grad %s | %s tok/s | mfu %s%s | ETA %s",
             step,
             self.max_steps,
             record["loss"],
             record["lr"],
-            record["grad_norm"],
+            grad,
             _human(record["tokens_per_s"]),
             mfu,
             scale,
