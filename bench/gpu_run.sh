@@ -39,6 +39,7 @@ step() {  # name, limit in seconds, command...
 mfu() {  # name, limit, bench/mfu.py arguments and launch/train.py overrides
     local name=$1 cap=$2
     shift 2
+    rm -rf "/tmp/mfu/$name"  # a warm machine keeps an earlier run's results
     step "mfu_$name" "$cap" python3 bench/mfu.py --steps 10 --warmup 3 "$@" precision=bf16 \
         trainer.out_dir="/tmp/mfu/$name"
     cat "/tmp/mfu/$name/mfu.jsonl" >>"$OUT/mfu.jsonl" 2>/dev/null

@@ -12,7 +12,8 @@ the known peak of the GPU and precision; null on CPU unless given). Peak memory 
 torch.cuda.max_memory_allocated over the timed steps, against `total_gib` of
 trainer/dry_run.py's estimate (without attention scores: SDPA does not keep them).
 With --micro-batches, the job runs once per micro-batch size (global batch = micro-batch:
-one micro-batch per step) and the best MFU is marked. With --profile N, N more steps run
+one micro-batch per step) and the best MFU is marked; a size that runs out of device
+memory is named and skipped. With --profile N, N more steps run
 under torch.profiler and the kernels (CPU ops off the GPU) that take the most device time
 are printed, to explain where a step's time goes. Prints one line per run and writes them
 as JSON lines to <trainer.out_dir>/mfu.jsonl. Nothing is asserted.
@@ -131,6 +132,8 @@ def measure(
 def main() -> None:
     args = parse_args()
     sizes = [int(s) for s in args.micro_batches.split(",")] if args.micro_batches else [None]
+    out = Path(compose_job(args.overrides).trainer.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     results = []
     for size in sizes:
         extra = (
@@ -141,14 +144,22 @@ def main() -> None:
                 f"trainer.global_batch_size={size}",
             ]
         )
-        r = measure(
-            [*args.overrides, *extra],
-            steps=args.steps,
-            warmup=args.warmup,
-            profile=args.profile,
-            top=args.top,
-        )
+        try:
+            r = measure(
+                [*args.overrides, *extra],
+                steps=args.steps,
+                warmup=args.warmup,
+                profile=args.profile,
+                top=args.top,
+            )
+        except torch.OutOfMemoryError:
+            if size is None:
+                raise
+            print(f"micro-batch {size}: out of device memory", flush=True)
+            continue
         results.append(r)
+        with open(out / "mfu.jsonl", "a") as f:  # each as it comes: a sweep may be cut short
+            f.write(json.dumps(r) + "\n")
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         print(
@@ -160,14 +171,9 @@ def main() -> None:
         )
         if r["profile"]:
             print(r["profile"], flush=True)
-    best = max(results, key=lambda r: r["mfu"] or r["tokens_per_s"])
-    if len(results) > 1:
+    if len(sizes) > 1 and results:
+        best = max(results, key=lambda r: r["mfu"] or r["tokens_per_s"])
         print(f"best: micro-batch {best['micro_batch_size']}")
-    out = Path(compose_job(args.overrides).trainer.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "mfu.jsonl", "a") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

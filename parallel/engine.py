@@ -13,9 +13,9 @@ the optimizer factory, the loss function (summed cross-entropy per task, as torc
 hands its pipeline schedule a `loss_fn`), the loss scaler and the autocast context.
 
 Loss normalisation stays the trainer's: each micro-batch's backward is
-sum over tasks of weights[task] x summed loss of the task, where the trainer's weights
-already divide by the global target count (and undo DDP's averaging), so no engine divides
-by the number of micro-batches.
+sum over tasks of weights[task] x summed loss of the task (times the fp16 loss scale),
+where the trainer's weights already divide by the global target count (and undo DDP's
+averaging), so no engine divides by the number of micro-batches.
 """
 
 from __future__ import annotations

@@ -311,7 +311,7 @@ class PipelineEngine(NativeEngine):
         """Each batch of `micro_batches` runs as one schedule step, split into
         `n_microbatches` pieces (the trainer hands the rank's whole batch as one); gradients
         accumulate. The last stage backpropagates sum over label keys of weights[key] x the
-        loss function's summed loss per microbatch."""
+        loss function's summed loss per microbatch (times the fp16 loss scale)."""
         self._set_mode(True)
         totals: dict[str, torch.Tensor] = {}
         for i, (inputs, labels) in enumerate(micro_batches):

@@ -105,18 +105,16 @@ def one_rank_mesh(tmp_path):
 
 
 def compiled_against_eager(cfg: ModelConfig, prepare) -> None:
-    """One step of `cfg`'s model laid out by `prepare(model)`, eager and with checkpointed
-    compiled blocks: loss and gradients agree (inductor told to draw random numbers as eager
-    does, so dropout and router jitter compare)."""
+    """One step of `cfg`'s model laid out by `prepare(model, compiled)`, eager and with
+    checkpointed compiled blocks: loss and gradients agree (inductor told to draw random
+    numbers as eager does, so dropout and router jitter compare)."""
     ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(1))
 
     def step(compiled: bool):
         torch.manual_seed(0)
         model = build_model(cfg, vocab_size=97)
-        blocks = prepare(model)
-        if compiled:
-            torch._dynamo.reset()
-            compile_blocks(blocks)
+        torch._dynamo.reset()
+        prepare(model, compiled)
         torch.manual_seed(2)
         loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
         loss.backward()
@@ -134,6 +132,17 @@ def compiled_against_eager(cfg: ModelConfig, prepare) -> None:
         torch.testing.assert_close(grads[name], eager[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def checkpointed_experts(model, mesh, mode: str, compiled: bool) -> list:
+    """Expert parallelism over `mesh`, then checkpointing and compilation of each block, in
+    the order the training layout applies them."""
+    apply_expert_parallel(model, mesh)
+    blocks = repeated_blocks(model)
+    apply_activation_checkpointing(blocks, mode)
+    if compiled:
+        compile_blocks(blocks)
+    return blocks
+
+
 _MOE_DEBUG = ModelConfig(
     n_layer=2,
     d_model=32,
@@ -149,11 +158,8 @@ def test_compiled_checkpointing_beside_dtensor_parameters_matches_eager(one_rank
     """Expert weights as DTensors (expert parallelism over one rank), dropout and router
     jitter drawing random numbers, each block checkpointed and compiled on the CPU."""
 
-    def prepare(model):
-        apply_expert_parallel(model, one_rank_mesh["ep"])
-        blocks = repeated_blocks(model)
-        apply_activation_checkpointing(blocks, mode)
-        return blocks
+    def prepare(model, compiled):
+        checkpointed_experts(model, one_rank_mesh["ep"], mode, compiled)
 
     compiled_against_eager(_MOE_DEBUG, prepare)
 
@@ -164,15 +170,12 @@ def test_compiled_full_checkpointing_of_blocks_holding_fsdp_units_matches_eager(
     must recompute as eager checkpointing does (a saving policy there fails in backward: a
     tensor it kept was changed in place before backward)."""
 
-    def prepare(model):
-        apply_expert_parallel(model, one_rank_mesh["ep"])
+    def prepare(model, compiled):
+        blocks = checkpointed_experts(model, one_rank_mesh["ep"], "full", compiled)
         for _, layer in moe_layers(model):
             fully_shard(layer.experts, mesh=one_rank_mesh["edp"])
-        blocks = repeated_blocks(model)
         for block in blocks:
             fully_shard(block, mesh=one_rank_mesh["edp"])
         fully_shard(model, mesh=one_rank_mesh["edp"])
-        apply_activation_checkpointing(blocks, "full")
-        return blocks
 
     compiled_against_eager(_MOE_DEBUG, prepare)
