@@ -61,3 +61,17 @@ def test_fp16_overflow_skips_the_same_steps_as_one_process(
     # FSDP2 computes with fp16 copies of the parameters, one process with fp32 ones under
     # autocast: LAMB's normalised updates carry that rounding to about 3e-4.
     assert_same_weights(one, out, atol=1e-3 if "parallel.zero=3" in layout else 1e-4)
+
+
+def test_fp16_zero_bubble_pipeline_skips_the_same_steps_as_one_process(
+    train_cli, one_process, tmp_path
+):
+    """The zero-bubble schedule runs each backward in two passes (input gradients, then
+    weight gradients), both from the last stage's scaled loss; four stages on two ranks."""
+    common = [*(o for o in FP16 if not o.startswith("model.n_layer")), "model.n_layer=4"]
+    one = one_process(*common, "optim=lamb")
+    out = tmp_path / "fp16"
+    zero_bubble = ["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.virtual_stages=2"]
+    train_cli(*common, "optim=lamb", *zero_bubble, f"trainer.out_dir={out}", nproc=2)
+    assert_same_fp16_steps(one, out, tol=1e-3)
+    assert_same_weights(one, out, atol=1e-4)
