@@ -22,7 +22,6 @@ as JSON lines to <trainer.out_dir>/mfu.jsonl. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -75,7 +74,6 @@ def measure(
         device_preference=job.trainer.device,
         deterministic=job.trainer.deterministic,
     )
-    trainer = None
     try:
         trainer = Trainer(job, world)
         device = world.device
@@ -120,12 +118,6 @@ def measure(
             "profile": kernels,
         }
     finally:
-        # Free this job's weights and optimizer state before the next is measured: the
-        # trainer is in a reference cycle, which only the collector breaks.
-        del trainer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         shutdown(world)
 
 

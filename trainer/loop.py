@@ -8,6 +8,7 @@ the gradient is the same for any split of the global batch into ranks and micro-
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -221,8 +222,8 @@ class Trainer:
             world=world,
             model_cfg=job.model,
             spec=TrainingSpec(
-                make_optimizer=lambda module: build_optimizer(
-                    module, job.optim, skip_on_device=self.scaler.enabled
+                make_optimizer=functools.partial(
+                    build_optimizer, cfg=job.optim, skip_on_device=self.scaler.enabled
                 ),
                 loss_fn=loss_fn,
                 loss_targets=loss_targets,
@@ -273,7 +274,8 @@ class Trainer:
             model_cfg=teacher_cfg,
             precision=job.precision.dtype,
         )
-        hook = TeacherTargets(teacher, lambda: autocast(job.precision, self.world.device))
+        device = self.world.device
+        hook = TeacherTargets(teacher, lambda: autocast(job.precision, device))
         loss = DistillLoss(d, n_student=job.model.n_layer, n_teacher=teacher_cfg.n_layer)
         return loss, hook, flops
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
@@ -157,9 +155,6 @@ def _peak_and_estimate(loom_cache, tmp_path, monkeypatch, *overrides: str) -> tu
     estimate = memory_estimate(
         job, params=trainer.counts["total"], vocab=trainer.vocab_size, world_size=1
     )
-    del trainer  # in a reference cycle: collected, so a second job's peak excludes it
-    gc.collect()
-    torch.cuda.empty_cache()
     return peak, estimate
 
 

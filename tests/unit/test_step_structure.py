@@ -5,7 +5,9 @@ proves no call in a step synchronises)."""
 
 from __future__ import annotations
 
+import gc
 import traceback
+import weakref
 
 import pytest
 import torch
@@ -34,6 +36,29 @@ def test_a_step_returns_tensors_that_logging_reads(loom_cache, tmp_path, monkeyp
     host = host_values(record)
     assert host["loss"] == host["loss_lm"] + host["loss_nsp"]
     assert all(isinstance(host[k], float) for k in (*tasks, "grad_norm"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["precision=fp16", "optim=lamb"], ["+model=gpt_moe_debug", "precision=bf16"]],
+    ids=["fp16-lamb", "moe-bf16"],
+)
+def test_a_dropped_trainer_frees_its_model_at_once(loom_cache, tmp_path, monkeypatch, overrides):
+    """No reference cycle holds a trainer: dropping it frees its weights and optimizer state
+    without the garbage collector, so the next job in a process (a micro-batch sweep, the
+    next GPU test) measures its own memory."""
+    monkeypatch.setenv("LOOM_CACHE", str(loom_cache))
+    job = compose_job([*overrides, "trainer.tensorboard=false", f"trainer.out_dir={tmp_path}"])
+    gc.disable()
+    try:
+        trainer = Trainer(job, init_world(job.parallel, device_preference="cpu"))
+        trainer.train_step(0)
+        held = [weakref.ref(trainer), weakref.ref(trainer.engine.module)]
+        held.append(weakref.ref(trainer.engine.optimizer))
+        del trainer
+        assert [ref() is None for ref in held] == [True, True, True]
+    finally:
+        gc.enable()
 
 
 aten = torch.ops.aten
