@@ -13,10 +13,10 @@ torch.cuda.max_memory_allocated over the timed steps, against `total_gib` of
 trainer/dry_run.py's estimate (without attention scores: SDPA does not keep them).
 With --micro-batches, the job runs once per micro-batch size (global batch = micro-batch:
 one micro-batch per step) and the best MFU is marked; a size that runs out of device
-memory is named and skipped. With --profile N, N more steps run
-under torch.profiler and the kernels (CPU ops off the GPU) that take the most device time
-are printed, to explain where a step's time goes. Prints one line per run and writes them
-as JSON lines to <trainer.out_dir>/mfu.jsonl. Nothing is asserted.
+memory is named and skipped. With --profile N, N more steps run under torch.profiler and
+the kernels (CPU ops off the GPU) that take the most device time are printed, to explain
+where a step's time goes. Prints one line per run and writes each, as it finishes, as a
+JSON line to <trainer.out_dir>/mfu.jsonl. Nothing is asserted.
 """
 
 from __future__ import annotations

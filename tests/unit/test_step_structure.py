@@ -53,8 +53,7 @@ def test_a_dropped_trainer_frees_its_model_at_once(loom_cache, tmp_path, monkeyp
     try:
         trainer = Trainer(job, init_world(job.parallel, device_preference="cpu"))
         trainer.train_step(0)
-        held = [weakref.ref(trainer), weakref.ref(trainer.engine.module)]
-        held.append(weakref.ref(trainer.engine.optimizer))
+        held = [weakref.ref(o) for o in (trainer, trainer.engine.module, trainer.engine.optimizer)]
         del trainer
         assert [ref() is None for ref in held] == [True, True, True]
     finally:
