@@ -62,12 +62,20 @@ def _saving(save) -> functools.partial:
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
+def _tracing() -> bool:
+    """torch is tracing the region into a compiled graph: Dynamo, or AOTAutograd's trace
+    (which runs under a proxy dispatch mode, and which torch before 2.13 does not count
+    as compiling)."""
+    proxy = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY)
+    return torch.compiler.is_compiling() or proxy is not None
+
+
 def _when_compiled(compiled, eager):
     """A context factory that gives `compiled`'s contexts where torch traces the region
     into a compiled graph and `eager`'s (None: plain recomputation) where it runs it."""
 
     def contexts():
-        if torch.compiler.is_compiling():
+        if _tracing():
             return compiled()
         return eager() if eager is not None else noop_context_fn()
 
