@@ -336,7 +336,9 @@ class PipelineEngine(NativeEngine):
         schedule = self._schedule(train=True, input_ids=input_ids, kwargs=kwargs)
         before = self._tied_snapshot()
         with self._loss_context():
-            schedule.step(input_ids, target=rows, return_outputs=False, **kwargs)
+            schedule.step(
+                *self._first_stage_args(input_ids), target=rows, return_outputs=False, **kwargs
+            )
         sums = self._collect(sorted(labels))
         self._sync_tied_grads(before)
         return sums
@@ -355,7 +357,7 @@ class PipelineEngine(NativeEngine):
         )
         schedule = self._schedule(train=False, input_ids=input_ids, kwargs=kwargs)
         with self._loss_context():
-            schedule.eval(input_ids, target=rows, **kwargs)
+            schedule.eval(*self._first_stage_args(input_ids), target=rows, **kwargs)
         return self._collect(sorted(labels))
 
     def _clip(self, max_norm: float) -> torch.Tensor:
@@ -415,6 +417,11 @@ class PipelineEngine(NativeEngine):
         self._records = []
         rows = torch.arange(input_ids.shape[0], device=self.device)
         return input_ids, on_device, rows
+
+    def _first_stage_args(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The schedule's positional inputs: input_ids on the rank holding the first stage,
+        none elsewhere (the other stages receive theirs; torch before 2.13 refuses them)."""
+        return (input_ids,) if any(stage.is_first for stage in self.stages) else ()
 
     def _loss(self, output, rows_M: torch.Tensor) -> torch.Tensor:
         """Loss of one microbatch on the last stage; records its per-task sums. Rows past
