@@ -31,8 +31,8 @@ and per row-parallel sub-layer (attention output, MLP output: 2 per GPT block):
   forward all_gather), and the vocabulary-parallel loss three all_reduces of M T fp32
   (maximum, sum of exponentials, target logit). Under sp a learned position table's
   gradient is gathered (T / tp x D, or M T / tp x D when positions are per row), and the
-  gradient of every norm weight and bias stays a pending sum that DTensor all-reduces at
-  each of its 4 uses in a step (clip norm, clip scale, two optimizer reads).
+  gradient of every norm weight and bias, a pending sum after backward, is all-reduced
+  once per step (`reduce_pending_grads`, all of them in one buffer).
 Pipeline (pp > 1), per micro-batch and stage boundary: send/recv(pp) of act (act / tp
   under sp) forward and of its gradient backward; and once per step, the gradient of a
   weight tied across ranks (embedding and head), each copy's local shard both ways.
@@ -76,9 +76,6 @@ __all__ = [
     "expected_comm",
     "stage_params",
 ]
-
-SP_NORM_GRAD_USES = 4
-"""All-reduces of each pending-sum norm gradient per step under sequence parallelism."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,7 +257,7 @@ def _tensor_parallel(lay: CommLayout, stage: StageParams) -> Iterator[Event]:
         yield "all_gather", "tp", shard, fp32, n * ends
         table = (lay.micro_batch_size if lay.positions_per_row else 1) * lay.seq_len
         yield "all_gather", "tp", table * lay.d_model // tp, fp32, n * stage.sp_positions
-        yield "all_reduce", "tp", lay.d_model, fp32, SP_NORM_GRAD_USES * stage.sp_norm_tensors
+        yield "all_reduce", "tp", lay.d_model, fp32, stage.sp_norm_tensors  # norm gradients
     if stage.head:  # vocabulary-parallel cross-entropy: max, sum of exp, target logit
         yield "all_reduce", "tp", lay.micro_batch_size * lay.seq_len, fp32, 3 * n
 

@@ -38,7 +38,7 @@ from parallel.state import (
     save_sharded,
     unwrap,
 )
-from parallel.tensor_parallel import loss_parallel_context
+from parallel.tensor_parallel import loss_parallel_context, reduce_pending_grads
 
 
 def no_grad_sync(model: nn.Module, *, last_micro_batch: bool) -> contextlib.AbstractContextManager:
@@ -119,6 +119,8 @@ class NativeEngine(Engine):
     def step(self) -> torch.Tensor:
         if self.replicas is not None:  # waits for the buckets the last backward started
             self.replicas.reduce_gradients()
+        if self.tensor_parallel:  # norm gradients under sp: reduced once, here
+            reduce_pending_grads(self.params)
         found_inf = self.scaler.unscale(self.params)
         if found_inf is not None:  # fp16: any rank's overflow skips the step on every rank
             dist.max_over_ranks_(found_inf, self.world)

@@ -36,13 +36,17 @@ Shape legend (suffixes of tensor names):
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import (
     DTensor,
+    Partial,
     Placement,
     Replicate,
     Shard,
@@ -74,6 +78,7 @@ __all__ = [
     "glm_plan",
     "gpt_plan",
     "loss_parallel_context",
+    "reduce_pending_grads",
     "t5_plan",
     "tp_plan",
 ]
@@ -468,6 +473,31 @@ def apply_tensor_parallel(
     if sequence_parallel:
         model.register_forward_pre_hook(_check_sequence_lengths(tp), with_kwargs=True)
     return model
+
+
+def reduce_pending_grads(params: list[nn.Parameter]) -> None:
+    """Lay out each DTensor gradient as its parameter is, once per step, before anything
+    reads it. A norm's weight and bias under sequence parallelism see only this rank's
+    tokens, so their gradients come out of backward as pending sums (`Partial`); left so,
+    DTensor all-reduces them again at every read (the clip's norm and scale, each of the
+    optimizer's reads), as Megatron-LM avoids by reducing them once. The pending sums of
+    a 1-D mesh go in one all-reduce per dtype; any other layout change is redistributed."""
+    pending: dict[tuple, list[nn.Parameter]] = defaultdict(list)
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and g.placements != p.placements:
+            pending[(g.device_mesh, g.placements, p.placements, g.dtype)].append(p)
+    summed = (Partial("sum"),)
+    for (mesh, have, want, _), group in pending.items():
+        if mesh.ndim == 1 and have == summed and want == (Replicate(),):
+            grads = [p.grad.to_local() for p in group]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=mesh.get_group())
+            for p, g in zip(group, _unflatten_dense_tensors(flat, grads), strict=True):
+                p.grad = DTensor.from_local(g, mesh, want, run_check=False)
+        else:
+            for p in group:
+                p.grad = p.grad.redistribute(mesh, want)
 
 
 # ---------------------------------------------------------------------------------------

@@ -169,7 +169,11 @@ def _run_case(name: str, sp: bool, mesh) -> dict:
 
     from models.build import build_model
     from parallel.engine import local_losses
-    from parallel.tensor_parallel import apply_tensor_parallel, loss_parallel_context
+    from parallel.tensor_parallel import (
+        apply_tensor_parallel,
+        loss_parallel_context,
+        reduce_pending_grads,
+    )
     from trainer.loss import summed_losses
 
     summed_losses_tp = local_losses(summed_losses)
@@ -190,6 +194,10 @@ def _run_case(name: str, sp: bool, mesh) -> dict:
         loss = _loss(summed_losses_tp(outputs, labels), labels)
         loss.backward()
     grads = {n: _full(p.grad) for n, p in model.named_parameters()}
+    # The trainer lays every gradient out as its parameter before the clip reads it.
+    pending = sum(any(pl.is_partial() for pl in p.grad.placements) for p in model.parameters())
+    reduce_pending_grads(list(model.parameters()))
+    settled = {n: _full(p.grad) for n, p in model.named_parameters()}
     embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     result = {
         "loss_ref": ref_loss.item(),
@@ -202,6 +210,9 @@ def _run_case(name: str, sp: bool, mesh) -> dict:
         "names_match": sorted(grads) == sorted(ref_grads),
         "tied": any(model.lm_head.weight is w for w in embeddings),
         "grad_err": _rel_errors(grads, ref_grads),
+        "pending_grads": int(pending),
+        "settled_err": max(_rel_errors(settled, grads).values()),
+        "settled_layouts": all(p.grad.placements == p.placements for p in model.parameters()),
         # What the trainer clips by and logs: the norm over all (sharded) gradients.
         "grad_norm_tp": float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)),
         "grad_norm_ref": float(torch.nn.utils.clip_grad_norm_(ref.parameters(), math.inf)),
@@ -284,6 +295,10 @@ def test_tp_matches_single_process(tp_results, name, sp):
         assert abs(r["grad_norm_tp"] - r["grad_norm_ref"]) < 1e-5 * r["grad_norm_ref"]
         assert r["logits_sharded"], r["logits_placements"]
         assert r["names_match"]
+        # Under sp the norms' gradients leave backward as pending sums; reduced once, they
+        # keep their values and take their parameters' layout.
+        assert (r["pending_grads"] > 0) == sp, r["pending_grads"]
+        assert r["settled_layouts"] and r["settled_err"] == 0.0, r["settled_err"]
         assert r["tied"] == make_cfg(name).tie_embeddings
         if "local_norm_param_err" in r:
             # Shard-local norms in the trust ratio fail the parameter check below.
