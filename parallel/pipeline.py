@@ -57,7 +57,6 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
-from torch.distributed.tensor import DTensor
 
 from models.build import check_pipeline_split
 from models.config import ModelConfig
@@ -66,6 +65,7 @@ from parallel.data_parallel import ReplicaSync, local, squared_norm
 from parallel.dist import World
 from parallel.engine import Batch, ContextFactory, MicroBatch, TrainingSpec, inputs_to
 from parallel.native_engine import NativeEngine
+from parallel.tensor_parallel import reduce_pending_grads
 
 __all__ = [
     "SCHEDULES",
@@ -532,8 +532,7 @@ def _first_rows(output, n: int):
 def _local_grad(p: nn.Parameter) -> torch.Tensor:
     """This rank's part of p.grad, laid out as p is. DTensor may return a gradient in another
     layout (a vocabulary-parallel embedding's comes back replicated); it is re-laid first."""
-    if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
-        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+    reduce_pending_grads([p])
     return local(p.grad)
 
 
